@@ -1,0 +1,29 @@
+pub mod generate;
+pub mod model;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+/// Where the shipped default model lives: $FLOWGEN_MODEL, ./models/default, or next to the binary.
+pub fn default_model_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("FLOWGEN_MODEL") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut candidates = vec![PathBuf::from("models/default")];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{debug,release}/flowgen -> repository root
+        for up in exe.ancestors().skip(1).take(4) {
+            candidates.push(up.join("models/default"));
+        }
+    }
+    for dir in &candidates {
+        if dir.join("model.toml").is_file() {
+            return Ok(dir.clone());
+        }
+    }
+    bail!(
+        "no default model found (looked for models/default/model.toml here and next to the binary, and $FLOWGEN_MODEL); \
+         pass --model DIR, or make a random-weights demo model with `flowgen model init-random --out DIR`"
+    )
+}

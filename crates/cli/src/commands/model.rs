@@ -1,0 +1,44 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+use flowgen_engine::{candle_core::Device, Pipeline};
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Write a tiny MNIST-shaped latent model with seeded random weights (for tests and demos:
+    /// it runs the whole pipeline but draws noise-like images, not digits).
+    InitRandom {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "random-tiny-latent")]
+        name: String,
+    },
+    /// Load a model directory, check its weights, and print its configuration.
+    Check {
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    match cmd {
+        ModelCommand::InitRandom { out, seed, name } => {
+            write_random_model(&out, &tiny_latent_config(&name), seed)
+                .with_context(|| format!("writing a random model to {}", out.display()))?;
+            println!("wrote random-weights model {name:?} to {}", out.display());
+            Ok(())
+        }
+        ModelCommand::Check { model } => {
+            let pipeline = Pipeline::load(&model, &Device::Cpu).with_context(|| format!("loading {}", model.display()))?;
+            let cfg = pipeline.config();
+            let (c, h, w) = cfg.image_shape();
+            println!("{}: ok ({}x{}x{} images, {} classes)", cfg.name, c, h, w, cfg.network.sit.num_classes);
+            print!("{}", cfg.to_toml_string());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! `flowgen`: generate images with flow-matching models.
+
+mod commands;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flowgen", version, about = "Flow-matching image generation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a model directory into PNG files, a grid and a manifest.
+    Generate(commands::generate::GenerateArgs),
+    /// Create or inspect model directories.
+    #[command(subcommand)]
+    Model(commands::model::ModelCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Model(cmd) => commands::model::run(cmd),
+    }
+}

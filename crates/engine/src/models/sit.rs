@@ -1,0 +1,346 @@
+//! SiT / DiT transformer velocity model with the official module tree
+//! (`x_embedder.proj`, `t_embedder.mlp.0`, `y_embedder.embedding_table`, `blocks.N.*`,
+//! `final_layer.*`, `pos_embed`), so SiT/DiT/LFM-DiT/FlowTurbo checkpoints load by name.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{conv2d, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::layer_norm_no_affine;
+
+const NORM_EPS: f64 = 1e-6;
+const FREQUENCY_EMBEDDING_SIZE: usize = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SitConfig {
+    /// Spatial size of the (latent) input, square.
+    pub input_size: usize,
+    pub in_channels: usize,
+    pub patch_size: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    pub num_classes: usize,
+    /// > 0 adds the null-label row used for classifier-free guidance.
+    #[serde(default)]
+    pub class_dropout_prob: f64,
+    /// Output 2 * in_channels; the first in_channels are the velocity.
+    #[serde(default)]
+    pub learn_sigma: bool,
+}
+
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+
+impl SitConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("input_size", self.input_size),
+            ("in_channels", self.in_channels),
+            ("patch_size", self.patch_size),
+            ("hidden_size", self.hidden_size),
+            ("depth", self.depth),
+            ("num_heads", self.num_heads),
+            ("num_classes", self.num_classes),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if self.input_size % self.patch_size != 0 {
+            return Err(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
+        }
+        if self.hidden_size % self.num_heads != 0 {
+            return Err(format!("hidden_size {} is not a multiple of num_heads {}", self.hidden_size, self.num_heads));
+        }
+        // The 2-D sin-cos position embedding splits hidden into four equal parts.
+        if self.hidden_size % 4 != 0 {
+            return Err(format!("hidden_size {} must be a multiple of 4", self.hidden_size));
+        }
+        if !(self.mlp_ratio > 0.0) {
+            return Err("mlp_ratio must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            return Err("class_dropout_prob must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    pub fn grid_size(&self) -> usize {
+        self.input_size / self.patch_size
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+
+    pub fn mlp_hidden(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    pub fn null_label(&self) -> Option<u32> {
+        (self.class_dropout_prob > 0.0).then_some(self.num_classes as u32)
+    }
+
+    pub fn label_rows(&self) -> usize {
+        self.num_classes + usize::from(self.class_dropout_prob > 0.0)
+    }
+}
+
+/// Sinusoidal embedding of scalar times, cos first, as DiT's `TimestepEmbedder.timestep_embedding`.
+pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(max_period.ln()) * k as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
+    if dim % 2 == 1 {
+        let pad = Tensor::zeros((emb.dim(0)?, 1), DType::F32, t.device())?;
+        return Tensor::cat(&[emb, pad], D::Minus1);
+    }
+    Ok(emb)
+}
+
+/// MAE-style fixed 2-D sin-cos position embedding, shape (grid*grid, dim): the first half encodes
+/// the column index, the second half the row index; each half is [sin, cos].
+pub fn sincos_pos_embed_2d(dim: usize, grid: usize) -> Vec<f32> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let mut out = Vec::with_capacity(grid * grid * dim);
+    for row in 0..grid {
+        for col in 0..grid {
+            for pos in [col as f64, row as f64] {
+                out.extend(omega.iter().map(|w| (pos * w).sin() as f32));
+                out.extend(omega.iter().map(|w| (pos * w).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// x * (1 + scale) + shift with per-sample (B, D) modulation over (B, T, D) tokens.
+fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+#[derive(Debug, Clone)]
+struct PatchEmbed {
+    proj: Conv2d,
+}
+
+impl PatchEmbed {
+    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
+        let proj = conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, conv_cfg, vb.pp("proj"))?;
+        Ok(Self { proj })
+    }
+}
+
+impl Module for PatchEmbed {
+    /// (B, C, H, W) -> (B, T, D), tokens row-major.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.proj.forward(xs)?.flatten_from(2)?.transpose(1, 2)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TimestepEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedder {
+    fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let linear_1 = linear(FREQUENCY_EMBEDDING_SIZE, hidden, vb.pp("mlp.0"))?;
+        let linear_2 = linear(hidden, hidden, vb.pp("mlp.2"))?;
+        Ok(Self { linear_1, linear_2 })
+    }
+}
+
+impl Module for TimestepEmbedder {
+    fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let freq = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0)?;
+        freq.apply(&self.linear_1)?.silu()?.apply(&self.linear_2)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl Attention {
+    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, vb.pp("qkv"))?;
+        let proj = linear(cfg.hidden_size, cfg.hidden_size, vb.pp("proj"))?;
+        Ok(Self { qkv, proj, num_heads: cfg.num_heads })
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let head_dim = d / self.num_heads;
+        // qkv rows are [q; k; v], each head-contiguous (timm Attention).
+        let qkv = xs.apply(&self.qkv)?.reshape((b, t, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * (head_dim as f64).powf(-0.5))?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.proj)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let fc1 = linear(cfg.hidden_size, cfg.mlp_hidden(), vb.pp("fc1"))?;
+        let fc2 = linear(cfg.mlp_hidden(), cfg.hidden_size, vb.pp("fc2"))?;
+        Ok(Self { fc1, fc2 })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // Tensor::gelu is the tanh approximation, as DiT's `GELU(approximate="tanh")`.
+        xs.apply(&self.fc1)?.gelu()?.apply(&self.fc2)
+    }
+}
+
+/// adaLN-Zero transformer block.
+#[derive(Debug, Clone)]
+struct SitBlock {
+    attn: Attention,
+    mlp: Mlp,
+    ada_ln_modulation: Linear,
+}
+
+impl SitBlock {
+    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let attn = Attention::new(cfg, vb.pp("attn"))?;
+        let mlp = Mlp::new(cfg, vb.pp("mlp"))?;
+        let ada_ln_modulation = linear(cfg.hidden_size, 6 * cfg.hidden_size, vb.pp("adaLN_modulation.1"))?;
+        Ok(Self { attn, mlp, ada_ln_modulation })
+    }
+
+    fn forward(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let chunks = c.silu()?.apply(&self.ada_ln_modulation)?.chunk(6, D::Minus1)?;
+        let (shift_msa, scale_msa, gate_msa) = (&chunks[0], &chunks[1], &chunks[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&chunks[3], &chunks[4], &chunks[5]);
+        let h = modulate(&layer_norm_no_affine(xs, NORM_EPS)?, shift_msa, scale_msa)?.apply(&self.attn)?;
+        let xs = (xs + h.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let h = modulate(&layer_norm_no_affine(&xs, NORM_EPS)?, shift_mlp, scale_mlp)?.apply(&self.mlp)?;
+        xs + h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FinalLayer {
+    linear: Linear,
+    ada_ln_modulation: Linear,
+}
+
+impl FinalLayer {
+    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let out = cfg.patch_size * cfg.patch_size * cfg.out_channels();
+        let ada_ln_modulation = linear(cfg.hidden_size, 2 * cfg.hidden_size, vb.pp("adaLN_modulation.1"))?;
+        let output = linear(cfg.hidden_size, out, vb.pp("linear"))?;
+        Ok(Self { linear: output, ada_ln_modulation })
+    }
+
+    fn forward(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let chunks = c.silu()?.apply(&self.ada_ln_modulation)?.chunk(2, D::Minus1)?;
+        modulate(&layer_norm_no_affine(xs, NORM_EPS)?, &chunks[0], &chunks[1])?.apply(&self.linear)
+    }
+}
+
+/// The SiT/DiT transformer: `forward(x, t, y)` with t in the network's own time units.
+#[derive(Debug, Clone)]
+pub struct Sit {
+    x_embedder: PatchEmbed,
+    t_embedder: TimestepEmbedder,
+    y_embedder: Embedding,
+    pos_embed: Tensor,
+    blocks: Vec<SitBlock>,
+    final_layer: FinalLayer,
+    cfg: SitConfig,
+}
+
+impl Sit {
+    pub fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        let x_embedder = PatchEmbed::new(cfg, vb.pp("x_embedder"))?;
+        let t_embedder = TimestepEmbedder::new(cfg.hidden_size, vb.pp("t_embedder"))?;
+        let y_embedder = embedding(cfg.label_rows(), cfg.hidden_size, vb.pp("y_embedder.embedding_table"))?;
+        let pos_shape = (1, cfg.num_tokens(), cfg.hidden_size);
+        // Official checkpoints store the frozen table; our own weights may omit it (it is fixed).
+        let pos_embed = if vb.contains_tensor("pos_embed") {
+            vb.get(pos_shape, "pos_embed")?
+        } else {
+            Self::fixed_pos_embed(cfg, vb.device())?.to_dtype(vb.dtype())?
+        };
+        let vb_blocks = vb.pp("blocks");
+        let blocks = (0..cfg.depth).map(|i| SitBlock::new(cfg, vb_blocks.pp(i))).collect::<Result<Vec<_>>>()?;
+        let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
+        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone() })
+    }
+
+    /// The fixed sin-cos table, shape (1, T, D), as stored under `pos_embed`.
+    pub fn fixed_pos_embed(cfg: &SitConfig, device: &Device) -> Result<Tensor> {
+        let table = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size());
+        Tensor::from_vec(table, (1, cfg.num_tokens(), cfg.hidden_size), device)
+    }
+
+    pub fn config(&self) -> &SitConfig {
+        &self.cfg
+    }
+
+    /// x: (B, C, H, W), t: (B,) network time, y: (B,) u32 labels -> (B, out_channels, H, W).
+    pub fn forward_full(&self, xs: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let b = xs.dim(0)?;
+        let mut h = xs.apply(&self.x_embedder)?.broadcast_add(&self.pos_embed)?;
+        let c = (t.apply(&self.t_embedder)?.to_dtype(h.dtype())? + y.apply(&self.y_embedder)?)?;
+        for block in &self.blocks {
+            h = block.forward(&h, &c)?;
+        }
+        let h = self.final_layer.forward(&h, &c)?;
+        self.unpatchify(&h, b)
+    }
+
+    /// Like `forward_full`, keeping only the velocity channels of a `learn_sigma` output.
+    pub fn forward(&self, xs: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let out = self.forward_full(xs, t, y)?;
+        if self.cfg.learn_sigma {
+            out.narrow(1, 0, self.cfg.in_channels)
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// (B, T, p*p*C) ordered (p_row, p_col, c) -> (B, C, H, W).
+    fn unpatchify(&self, xs: &Tensor, b: usize) -> Result<Tensor> {
+        let p = self.cfg.patch_size;
+        let g = self.cfg.grid_size();
+        let c = self.cfg.out_channels();
+        xs.reshape((b, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, g * p, g * p))
+    }
+}

@@ -1,0 +1,135 @@
+//! Seeded random weights and throw-away model directories, for tests and demos before a
+//! trained model exists. Weights are N(0, 1/fan_in) (constants where the layer asks for them).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, NetworkSection, TimeConvention};
+use crate::error::{Error, Result};
+use crate::models::autoencoder::{AutoencoderConfig, AutoencoderKl};
+use crate::models::sit::{Sit, SitConfig};
+use crate::weights::save_safetensors;
+
+/// A VarBuilder backend creating seeded random tensors and remembering them for saving.
+struct RandomBackend {
+    rng: Mutex<ChaCha8Rng>,
+    created: Arc<Mutex<HashMap<String, Tensor>>>,
+}
+
+impl SimpleBackend for RandomBackend {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.created.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.get(name) {
+            return Ok(t.clone());
+        }
+        let dims = s.dims().to_vec();
+        let n = s.elem_count();
+        let values: Vec<f32> = match h {
+            Init::Const(c) => vec![c as f32; n],
+            _ => {
+                let fan_in = if dims.len() >= 2 { n / dims[0] } else { 50 };
+                let normal = Normal::new(0.0f32, (1.0 / fan_in as f32).sqrt())
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+                (0..n).map(|_| normal.sample(&mut *rng)).collect()
+            }
+        };
+        let t = Tensor::from_vec(values, dims, dev)?.to_dtype(dtype)?;
+        self.created.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("random backend cannot create {name} without a shape")))
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// A VarBuilder that invents seeded random weights, and the map where they end up.
+pub fn random_var_builder(seed: u64, device: &Device) -> (VarBuilder<'static>, Arc<Mutex<HashMap<String, Tensor>>>) {
+    let created = Arc::new(Mutex::new(HashMap::new()));
+    let backend = RandomBackend { rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)), created: created.clone() };
+    (VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()), created)
+}
+
+/// The architecture of the tiny MNIST-shaped latent model (28x28x1 <-> 4x7x7).
+pub fn tiny_latent_config(name: &str) -> ModelConfig {
+    ModelConfig {
+        name: name.to_string(),
+        description: "random weights: a test fixture, not a trained model".into(),
+        label_names: ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        network: NetworkSection {
+            weights: "velocity.safetensors".into(),
+            convention: TimeConvention::Sit,
+            sit: SitConfig {
+                input_size: 7,
+                in_channels: 4,
+                patch_size: 1,
+                hidden_size: 32,
+                depth: 2,
+                num_heads: 2,
+                mlp_ratio: 2.0,
+                num_classes: 10,
+                class_dropout_prob: 0.1,
+                learn_sigma: false,
+            },
+        },
+        autoencoder: Some(AutoencoderSection {
+            weights: "autoencoder.safetensors".into(),
+            scaling_factor: 1.0,
+            shift_factor: 0.0,
+            arch: AutoencoderConfig {
+                in_channels: 1,
+                out_channels: 1,
+                latent_channels: 4,
+                block_out_channels: vec![16, 32, 32],
+                layers_per_block: 1,
+                norm_num_groups: 8,
+                mid_block_add_attention: true,
+                use_quant_conv: true,
+                use_post_quant_conv: true,
+            },
+        }),
+        guidance: GuidanceSection::default(),
+        defaults: Defaults { sampler: "heun".into(), steps: 4, guidance: 1.5, schedule: "uniform".into() },
+    }
+}
+
+/// Save `tensors` plus the fixed `pos_embed` table so the file has the official key set.
+pub fn save_sit_weights(net_cfg: &SitConfig, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut all = tensors.clone();
+    all.insert("pos_embed".into(), Sit::fixed_pos_embed(net_cfg, &Device::Cpu)?);
+    save_safetensors(&all, path)
+}
+
+/// Write `config` and seeded random weights for it into `dir`.
+pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    let device = Device::Cpu;
+    let (vb, created) = random_var_builder(seed, &device);
+    Sit::new(&config.network.sit, vb)?;
+    let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
+    save_sit_weights(&config.network.sit, &tensors, &dir.join(&config.network.weights))?;
+    if let Some(ae) = &config.autoencoder {
+        let (vb, created) = random_var_builder(seed.wrapping_add(1), &device);
+        AutoencoderKl::new(&ae.arch, vb)?;
+        let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
+        save_safetensors(&tensors, &dir.join(&ae.weights))?;
+    }
+    let path = dir.join("model.toml");
+    std::fs::write(&path, config.to_toml_string()).map_err(|source| Error::Io { path, source })?;
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The adapter between networks and samplers: maps the engine time s to the network's own
+//! time, fixes the velocity sign, and applies classifier-free guidance in one batched forward.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::TimeConvention;
+use crate::error::{Error, Result};
+use crate::models::sit::Sit;
+use crate::samplers::VelocityField;
+
+/// A network that predicts velocity in its own convention: v = net(x, t, y).
+pub trait VelocityModel: Send + Sync {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor>;
+    fn convention(&self) -> TimeConvention;
+}
+
+/// A SiT/DiT transformer together with the time convention its checkpoint was trained in.
+pub struct SitVelocity {
+    pub net: Sit,
+    pub convention: TimeConvention,
+}
+
+impl VelocityModel for SitVelocity {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward(x, t, y)?)
+    }
+    fn convention(&self) -> TimeConvention {
+        self.convention
+    }
+}
+
+/// Classifier-free guidance settings for one solve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guidance {
+    /// w in v = v_uncond + w (v_cond - v_uncond); 1 disables guidance.
+    pub scale: f64,
+    pub null_label: Option<u32>,
+    /// Channels the guided mix applies to (None = all); others follow the conditional velocity.
+    pub channels: Option<Vec<usize>>,
+    /// Guidance only for s in [lo, hi].
+    pub interval: (f64, f64),
+}
+
+impl Guidance {
+    pub fn none() -> Self {
+        Guidance { scale: 1.0, null_label: None, channels: None, interval: (0.0, 1.0) }
+    }
+
+    fn active_at(&self, s: f64) -> bool {
+        self.scale != 1.0 && s >= self.interval.0 && s <= self.interval.1
+    }
+}
+
+/// u(x, s) for a batch with fixed labels, as samplers see it.
+pub struct GuidedField<'a> {
+    model: &'a dyn VelocityModel,
+    labels: Tensor,
+    null_labels: Option<Tensor>,
+    guidance: Guidance,
+    /// (1, C, 1, 1) 0/1 mask of guided channels; None when all channels are guided.
+    channel_mask: Option<Tensor>,
+    dtype: DType,
+}
+
+impl<'a> GuidedField<'a> {
+    pub fn new(
+        model: &'a dyn VelocityModel,
+        labels: &[u32],
+        guidance: Guidance,
+        channels: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !guidance.scale.is_finite() {
+            return Err(Error::invalid("guidance", "must be a finite number"));
+        }
+        let null_labels = if guidance.scale != 1.0 {
+            let null = guidance.null_label.ok_or_else(|| {
+                Error::invalid("guidance", "this model has no null label (trained without label dropout); use guidance 1")
+            })?;
+            Some(Tensor::from_vec(vec![null; labels.len()], labels.len(), device)?)
+        } else {
+            None
+        };
+        let channel_mask = match &guidance.channels {
+            Some(list) if list.len() < channels => {
+                let mut mask = vec![0f32; channels];
+                for &c in list {
+                    if c >= channels {
+                        return Err(Error::invalid("guidance channels", format!("{c} is not below {channels}")));
+                    }
+                    mask[c] = 1.0;
+                }
+                Some(Tensor::from_vec(mask, (1, channels, 1, 1), device)?.to_dtype(dtype)?)
+            }
+            _ => None,
+        };
+        let labels = Tensor::from_vec(labels.to_vec(), labels.len(), device)?;
+        Ok(Self { model, labels, null_labels, guidance, channel_mask, dtype })
+    }
+
+    fn times(&self, s: &[f64], device: &Device) -> Result<Tensor> {
+        let conv = self.model.convention();
+        let t: Vec<f32> = s.iter().map(|&si| conv.network_time(si) as f32).collect();
+        Ok(Tensor::from_vec(t, s.len(), device)?.to_dtype(self.dtype)?)
+    }
+}
+
+impl VelocityField for GuidedField<'_> {
+    fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if s.len() != b || self.labels.dim(0)? != b {
+            return Err(Error::invalid("batch", format!("{} labels and {} times for a batch of {b}", self.labels.dim(0)?, s.len())));
+        }
+        let t = self.times(s, x.device())?;
+        let weights: Vec<f64> = s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
+        let v = match &self.null_labels {
+            Some(null) if weights.iter().any(|&w| w != 1.0) => {
+                // Conditional and unconditional halves in one forward.
+                let xx = Tensor::cat(&[x, x], 0)?;
+                let tt = Tensor::cat(&[&t, &t], 0)?;
+                let yy = Tensor::cat(&[&self.labels, null], 0)?;
+                let out = self.model.forward(&xx, &tt, &yy)?;
+                let cond = out.narrow(0, 0, b)?;
+                let uncond = out.narrow(0, b, b)?;
+                // guided = cond + (w - 1) (cond - uncond), masked to the guided channels.
+                let mut delta = (&cond - &uncond)?;
+                let mut shape = vec![b];
+                shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+                let w: Vec<f32> = weights.iter().map(|&w| (w - 1.0) as f32).collect();
+                let w = Tensor::from_vec(w, shape, x.device())?.to_dtype(delta.dtype())?;
+                delta = delta.broadcast_mul(&w)?;
+                if let Some(mask) = &self.channel_mask {
+                    delta = delta.broadcast_mul(mask)?;
+                }
+                (cond + delta)?
+            }
+            _ => self.model.forward(x, &t, &self.labels)?,
+        };
+        let sign = self.model.convention().velocity_sign();
+        Ok(if sign < 0.0 { v.neg()? } else { v })
+    }
+}
