@@ -148,7 +148,7 @@ impl ModelConfig {
 
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("model.toml");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|error| Error::Io { path: path.clone(), error })?;
         Self::from_toml_str(&text, &path)
     }
 

@@ -117,7 +117,7 @@ pub fn save_sit_weights(net_cfg: &SitConfig, tensors: &HashMap<String, Tensor>, 
 
 /// Write `config` and seeded random weights for it into `dir`.
 pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
     let device = Device::Cpu;
     let (vb, created) = random_var_builder(seed, &device);
     Sit::new(&config.network.sit, vb)?;
@@ -130,6 +130,6 @@ pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result
         save_safetensors(&tensors, &dir.join(&ae.weights))?;
     }
     let path = dir.join("model.toml");
-    std::fs::write(&path, config.to_toml_string()).map_err(|source| Error::Io { path, source })?;
+    std::fs::write(&path, config.to_toml_string()).map_err(|error| Error::Io { path, error })?;
     Ok(())
 }

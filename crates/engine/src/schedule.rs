@@ -34,7 +34,7 @@ impl ScheduleSpec {
         }
         let path = Path::new(text);
         if path.is_file() {
-            let content = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+            let content = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
             let values = parse_list(&content)?;
             validate_explicit(&values)?;
             return Ok(ScheduleSpec::Explicit(values));

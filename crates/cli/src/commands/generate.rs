@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flowgen_engine::image::{generation_metadata, Image};
-use flowgen_engine::samplers::{Dopri5Options, SAMPLER_NAMES};
+use flowgen_engine::samplers::Dopri5Options;
 use flowgen_engine::{device::parse_device, EngineHandle, GenerationRequest, Pipeline, Sampler, ScheduleSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -99,7 +99,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let seeds: Vec<u64> = (0..n as u64).map(|i| args.seed.wrapping_add(i)).collect();
 
     let sampler_name = args.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
-    let mut sampler = Sampler::parse(&sampler_name).with_context(|| format!("--sampler (known: {})", SAMPLER_NAMES.join(", ")))?;
+    let mut sampler = Sampler::parse(&sampler_name).context("--sampler")?;
     if let Sampler::Dopri5(_) = sampler {
         sampler = Sampler::Dopri5(Dopri5Options { rtol: args.rtol, atol: args.atol, ..Default::default() });
     }

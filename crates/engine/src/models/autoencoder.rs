@@ -136,7 +136,7 @@ impl AttentionBlock {
 impl Module for AttentionBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = xs.apply(&self.group_norm)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let tokens = xs.apply(&self.group_norm)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = tokens.apply(&self.to_q)?;
         let k = tokens.apply(&self.to_k)?;
         let v = tokens.apply(&self.to_v)?;
