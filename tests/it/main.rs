@@ -1,1 +1,240 @@
+//! End-to-end: the real `flowgen` binary on a model directory made by `flowgen model init-random`.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use flowgen_engine::image::Image;
+
+/// The `flowgen` binary of this build, rebuilt once per test run so it is never stale
+/// (cargo does not rebuild another package's binary for this test crate).
+fn flowgen_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/it-<hash> -> target/<profile>/flowgen
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().and_then(Path::parent).unwrap();
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "flowgen-cli", "--bin", "flowgen"]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().unwrap();
+            assert!(status.success(), "building the flowgen binary failed");
+            let bin = dir.join(format!("flowgen{}", std::env::consts::EXE_SUFFIX));
+            assert!(bin.exists(), "{} was not built", bin.display());
+            bin
+        })
+        .clone()
+}
+
+fn flowgen(args: &[&str]) -> Output {
+    Command::new(flowgen_bin()).args(args).env_remove("FLOWGEN_MODEL").output().unwrap()
+}
+
+fn random_model(dir: &Path) -> String {
+    let model = dir.join("model");
+    let out = flowgen(&["model", "init-random", "--out", model.to_str().unwrap(), "--seed", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    model.to_str().unwrap().to_string()
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success: {stderr}");
+    assert!(stderr.contains("error:") && stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn generate_writes_pngs_grid_and_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--label",
+        "0-9",
+        "--label",
+        "seven",
+        "--n",
+        "12",
+        "--seed",
+        "7",
+        "--sampler",
+        "rk4",
+        "--steps",
+        "3",
+        "--guidance",
+        "2",
+        "--batch-size",
+        "5",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("generated 12 images") && stdout.contains("images/s"), "{stdout}");
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let images = manifest["images"].as_array().unwrap();
+    assert_eq!(images.len(), 12);
+    let labels: Vec<u64> = images.iter().map(|e| e["label"].as_u64().unwrap()).collect();
+    assert_eq!(labels, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 0]);
+    assert_eq!(images[3]["seed"], 10);
+    assert_eq!(images[3]["file"], "003.png");
+    assert_eq!(images[3]["sampler"], "rk4");
+    assert_eq!(images[3]["steps"], 3);
+    assert_eq!(images[3]["nfe"], 12);
+
+    let (png, text) = Image::from_png(&std::fs::read(out_dir.join("003.png")).unwrap()).unwrap();
+    assert_eq!((png.width, png.height, png.channels), (28, 28, 1));
+    let meta = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
+    assert_eq!(
+        (meta("seed"), meta("label"), meta("sampler"), meta("nfe")),
+        ("10".into(), "3".into(), "rk4".into(), "12".into())
+    );
+    assert_eq!(meta("guidance"), "2");
+    let (grid, _) = Image::from_png(&std::fs::read(out_dir.join("grid.png")).unwrap()).unwrap();
+    assert!(grid.width > 4 * 28 && grid.height > 3 * 28);
+
+    // The same image alone (batch of 1, n = 1, starting at its seed) matches pixel for pixel (+-1).
+    let single_dir = tmp.path().join("single");
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--label",
+        "3",
+        "--n",
+        "1",
+        "--seed",
+        "10",
+        "--sampler",
+        "rk4",
+        "--steps",
+        "3",
+        "--guidance",
+        "2",
+        "--batch-size",
+        "1",
+        "--out",
+        single_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let (alone, _) = Image::from_png(&std::fs::read(single_dir.join("000.png")).unwrap()).unwrap();
+    let worst = alone.pixels.iter().zip(&png.pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "pixels differ by {worst}");
+}
+
+#[test]
+fn defaults_come_from_model_toml_and_the_default_model_env() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = Command::new(flowgen_bin())
+        .args(["generate", "--n", "2", "--out", out_dir.to_str().unwrap()])
+        .env("FLOWGEN_MODEL", &model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    // init-random writes defaults: heun, 4 steps, guidance 1.5.
+    assert_eq!(manifest["images"][0]["sampler"], "heun");
+    assert_eq!(manifest["images"][0]["steps"], 4);
+    assert_eq!(manifest["images"][0]["nfe"], 8);
+    assert_eq!(manifest["images"][1]["guidance"], 1.5);
+}
+
+#[test]
+fn adaptive_sampler_and_explicit_schedule_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(tmp.path());
+    let schedule = tmp.path().join("boss.json");
+    std::fs::write(&schedule, "[0, 0.1, 0.3, 0.6, 1]").unwrap();
+    let out_dir = tmp.path().join("a");
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--n",
+        "2",
+        "--schedule",
+        schedule.to_str().unwrap(),
+        "--sampler",
+        "euler",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["images"][0]["nfe"], 4);
+    let out_dir = tmp.path().join("b");
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--n",
+        "2",
+        "--sampler",
+        "dopri5",
+        "--rtol",
+        "1e-3",
+        "--atol",
+        "1e-3",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out_dir = out_dir.to_str().unwrap();
+    assert_clean_failure(
+        &flowgen(&["generate", "--model", &model, "--sampler", "ddim", "--out", out_dir]),
+        "unknown sampler \"ddim\"",
+    );
+    assert_clean_failure(&flowgen(&["generate", "--model", &model, "--steps", "0", "--out", out_dir]), "steps");
+    assert_clean_failure(&flowgen(&["generate", "--model", &model, "--label", "12", "--out", out_dir]), "out of range");
+    assert_clean_failure(
+        &flowgen(&["generate", "--model", &model, "--label", "eleven", "--out", out_dir]),
+        "\"eleven\"",
+    );
+    assert_clean_failure(&flowgen(&["generate", "--model", &model, "--schedule", "0,1", "--out", out_dir]), "schedule");
+    assert_clean_failure(&flowgen(&["generate", "--model", &model, "--device", "tpu", "--out", out_dir]), "device");
+
+    // A model directory without weights.
+    let no_weights = tmp.path().join("no-weights");
+    std::fs::create_dir_all(&no_weights).unwrap();
+    std::fs::copy(Path::new(&model).join("model.toml"), no_weights.join("model.toml")).unwrap();
+    assert_clean_failure(
+        &flowgen(&["generate", "--model", no_weights.to_str().unwrap(), "--out", out_dir]),
+        "not found",
+    );
+
+    // Weights with wrong shapes: another architecture's file under this model's name.
+    let wrong = tmp.path().join("wrong");
+    let out = flowgen(&["model", "init-random", "--out", wrong.to_str().unwrap()]);
+    assert!(out.status.success());
+    let toml =
+        std::fs::read_to_string(wrong.join("model.toml")).unwrap().replace("hidden_size = 32", "hidden_size = 64");
+    std::fs::write(wrong.join("model.toml"), toml).unwrap();
+    let out = flowgen(&["generate", "--model", wrong.to_str().unwrap(), "--out", out_dir]);
+    assert_clean_failure(&out, "mis-shaped");
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("x_embedder.proj.weight: model expects [64, 4, 1, 1], file has [32, 4, 1, 1]"));
+
+    assert_clean_failure(&flowgen(&["generate", "--model", tmp.path().join("nope").to_str().unwrap()]), "model.toml");
+}

@@ -140,8 +140,8 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
-        let cfg: ModelConfig = toml::from_str(text)
-            .map_err(|e| Error::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        let cfg: ModelConfig =
+            toml::from_str(text).map_err(|e| Error::Config { path: path.to_path_buf(), message: e.to_string() })?;
         cfg.validate().map_err(|message| Error::Config { path: path.to_path_buf(), message })?;
         Ok(cfg)
     }

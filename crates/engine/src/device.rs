@@ -9,7 +9,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let name = name.trim().to_ascii_lowercase();
     let cuda = |ordinal: usize| {
         Device::new_cuda(ordinal).map_err(|e| {
-            let hint = if cfg!(feature = "cuda") { "" } else { " (this build has no CUDA support: rebuild with --features cuda)" };
+            let hint = if cfg!(feature = "cuda") {
+                ""
+            } else {
+                " (this build has no CUDA support: rebuild with --features cuda)"
+            };
             Error::invalid("device", format!("cannot open cuda:{ordinal}: {e}{hint}"))
         })
     };

@@ -51,7 +51,11 @@ impl EngineHandle {
     }
 
     /// Queue a job without waiting; `Ok(None)` when the channel is full.
-    pub fn try_submit(&self, request: GenerationRequest, progress: Progress) -> Result<Option<Receiver<Result<Generation>>>> {
+    pub fn try_submit(
+        &self,
+        request: GenerationRequest,
+        progress: Progress,
+    ) -> Result<Option<Receiver<Result<Generation>>>> {
         let (reply, rx) = mpsc::channel();
         let jobs = self.jobs.as_ref().ok_or(Error::EngineStopped)?;
         match jobs.try_send(Job { request, progress, reply }) {

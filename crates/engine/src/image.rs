@@ -17,7 +17,12 @@ pub struct Image {
 }
 
 /// PNG text metadata for image `i` of a generation (the CLI and the server write the same).
-pub fn generation_metadata(model: &str, req: &GenerationRequest, stats: &SolveStats, i: usize) -> Vec<(&'static str, String)> {
+pub fn generation_metadata(
+    model: &str,
+    req: &GenerationRequest,
+    stats: &SolveStats,
+    i: usize,
+) -> Vec<(&'static str, String)> {
     let steps = if req.sampler.is_adaptive() { stats.steps } else { req.steps.max(stats.steps) };
     vec![
         ("Software", format!("flowgen {}", env!("CARGO_PKG_VERSION"))),

@@ -60,7 +60,10 @@ impl Pipeline {
         let autoencoder = match &config.autoencoder {
             Some(ae) => {
                 let arch = ae.arch.clone();
-                Some(Checkpoint::open(&model_dir.join(&ae.weights))?.build(dtype, device, |vb| AutoencoderKl::new(&arch, vb))?)
+                Some(
+                    Checkpoint::open(&model_dir.join(&ae.weights))?
+                        .build(dtype, device, |vb| AutoencoderKl::new(&arch, vb))?,
+                )
             }
             None => None,
         };
@@ -114,11 +117,17 @@ impl Pipeline {
             return Err(Error::invalid("seeds", format!("{} seeds for {} images", req.seeds.len(), req.labels.len())));
         }
         if req.labels.len() > MAX_BATCH {
-            return Err(Error::invalid("n", format!("{} images in one batch exceeds the limit {MAX_BATCH}", req.labels.len())));
+            return Err(Error::invalid(
+                "n",
+                format!("{} images in one batch exceeds the limit {MAX_BATCH}", req.labels.len()),
+            ));
         }
         let classes = self.config.network.sit.num_classes;
         if let Some(bad) = req.labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(Error::invalid("label", format!("{bad} is out of range: this model has classes 0..{}", classes - 1)));
+            return Err(Error::invalid(
+                "label",
+                format!("{bad} is out of range: this model has classes 0..{}", classes - 1),
+            ));
         }
         if !req.sampler.is_adaptive() && req.steps == 0 && !matches!(req.schedule, ScheduleSpec::Explicit(_)) {
             return Err(Error::invalid("steps", "must be at least 1"));
@@ -127,7 +136,10 @@ impl Pipeline {
             return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {}", req.guidance)));
         }
         if req.guidance != 1.0 && self.config.null_label().is_none() {
-            return Err(Error::invalid("guidance", "this model has no null label (trained without label dropout); use guidance 1"));
+            return Err(Error::invalid(
+                "guidance",
+                "this model has no null label (trained without label dropout); use guidance 1",
+            ));
         }
         if let Sampler::Dopri5(opts) = &req.sampler {
             opts.validate()?;
@@ -136,7 +148,11 @@ impl Pipeline {
     }
 
     /// Solve from each image's own noise to s = 1 and return the final state.
-    pub fn sample_state(&self, req: &GenerationRequest, observer: &mut dyn StepObserver) -> Result<(Tensor, SolveStats)> {
+    pub fn sample_state(
+        &self,
+        req: &GenerationRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<(Tensor, SolveStats)> {
         self.validate(req)?;
         let (c, h, w) = self.config.state_shape();
         let x0 = noise::batch(&req.seeds, &[c, h, w], &self.device)?.to_dtype(self.dtype)?;
@@ -144,7 +160,12 @@ impl Pipeline {
     }
 
     /// Solve from a given initial state (for references and evaluation on shared noise).
-    pub fn solve_from(&self, x0: Tensor, req: &GenerationRequest, observer: &mut dyn StepObserver) -> Result<(Tensor, SolveStats)> {
+    pub fn solve_from(
+        &self,
+        x0: Tensor,
+        req: &GenerationRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<(Tensor, SolveStats)> {
         let schedule = req.schedule.build(if req.sampler.is_adaptive() { 1 } else { req.steps })?;
         let field = GuidedField::new(
             self.velocity.as_ref(),

@@ -42,7 +42,10 @@ impl SimpleBackend for RandomBackend {
             }
         };
         let t = Tensor::from_vec(values, dims, dev)?.to_dtype(dtype)?;
-        self.created.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.insert(name.to_string(), t.clone());
+        self.created
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+            .insert(name.to_string(), t.clone());
         Ok(t)
     }
 

@@ -34,7 +34,8 @@ impl ScheduleSpec {
         }
         let path = Path::new(text);
         if path.is_file() {
-            let content = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
+            let content =
+                std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
             let values = parse_list(&content)?;
             validate_explicit(&values)?;
             return Ok(ScheduleSpec::Explicit(values));
@@ -127,7 +128,12 @@ fn validate_explicit(values: &[f64]) -> Result<()> {
     if let Some(i) = values.windows(2).position(|w| w[1] <= w[0]) {
         return Err(Error::invalid(
             "schedule",
-            format!("must be strictly increasing: s[{}] = {} is not above s[{i}] = {}", i + 1, values[i + 1], values[i]),
+            format!(
+                "must be strictly increasing: s[{}] = {} is not above s[{i}] = {}",
+                i + 1,
+                values[i + 1],
+                values[i]
+            ),
         ));
     }
     Ok(())

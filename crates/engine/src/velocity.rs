@@ -76,7 +76,10 @@ impl<'a> GuidedField<'a> {
         }
         let null_labels = if guidance.scale != 1.0 {
             let null = guidance.null_label.ok_or_else(|| {
-                Error::invalid("guidance", "this model has no null label (trained without label dropout); use guidance 1")
+                Error::invalid(
+                    "guidance",
+                    "this model has no null label (trained without label dropout); use guidance 1",
+                )
             })?;
             Some(Tensor::from_vec(vec![null; labels.len()], labels.len(), device)?)
         } else {
@@ -110,10 +113,14 @@ impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
         let b = x.dim(0)?;
         if s.len() != b || self.labels.dim(0)? != b {
-            return Err(Error::invalid("batch", format!("{} labels and {} times for a batch of {b}", self.labels.dim(0)?, s.len())));
+            return Err(Error::invalid(
+                "batch",
+                format!("{} labels and {} times for a batch of {b}", self.labels.dim(0)?, s.len()),
+            ));
         }
         let t = self.times(s, x.device())?;
-        let weights: Vec<f64> = s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
+        let weights: Vec<f64> =
+            s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
         let v = match &self.null_labels {
             Some(null) if weights.iter().any(|&w| w != 1.0) => {
                 // Conditional and unconditional halves in one forward.

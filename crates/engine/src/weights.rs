@@ -68,14 +68,15 @@ impl Checkpoint {
                         }
                     }
                 }
-                let names =
-                    pth.tensor_infos().iter().map(|(n, info)| (n.clone(), info.layout.shape().dims().to_vec())).collect();
+                let names = pth
+                    .tensor_infos()
+                    .iter()
+                    .map(|(n, info)| (n.clone(), info.layout.shape().dims().to_vec()))
+                    .collect();
                 (Store::Pth(pth), names)
             }
             other => {
-                return Err(weights_err(format!(
-                    "unsupported weights format {other:?}: use .safetensors, .pt or .pth"
-                )))
+                return Err(weights_err(format!("unsupported weights format {other:?}: use .safetensors, .pt or .pth")))
             }
         };
         if raw.is_empty() {
@@ -125,8 +126,7 @@ impl Checkpoint {
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let module = build(vb)?;
         let report = report.lock().map_err(|_| Error::EnginePanicked("weights report poisoned".into()))?;
-        let unexpected: Vec<&str> =
-            checkpoint.names().filter(|n| !report.requested.contains(*n)).collect();
+        let unexpected: Vec<&str> = checkpoint.names().filter(|n| !report.requested.contains(*n)).collect();
         if report.missing.is_empty() && report.misshaped.is_empty() {
             if !unexpected.is_empty() {
                 tracing::warn!(path = %checkpoint.path.display(), count = unexpected.len(), first = unexpected[0], "ignoring tensors the model does not use");
@@ -163,7 +163,10 @@ impl LoadReport {
         section("missing", self.missing.iter().map(|(n, s)| format!("{n} {s:?}")).collect());
         section(
             "mis-shaped",
-            self.misshaped.iter().map(|(n, want, got)| format!("{n}: model expects {want:?}, file has {got:?}")).collect(),
+            self.misshaped
+                .iter()
+                .map(|(n, want, got)| format!("{n}: model expects {want:?}, file has {got:?}"))
+                .collect(),
         );
         section("unexpected", unexpected.iter().map(|n| n.to_string()).collect());
         out.trim_end().to_string()
@@ -224,5 +227,6 @@ impl SimpleBackend for CheckingBackend {
 
 /// Save named tensors as safetensors (the format every shipped model uses).
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| Error::Weights { path: path.to_path_buf(), message: e.to_string() })
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: e.to_string() })
 }

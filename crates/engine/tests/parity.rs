@@ -122,7 +122,11 @@ fn autoencoder_loads_legacy_attention_names() {
     let renamed: std::collections::HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| {
-            let k = k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn");
+            let k = k
+                .replace("to_q", "query")
+                .replace("to_k", "key")
+                .replace("to_v", "value")
+                .replace("to_out.0", "proj_attn");
             (k, v)
         })
         .collect();
@@ -130,7 +134,8 @@ fn autoencoder_loads_legacy_attention_names() {
     let path = dir.path().join("legacy.safetensors");
     candle_core::safetensors::save(&renamed, &path).unwrap();
     let cfg = vae_config();
-    let vae = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| AutoencoderKl::new(&cfg, vb)).unwrap();
+    let vae =
+        Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| AutoencoderKl::new(&cfg, vb)).unwrap();
     let io = io("vae_tiny_io.safetensors");
     let diff = max_abs_diff(&vae.decode(&io["z"]).unwrap(), &io["decoded"]);
     assert!(diff < 1e-4, "{diff}");

@@ -81,7 +81,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let device = parse_device(&args.device)?;
-    let pipeline = Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
+    let pipeline =
+        Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
     let cfg = pipeline.config().clone();
 
     let mut labels = Vec::new();
@@ -122,7 +123,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let chunks: Vec<(usize, usize)> =
         (0..n).step_by(args.batch_size).map(|start| (start, (start + args.batch_size).min(n))).collect();
     // Progress in sampler steps for fixed-step solvers, in thousandths of s for adaptive ones.
-    let units_per_chunk = if template.sampler.is_adaptive() { 1000 } else { template.schedule.build(steps)?.steps() as u64 };
+    let units_per_chunk =
+        if template.sampler.is_adaptive() { 1000 } else { template.schedule.build(steps)?.steps() as u64 };
     let bar = ProgressBar::new(units_per_chunk * chunks.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
@@ -138,7 +140,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let chunk_count = chunks.len();
     let mut pending = Vec::new();
     for (chunk_index, &(start, end)) in chunks.iter().enumerate() {
-        let request = GenerationRequest { labels: labels[start..end].to_vec(), seeds: seeds[start..end].to_vec(), ..template.clone() };
+        let request = GenerationRequest {
+            labels: labels[start..end].to_vec(),
+            seeds: seeds[start..end].to_vec(),
+            ..template.clone()
+        };
         let progress_bar = bar.clone();
         let adaptive = template.sampler.is_adaptive();
         let base = chunk_index as u64 * units_per_chunk;
@@ -180,7 +186,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
 
     let grid = Image::grid(&all_images)?;
-    std::fs::write(args.out.join("grid.png"), grid.to_png(&[("Software", "flowgen".into())])?).context("writing grid.png")?;
+    std::fs::write(args.out.join("grid.png"), grid.to_png(&[("Software", "flowgen".into())])?)
+        .context("writing grid.png")?;
     let manifest_json = serde_json::to_string_pretty(&manifest)?;
     std::fs::write(args.out.join("manifest.json"), manifest_json).context("writing manifest.json")?;
     println!(
@@ -192,4 +199,3 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     );
     Ok(())
 }
-

@@ -33,7 +33,8 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             Ok(())
         }
         ModelCommand::Check { model } => {
-            let pipeline = Pipeline::load(&model, &Device::Cpu).with_context(|| format!("loading {}", model.display()))?;
+            let pipeline =
+                Pipeline::load(&model, &Device::Cpu).with_context(|| format!("loading {}", model.display()))?;
             let cfg = pipeline.config();
             let (c, h, w) = cfg.image_shape();
             println!("{}: ok ({}x{}x{} images, {} classes)", cfg.name, c, h, w, cfg.network.sit.num_classes);

@@ -53,8 +53,13 @@ impl AutoencoderConfig {
         if self.layers_per_block == 0 {
             return Err("layers_per_block must be at least 1".into());
         }
-        if let Some(c) = self.block_out_channels.iter().find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0) {
-            return Err(format!("block_out_channels entry {c} is not a multiple of norm_num_groups {}", self.norm_num_groups));
+        if let Some(c) =
+            self.block_out_channels.iter().find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "block_out_channels entry {c} is not a multiple of norm_num_groups {}",
+                self.norm_num_groups
+            ));
         }
         Ok(())
     }
@@ -159,11 +164,8 @@ impl MidBlock {
         let c = cfg.last_width();
         let g = cfg.norm_num_groups;
         let resnet_1 = ResnetBlock2D::new(c, c, g, vb.pp("resnets.0"))?;
-        let attention = if cfg.mid_block_add_attention {
-            Some(AttentionBlock::new(c, g, vb.pp("attentions.0"))?)
-        } else {
-            None
-        };
+        let attention =
+            if cfg.mid_block_add_attention { Some(AttentionBlock::new(c, g, vb.pp("attentions.0"))?) } else { None };
         let resnet_2 = ResnetBlock2D::new(c, c, g, vb.pp("resnets.1"))?;
         Ok(Self { resnet_1, attention, resnet_2 })
     }

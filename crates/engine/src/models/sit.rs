@@ -50,17 +50,17 @@ impl SitConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be at least 1"));
         }
-        if self.input_size % self.patch_size != 0 {
+        if !self.input_size.is_multiple_of(self.patch_size) {
             return Err(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!("hidden_size {} is not a multiple of num_heads {}", self.hidden_size, self.num_heads));
         }
         // The 2-D sin-cos position embedding splits hidden into four equal parts.
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return Err(format!("hidden_size {} must be a multiple of 4", self.hidden_size));
         }
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return Err("mlp_ratio must be positive".into());
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
@@ -101,9 +101,7 @@ impl SitConfig {
 /// Sinusoidal embedding of scalar times, cos first, as DiT's `TimestepEmbedder.timestep_embedding`.
 pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|k| (-(max_period.ln()) * k as f64 / half as f64).exp() as f32)
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|k| (-(max_period.ln()) * k as f64 / half as f64).exp() as f32).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;

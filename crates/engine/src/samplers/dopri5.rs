@@ -202,11 +202,13 @@ pub(super) fn solve(
                 accept[i] = true;
                 accepted_steps[i] += 1;
                 s[i] = if step[i] == 1.0 - s[i] { 1.0 } else { s[i] + step[i] };
-                let factor = if norm == 0.0 { MAX_FACTOR } else { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, MAX_FACTOR) };
+                let factor =
+                    if norm == 0.0 { MAX_FACTOR } else { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, MAX_FACTOR) };
                 h[i] = step[i] * factor;
             } else {
                 rejected_steps[i] += 1;
-                let factor = if norm.is_finite() { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, 1.0) } else { MIN_FACTOR };
+                let factor =
+                    if norm.is_finite() { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, 1.0) } else { MIN_FACTOR };
                 h[i] = step[i] * factor;
                 if h[i] < MIN_STEP {
                     return Err(Error::Solver(format!(

@@ -1,0 +1,270 @@
+//! Shapes and determinism with random weights; loading and its errors.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor};
+use flowgen_engine::models::autoencoder::AutoencoderKl;
+use flowgen_engine::models::sit::{Sit, SitConfig};
+use flowgen_engine::random_model::{random_var_builder, tiny_latent_config, write_random_model};
+use flowgen_engine::samplers::{Dopri5Options, Unobserved};
+use flowgen_engine::velocity::SitVelocity;
+use flowgen_engine::weights::{save_safetensors, Checkpoint};
+use flowgen_engine::{
+    EngineHandle, Error, GenerationRequest, ModelConfig, Pipeline, Result, Sampler, ScheduleSpec, StepReport,
+    TimeConvention, VelocityModel,
+};
+
+fn tiny_model_dir() -> (tempfile::TempDir, ModelConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_latent_config("test");
+    write_random_model(dir.path(), &cfg, 42).unwrap();
+    (dir, cfg)
+}
+
+fn request(n: usize, sampler: Sampler, steps: usize) -> GenerationRequest {
+    GenerationRequest {
+        labels: (0..n as u32).map(|i| i % 10).collect(),
+        seeds: (0..n as u64).map(|i| 100 + i).collect(),
+        sampler,
+        steps,
+        schedule: ScheduleSpec::Uniform,
+        guidance: 2.0,
+    }
+}
+
+#[test]
+fn sit_shapes_with_patches_and_learn_sigma() {
+    let cfg = SitConfig {
+        input_size: 8,
+        in_channels: 4,
+        patch_size: 2,
+        hidden_size: 32,
+        depth: 2,
+        num_heads: 4,
+        mlp_ratio: 4.0,
+        num_classes: 10,
+        class_dropout_prob: 0.1,
+        learn_sigma: true,
+    };
+    let (vb, _) = random_var_builder(0, &Device::Cpu);
+    let sit = Sit::new(&cfg, vb).unwrap();
+    let x = Tensor::randn(0f32, 1., (5, 4, 8, 8), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0.0f32, 0.25, 0.5, 0.75, 1.0], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[0u32, 1, 2, 3, 10], &Device::Cpu).unwrap();
+    assert_eq!(sit.forward_full(&x, &t, &y).unwrap().dims(), &[5, 8, 8, 8]);
+    assert_eq!(sit.forward(&x, &t, &y).unwrap().dims(), &[5, 4, 8, 8]);
+}
+
+#[test]
+fn autoencoder_shapes_28_to_7() {
+    let cfg = tiny_latent_config("t").autoencoder.unwrap().arch;
+    let (vb, _) = random_var_builder(0, &Device::Cpu);
+    let ae = AutoencoderKl::new(&cfg, vb).unwrap();
+    let x = Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+    let posterior = ae.encode(&x).unwrap();
+    assert_eq!(posterior.mean.dims(), &[3, 4, 7, 7]);
+    assert_eq!(posterior.sample().unwrap().dims(), &[3, 4, 7, 7]);
+    assert_eq!(posterior.kl().unwrap().dims(), &[3]);
+    assert_eq!(ae.decode(&posterior.mean).unwrap().dims(), &[3, 1, 28, 28]);
+}
+
+#[test]
+fn save_load_round_trip_gives_the_same_network() {
+    let cfg = tiny_latent_config("t").network.sit;
+    let (vb, created) = random_var_builder(3, &Device::Cpu);
+    let original = Sit::new(&cfg, vb).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.safetensors");
+    flowgen_engine::random_model::save_sit_weights(&cfg, &created.lock().unwrap(), &path).unwrap();
+    let loaded = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap();
+    let x = Tensor::randn(0f32, 1., (2, 4, 7, 7), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0.1f32, 0.9], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[1u32, 7], &Device::Cpu).unwrap();
+    let a = original.forward(&x, &t, &y).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = loaded.forward(&x, &t, &y).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn an_image_does_not_depend_on_its_batch() {
+    let (dir, _) = tiny_model_dir();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    for sampler in [Sampler::Heun, Sampler::Dopri5(Dopri5Options { rtol: 1e-4, atol: 1e-4, max_nfe: 2000 })] {
+        let batch = request(16, sampler.clone(), 4);
+        let all = pipeline.generate(&batch, &mut Unobserved).unwrap();
+        for i in [0usize, 7, 15] {
+            let single =
+                GenerationRequest { labels: vec![batch.labels[i]], seeds: vec![batch.seeds[i]], ..batch.clone() };
+            let one = pipeline.generate(&single, &mut Unobserved).unwrap();
+            let a = one.state.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = all.state.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            // CPU matmul kernels round differently for different batch sizes (~1e-6); an
+            // adaptive solver may then pick slightly different steps, within its tolerance.
+            let allowed = if sampler.is_adaptive() { 1e-3 } else { 1e-5 };
+            assert!(diff < allowed, "{}: image {i} differs by {diff} between batch sizes 1 and 16", sampler.name());
+            let pixel_diff =
+                one.images[0].pixels.iter().zip(&all.images[i].pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(pixel_diff <= 1, "{}: image {i} pixels differ by {pixel_diff}", sampler.name());
+            if !sampler.is_adaptive() {
+                assert_eq!(one.stats.per_sample_nfe[0], all.stats.per_sample_nfe[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn generation_is_deterministic_and_seed_dependent() {
+    let (dir, _) = tiny_model_dir();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let req = request(3, Sampler::Euler, 3);
+    let a = pipeline.generate(&req, &mut Unobserved).unwrap();
+    let b = pipeline.generate(&req, &mut Unobserved).unwrap();
+    assert_eq!(a.images, b.images);
+    assert_ne!(a.images[0].pixels, a.images[1].pixels);
+    assert_eq!((a.images[0].width, a.images[0].height, a.images[0].channels), (28, 28, 1));
+    // Guidance doubles the batch inside one forward; NFE counts forwards.
+    assert_eq!(a.stats.nfe, 3);
+}
+
+/// The SiT-convention network seen through LFM's convention: v_lfm(x, t) = -v_sit(x, 1 - t).
+struct AsLfm(SitVelocity);
+
+impl VelocityModel for AsLfm {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let t_sit = (1.0 - t)?;
+        Ok(self.0.forward(x, &t_sit, y)?.neg()?)
+    }
+    fn convention(&self) -> TimeConvention {
+        TimeConvention::Lfm
+    }
+}
+
+#[test]
+fn lfm_and_sit_conventions_give_the_same_sample() {
+    let cfg = tiny_latent_config("t");
+    let build = |convention| {
+        let (vb, _) = random_var_builder(9, &Device::Cpu);
+        SitVelocity { net: Sit::new(&cfg.network.sit, vb).unwrap(), convention }
+    };
+    let sit = Pipeline::from_parts(cfg.clone(), Box::new(build(TimeConvention::Sit)), None, &Device::Cpu);
+    let lfm = Pipeline::from_parts(cfg.clone(), Box::new(AsLfm(build(TimeConvention::Sit))), None, &Device::Cpu);
+    for sampler in [Sampler::Euler, Sampler::Rk4] {
+        let req = request(4, sampler, 5);
+        let (a, _) = sit.sample_state(&req, &mut Unobserved).unwrap();
+        let (b, _) = lfm.sample_state(&req, &mut Unobserved).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+    assert_eq!(TimeConvention::RectifiedFlow999.network_time(0.0), 0.999);
+    assert!((TimeConvention::RectifiedFlow999.network_time(1.0) - 999.0).abs() < 1e-9);
+}
+
+#[test]
+fn weights_that_do_not_fit_are_reported_together() {
+    let cfg = tiny_latent_config("t").network.sit;
+    let (vb, created) = random_var_builder(0, &Device::Cpu);
+    Sit::new(&cfg, vb).unwrap();
+    let mut tensors: HashMap<String, Tensor> = created.lock().unwrap().clone();
+    tensors.remove("blocks.1.attn.qkv.weight");
+    tensors.insert("final_layer.linear.weight".into(), Tensor::zeros((5, 32), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert("blocks.7.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    save_safetensors(&tensors, &path).unwrap();
+    let err = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::WeightsMismatch { .. }), "{msg}");
+    assert!(msg.contains("missing (1)") && msg.contains("blocks.1.attn.qkv.weight [96, 32]"), "{msg}");
+    assert!(
+        msg.contains("mis-shaped (1)")
+            && msg.contains("final_layer.linear.weight: model expects [4, 32], file has [5, 32]"),
+        "{msg}"
+    );
+    assert!(msg.contains("unexpected (1)") && msg.contains("blocks.7.extra.weight"), "{msg}");
+}
+
+#[test]
+fn bad_model_directories_fail_clearly() {
+    let (dir, _) = tiny_model_dir();
+    std::fs::remove_file(dir.path().join("velocity.safetensors")).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("velocity.safetensors") && msg.contains("not found"), "{msg}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let msg = Pipeline::load(empty.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("model.toml"), "{msg}");
+
+    let (dir, _) = tiny_model_dir();
+    std::fs::write(dir.path().join("velocity.safetensors"), b"not a safetensors file").unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("cannot read weights"), "{msg}");
+
+    let (dir, _) = tiny_model_dir();
+    let toml =
+        std::fs::read_to_string(dir.path().join("model.toml")).unwrap().replace("num_heads = 2", "num_heads = 3");
+    std::fs::write(dir.path().join("model.toml"), toml).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("hidden_size 32 is not a multiple of num_heads 3"), "{msg}");
+}
+
+#[test]
+fn invalid_requests_name_the_field() {
+    let (dir, _) = tiny_model_dir();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let check = |req: GenerationRequest, field: &str| {
+        let err = pipeline.generate(&req, &mut Unobserved).unwrap_err();
+        assert!(matches!(&err, Error::Invalid { field: f, .. } if *f == field), "{field}: {err}");
+    };
+    check(GenerationRequest { steps: 0, ..request(1, Sampler::Euler, 1) }, "steps");
+    check(GenerationRequest { labels: vec![10], ..request(1, Sampler::Euler, 1) }, "label");
+    check(GenerationRequest { labels: vec![], seeds: vec![], ..request(1, Sampler::Euler, 1) }, "n");
+    check(GenerationRequest { guidance: f64::NAN, ..request(1, Sampler::Euler, 1) }, "guidance");
+    check(GenerationRequest { seeds: vec![1, 2], ..request(1, Sampler::Euler, 1) }, "seeds");
+    let cfg = pipeline.config();
+    assert_eq!(cfg.parse_labels("0-2,seven").unwrap(), vec![0, 1, 2, 7]);
+    assert!(cfg.parse_label("11").unwrap_err().to_string().contains("out of range"));
+}
+
+/// A network that panics: the engine thread must survive it.
+struct Exploding;
+
+impl VelocityModel for Exploding {
+    fn forward(&self, x: &Tensor, _t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if y.to_vec1::<u32>()?[0] == 3 {
+            panic!("boom");
+        }
+        Ok(x.zeros_like()?)
+    }
+    fn convention(&self) -> TimeConvention {
+        TimeConvention::Sit
+    }
+}
+
+#[test]
+fn engine_thread_survives_a_panicking_job_and_reports_progress() {
+    let mut cfg = tiny_latent_config("t");
+    cfg.autoencoder = None;
+    cfg.network.sit.in_channels = 1;
+    let pipeline = Pipeline::from_parts(cfg, Box::new(Exploding), None, &Device::Cpu);
+    let engine = EngineHandle::spawn(pipeline, 4).unwrap();
+    let quiet = || Box::new(|_: &StepReport| ControlFlow::Continue(())) as flowgen_engine::handle::Progress;
+    let bad = GenerationRequest { labels: vec![3], seeds: vec![0], guidance: 1.0, ..request(1, Sampler::Euler, 2) };
+    assert!(matches!(engine.generate(bad, quiet()), Err(Error::EnginePanicked(m)) if m.contains("boom")));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let progress = Box::new(move |r: &StepReport| {
+        let _ = tx.send(r.step);
+        ControlFlow::Continue(())
+    });
+    let good = GenerationRequest { labels: vec![1], seeds: vec![0], guidance: 1.0, ..request(1, Sampler::Euler, 3) };
+    let out = engine.generate(good.clone(), progress).unwrap();
+    assert_eq!(out.images.len(), 1);
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+    // Cancelling from the progress callback stops the job between steps.
+    let cancelled = engine.generate(
+        good,
+        Box::new(|r: &StepReport| if r.step >= 1 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }),
+    );
+    assert!(matches!(cancelled, Err(Error::Cancelled)));
+}
