@@ -16,6 +16,9 @@ struct Cli {
 enum Command {
     /// Generate images from a model directory into PNG files, a grid and a manifest.
     Generate(commands::generate::GenerateArgs),
+    /// Train the autoencoder, the velocity models and the evaluation classifier on MNIST.
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
     /// Create or inspect model directories.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -39,5 +42,6 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Model(cmd) => commands::model::run(cmd),
+        Command::Train(cmd) => commands::train::run(cmd),
     }
 }

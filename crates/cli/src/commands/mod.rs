@@ -1,5 +1,6 @@
 pub mod generate;
 pub mod model;
+pub mod train;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,9 @@
 //! autoencoder load through one definition.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
 use serde::{Deserialize, Serialize};
 
 const NORM_EPS: f64 = 1e-6;
@@ -75,11 +77,11 @@ impl AutoencoderConfig {
 }
 
 fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+    conv2d(cin, cout, 3, 1, 1, vb)
 }
 
 fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Conv2dConfig::default(), vb)
+    conv2d(cin, cout, 1, 1, 0, vb)
 }
 
 #[derive(Debug, Clone)]
@@ -242,8 +244,7 @@ impl Encoder {
                 resnets.push(ResnetBlock2D::new(block_in, cout, g, vb_block.pp("resnets").pp(j))?);
             }
             let downsampler = if i + 1 < widths.len() {
-                let conv_cfg = Conv2dConfig { stride: 2, ..Default::default() };
-                Some(Downsample { conv: conv2d(cout, cout, 3, conv_cfg, vb_block.pp("downsamplers.0.conv"))? })
+                Some(Downsample { conv: conv2d(cout, cout, 3, 2, 0, vb_block.pp("downsamplers.0.conv"))? })
             } else {
                 None
             };

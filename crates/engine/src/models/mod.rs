@@ -1,6 +1,7 @@
 //! Networks with the official PyTorch module trees, so published checkpoints load unchanged.
 
 pub mod autoencoder;
+pub mod conv;
 pub mod sit;
 
 use candle_core::{Result, Tensor, D};

@@ -1,0 +1,12 @@
+//! flowgen-train: trains the models flowgen ships (on MNIST), and measures them.
+
+pub mod autoencoder;
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod init;
+pub mod log;
+pub mod optim;
+pub mod run;
+
+pub use error::{Result, TrainError};
