@@ -1,6 +1,7 @@
 //! `flowgen train autoencoder`: the KL autoencoder 28x28x1 <-> 4x7x7 that the latent flow
 //! models work in, its latent scale factor, and validation PSNR.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -103,7 +104,7 @@ pub fn train(
     out: &Path,
     device: &Device,
     resume: bool,
-    progress: &mut dyn FnMut(&StepLog),
+    progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
 ) -> Result<AutoencoderReport> {
     cfg.arch.validate().map_err(|m| TrainError::invalid("autoencoder", m))?;
     let arch = cfg.arch.clone();
@@ -126,7 +127,11 @@ pub fn train(
             let mse = mse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             run.log.append(done, &[value, mse, norm, run.lr(step)])?;
         }
-        progress(&StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate });
+        let log = StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
+        if let ControlFlow::Break(()) = progress(&log) {
+            run.checkpoint(done)?;
+            return Err(TrainError::Interrupted { step: done });
+        }
         if run.due(done) {
             run.checkpoint(done)?;
         }

@@ -24,6 +24,10 @@ pub enum TrainError {
     #[error("invalid {field}: {message}")]
     Invalid { field: &'static str, message: String },
 
+    /// Stopped on request after saving a checkpoint; `--resume` continues.
+    #[error("interrupted after step {step}; the checkpoint was saved, continue with --resume")]
+    Interrupted { step: usize },
+
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged { step: usize, loss: f64 },
 }

@@ -45,7 +45,9 @@ pub fn sit_adaln_zero(tensors: &mut HashMap<String, Tensor>) -> Result<()> {
         if zero {
             *t = t.zeros_like()?;
         } else if small && name.ends_with("weight") {
-            *t = (t.randn_like(0.0, 1.0)? * 0.02)?;
+            // The seeded draw has std 1/sqrt(fan_in); rescale it to DiT's N(0, 0.02^2).
+            let fan_in = t.elem_count() / t.dim(0)?;
+            *t = (&*t * (0.02 * (fan_in as f64).sqrt()))?;
         }
     }
     Ok(())

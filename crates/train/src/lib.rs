@@ -6,7 +6,9 @@ pub mod data;
 pub mod error;
 pub mod init;
 pub mod log;
+pub mod losses;
 pub mod optim;
 pub mod run;
+pub mod velocity;
 
 pub use error::{Result, TrainError};

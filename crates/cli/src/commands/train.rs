@@ -1,4 +1,7 @@
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -100,10 +103,26 @@ fn progress_bar(total: usize) -> ProgressBar {
     bar
 }
 
-fn report_step(bar: &ProgressBar) -> impl FnMut(&StepLog) + '_ {
+/// Progress bar updates, a plain log line every `every` steps when stderr is not a terminal
+/// (background runs), and Ctrl-C: stop after the current step with a checkpoint saved.
+fn report_step(bar: &ProgressBar, every: usize) -> impl FnMut(&StepLog) -> ControlFlow<()> + '_ {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)) {
+        tracing::warn!(error = %e, "Ctrl-C will not save a checkpoint");
+    }
     move |log: &StepLog| {
         bar.set_position(log.step as u64);
-        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} samples/s", log.loss, log.lr, log.samples_per_second));
+        let line = format!("loss {:.4} lr {:.2e} {:.1} samples/s", log.loss, log.lr, log.samples_per_second);
+        if bar.is_hidden() && log.step % every.max(1) == 0 {
+            eprintln!("step {}/{} {line}", log.step, log.total);
+        }
+        bar.set_message(line);
+        if stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 }
 
@@ -116,7 +135,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             cfg.arch.block_out_channels = channels;
             cfg.arch.norm_num_groups = groups;
             let bar = progress_bar(common.steps);
-            let report = autoencoder::train(&cfg, &train, &val, &common.out, &device, common.resume, &mut report_step(&bar))
+            let report = autoencoder::train(&cfg, &train, &val, &common.out, &device, common.resume, &mut report_step(&bar, common.log_every))
                 .context("training the autoencoder")?;
             bar.finish_and_clear();
             println!(

@@ -22,27 +22,108 @@ pub fn conv2d(cin: usize, cout: usize, kernel: usize, stride: usize, padding: us
     Ok(Conv2d { weight, bias: Some(bias), stride, padding })
 }
 
+/// Geometry of an unfold: kernel k, stride s, padding p over (B, C, H, W).
+#[derive(Debug, Clone, Copy)]
+struct Unfold {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+impl Unfold {
+    fn out_hw(&self) -> (usize, usize) {
+        ((self.h + 2 * self.p - self.k) / self.s + 1, (self.w + 2 * self.p - self.k) / self.s + 1)
+    }
+
+    /// Calls `f(input_index, column_index)` for every in-bounds tap of image `b`.
+    fn for_each_tap(&self, b: usize, mut f: impl FnMut(usize, usize)) {
+        let (ho, wo) = self.out_hw();
+        let kk = self.k * self.k;
+        for c in 0..self.c {
+            for i in 0..self.k {
+                for j in 0..self.k {
+                    let row = ((b * self.c + c) * kk + i * self.k + j) * ho * wo;
+                    for oh in 0..ho {
+                        let ih = (oh * self.s + i) as isize - self.p as isize;
+                        if ih < 0 || ih >= self.h as isize {
+                            continue;
+                        }
+                        let base = ((b * self.c + c) * self.h + ih as usize) * self.w;
+                        for ow in 0..wo {
+                            let iw = (ow * self.s + j) as isize - self.p as isize;
+                            if iw >= 0 && iw < self.w as isize {
+                                f(base + iw as usize, row + oh * wo + ow);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("unfold expects a contiguous input"),
+    }
+}
+
+/// (B, C, H, W) -> (B, C*k*k, H'*W') columns; its backward is `Fold`.
+struct Im2Col(Unfold);
+/// The adjoint of `Im2Col`: scatter-adds columns back onto the image.
+struct Col2Im(Unfold);
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let u = self.0;
+        let input = contiguous_f32(storage, layout)?;
+        let (ho, wo) = u.out_hw();
+        let mut out = vec![0f32; u.b * u.c * u.k * u.k * ho * wo];
+        for b in 0..u.b {
+            u.for_each_tap(b, |src, dst| out[dst] = input[src]);
+        }
+        Ok((candle_core::CpuStorage::F32(out), (u.b, u.c * u.k * u.k, ho * wo).into()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+    }
+}
+
+impl candle_core::CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let u = self.0;
+        let cols = contiguous_f32(storage, layout)?;
+        let mut out = vec![0f32; u.b * u.c * u.h * u.w];
+        for b in 0..u.b {
+            u.for_each_tap(b, |img, col| out[img] += cols[col]);
+        }
+        Ok((candle_core::CpuStorage::F32(out), (u.b, u.c, u.h, u.w).into()))
+    }
+}
+
 impl Conv2d {
+    /// im2col + matmul on CPU: one unfold copy forward, one fold backward.
     fn forward_im2col(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let (cout, _, k, _) = self.weight.dims4()?;
-        let (s, p) = (self.stride, self.padding);
-        let h_out = (h + 2 * p - k) / s + 1;
-        let w_out = (w + 2 * p - k) / s + 1;
-        // Extra trailing zeros so every strided window can be cut with a reshape.
-        let xp = xs.pad_with_zeros(2, p, p + s - 1)?.pad_with_zeros(3, p, p + s - 1)?;
-        let mut columns = Vec::with_capacity(k * k);
-        for i in 0..k {
-            for j in 0..k {
-                let mut view = xp.narrow(2, i, s * h_out)?.narrow(3, j, s * w_out)?;
-                if s > 1 {
-                    view = view.reshape((b, c, h_out, s, w_out, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?;
-                }
-                columns.push(view.reshape((b, c, h_out, w_out))?);
-            }
-        }
-        // (B, C, k*k, H', W') -> (B, C*k*k, H'*W'), ordered like weight.reshape(O, C*k*k).
-        let cols = Tensor::stack(&columns, 2)?.reshape((b, c * k * k, h_out * w_out))?;
+        let unfold = Unfold { b, c, h, w, k, s: self.stride, p: self.padding };
+        let (h_out, w_out) = unfold.out_hw();
+        let cols = xs.contiguous()?.apply_op1(Im2Col(unfold))?;
         let kernel = self.weight.reshape((cout, c * k * k))?.broadcast_left(b)?;
         let out = kernel.matmul(&cols)?.reshape((b, cout, h_out, w_out))?;
         match &self.bias {
@@ -55,7 +136,8 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (cout, _, k, _) = self.weight.dims4()?;
-        if self.weight.track_op() {
+        // The unfold kernels are CPU f32; elsewhere the native conv (and its backward) is used.
+        if self.weight.track_op() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
             if k == 1 && self.stride == 1 && self.padding == 0 {
                 let (b, c, h, w) = xs.dims4()?;
                 let kernel = self.weight.reshape((cout, c))?.broadcast_left(b)?;
@@ -93,11 +175,19 @@ mod tests {
             let a = native.forward(&x).unwrap();
             let b = trained.forward(&x).unwrap();
             assert_eq!(a.dims(), b.dims(), "k{k} s{s} p{p}");
-            let diff = (a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "k{k} s{s} p{p}: {diff}");
-            // The weight gradient exists and matches its finite-difference direction: d/dw sum(y) = sum of inputs.
-            let grads = b.sum_all().unwrap().backward().unwrap();
-            assert!(grads.get(var.as_tensor()).is_some());
+            // Gradients match the native conv's backward, for the weight and the input.
+            let xv = Var::from_tensor(&x).unwrap();
+            let probe = Tensor::randn(0f32, 1., a.dims(), &dev).unwrap();
+            let g_ours = trained.forward(xv.as_tensor()).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let wn = Var::from_tensor(&w).unwrap();
+            let xn = Var::from_tensor(&x).unwrap();
+            let g_ref = xn.as_tensor().conv2d(wn.as_tensor(), p, s, 1, 1).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (ours, reference) in [(g_ours.get(var.as_tensor()), g_ref.get(wn.as_tensor())), (g_ours.get(xv.as_tensor()), g_ref.get(xn.as_tensor()))] {
+                let d = (ours.unwrap() - reference.unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-3, "k{k} s{s} p{p}: gradient differs by {d}");
+            }
         }
     }
 }

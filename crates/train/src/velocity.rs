@@ -1,0 +1,209 @@
+//! `flowgen train velocity`: a class-conditional latent SiT trained with I-CFM, W-CFM or OT-CFM
+//! in the frame s = 0 noise, s = 1 data (x_s = (1 - s) x0 + s x1, target x1 - x0).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use flowgen_engine::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, NetworkSection};
+use flowgen_engine::models::autoencoder::AutoencoderKl;
+use flowgen_engine::models::sit::{Sit, SitConfig};
+use flowgen_engine::random_model::save_sit_weights;
+use flowgen_engine::TimeConvention;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Digits;
+use crate::error::{Result, TrainError};
+use crate::init::{sit_adaln_zero, trainable};
+use crate::losses::{gibbs_weights, ot_assignment, pair_costs, permute_rows, wcfm_eps, Objective};
+use crate::run::{batch_indices, seeded_normal, step_rng, Run, StepLog, TrainOptions};
+
+/// Training latents: posterior mean and std per digit, already multiplied by the latent scale.
+pub struct Latents {
+    pub mean: Tensor,
+    pub std: Tensor,
+    pub labels: Vec<u32>,
+}
+
+impl Latents {
+    /// Encode every digit once; per step only a cheap reparameterised sample is drawn.
+    pub fn encode(ae: &AutoencoderKl, section: &AutoencoderSection, data: &Digits, device: &Device) -> Result<Self> {
+        let (mut means, mut stds) = (Vec::new(), Vec::new());
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for chunk in idx.chunks(250) {
+            let (x, _) = data.batch(chunk, device)?;
+            let posterior = ae.encode(&x)?;
+            let scale = section.scaling_factor;
+            means.push(((posterior.mean - section.shift_factor)? * scale)?);
+            stds.push(((posterior.logvar * 0.5)?.exp()? * scale)?);
+        }
+        Ok(Self {
+            mean: Tensor::cat(&means, 0)?,
+            std: Tensor::cat(&stds, 0)?,
+            labels: data.labels.iter().map(|&l| l as u32).collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn dim(&self) -> usize {
+        self.mean.elem_count() / self.len().max(1)
+    }
+
+    fn sample(&self, idx: &[usize], eps: &Tensor) -> Result<(Tensor, Vec<u32>)> {
+        let rows = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), self.mean.device())?;
+        let x1 = (self.mean.index_select(&rows, 0)? + (self.std.index_select(&rows, 0)? * eps)?)?;
+        Ok((x1, idx.iter().map(|&i| self.labels[i]).collect()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VelocityTraining {
+    pub sit: SitConfig,
+    pub objective: Objective,
+    pub opts: TrainOptions,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VelocityReport {
+    pub objective: Objective,
+    pub final_loss: f64,
+    pub train_seconds: f64,
+    pub samples_per_second: f64,
+    pub parameters: usize,
+    pub steps: usize,
+}
+
+/// One training loss on a batch: returns (weighted loss, unweighted mean loss).
+pub fn flow_matching_loss(
+    sit: &Sit,
+    x0: &Tensor,
+    x1: &Tensor,
+    s: &Tensor,
+    labels: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let b = x0.dim(0)?;
+    let s_col = s.reshape((b, 1, 1, 1))?;
+    let xs = (x0.broadcast_mul(&(1.0 - &s_col)?)? + x1.broadcast_mul(&s_col)?)?;
+    let target = (x1 - x0)?;
+    let pred = sit.forward(&xs, s, labels)?;
+    let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+    let plain = per_sample.mean_all()?;
+    let weighted = match weights {
+        Some(w) => (per_sample * w)?.mean_all()?,
+        None => plain.clone(),
+    };
+    Ok((weighted, plain))
+}
+
+pub fn train(
+    cfg: &VelocityTraining,
+    latents: &Latents,
+    out: &Path,
+    device: &Device,
+    resume: bool,
+    progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
+) -> Result<(VelocityReport, std::collections::HashMap<String, Tensor>)> {
+    cfg.sit.validate().map_err(|m| TrainError::invalid("network", m))?;
+    let null = cfg.sit.null_label().ok_or_else(|| {
+        TrainError::invalid("label-dropout", "must be above 0 so the model learns the null label for guidance")
+    })?;
+    let sit_cfg = cfg.sit.clone();
+    let (sit, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(&sit_cfg, vb), sit_adaln_zero)?;
+    let run_id = format!("velocity {}", serde_json::to_string(cfg).unwrap_or_default());
+    let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "plain_loss", "grad_norm", "lr"])?;
+    let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let shape = [cfg.opts.batch_size, cfg.sit.in_channels, cfg.sit.input_size, cfg.sit.input_size];
+    let (mut last, mut rate) = (f64::NAN, 0.0);
+    for step in run.start_step..cfg.opts.steps {
+        let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, latents.len());
+        let eps = seeded_normal(cfg.opts.seed, step, 2, &shape, device)?;
+        let (x1, mut labels) = latents.sample(&idx, &eps)?;
+        let mut x0 = seeded_normal(cfg.opts.seed, step, 3, &shape, device)?;
+        let mut rng = step_rng(cfg.opts.seed, step, 4);
+        let s: Vec<f32> = (0..idx.len()).map(|_| rng.random::<f32>()).collect();
+        for label in labels.iter_mut() {
+            if rng.random::<f64>() < cfg.sit.class_dropout_prob {
+                *label = null;
+            }
+        }
+        let weights = match &cfg.objective {
+            Objective::Icfm => None,
+            Objective::Otcfm => {
+                x0 = permute_rows(&x0, &ot_assignment(&x0, &x1)?)?;
+                None
+            }
+            Objective::Wcfm { kappa, cost } => {
+                let w = gibbs_weights(&pair_costs(&x0, &x1, *cost)?, wcfm_eps(*kappa, latents.dim()));
+                Some(Tensor::from_vec(w.iter().map(|&v| v as f32).collect::<Vec<_>>(), idx.len(), device)?)
+            }
+        };
+        let s = Tensor::from_vec(s, idx.len(), device)?;
+        let labels = Tensor::from_vec(labels, idx.len(), device)?;
+        let (loss, plain) = flow_matching_loss(&sit, &x0, &x1, &s, &labels, weights.as_ref())?;
+        let (value, norm) = run.optimise(step, &loss)?;
+        last = value;
+        let done = step + 1;
+        if done % cfg.opts.log_every == 0 || done == cfg.opts.steps {
+            rate = run.samples_per_second();
+            let plain = plain.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            run.log.append(done, &[value, plain, norm, run.lr(step)])?;
+        }
+        let log = StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
+        if let ControlFlow::Break(()) = progress(&log) {
+            run.checkpoint(done)?;
+            return Err(TrainError::Interrupted { step: done });
+        }
+        if run.due(done) {
+            run.checkpoint(done)?;
+        }
+    }
+    let report = VelocityReport {
+        objective: cfg.objective.clone(),
+        final_loss: last,
+        train_seconds: run.train_seconds(),
+        samples_per_second: rate,
+        parameters,
+        steps: cfg.opts.steps,
+    };
+    Ok((report, run.ema.shadow.clone()))
+}
+
+/// Write a servable model directory: model.toml, EMA velocity weights, and the autoencoder.
+pub fn write_model_dir(
+    dir: &Path,
+    name: &str,
+    sit: &SitConfig,
+    ema: &std::collections::HashMap<String, Tensor>,
+    autoencoder: &AutoencoderSection,
+    autoencoder_weights: &Path,
+    defaults: Defaults,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    save_sit_weights(sit, ema, &dir.join("velocity.safetensors"))?;
+    let ae_target = dir.join("autoencoder.safetensors");
+    std::fs::copy(autoencoder_weights, &ae_target).map_err(|e| TrainError::io(autoencoder_weights, e))?;
+    let config = ModelConfig {
+        name: name.to_string(),
+        description: "class-conditional latent flow model trained on MNIST by flowgen".into(),
+        label_names: ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        network: NetworkSection { weights: "velocity.safetensors".into(), convention: TimeConvention::Sit, sit: sit.clone() },
+        autoencoder: Some(AutoencoderSection { weights: "autoencoder.safetensors".into(), ..autoencoder.clone() }),
+        guidance: GuidanceSection::default(),
+        defaults,
+    };
+    let path = dir.join("model.toml");
+    std::fs::write(&path, config.to_toml_string()).map_err(|e| TrainError::io(&path, e))?;
+    Ok(())
+}
