@@ -238,3 +238,142 @@ fn bad_input_fails_with_a_clear_error() {
 
     assert_clean_failure(&flowgen(&["generate", "--model", tmp.path().join("nope").to_str().unwrap()]), "model.toml");
 }
+
+/// Write a tiny MNIST-format data directory (IDX, gzip) of synthetic bar "digits".
+fn synthetic_mnist(dir: &Path, n: usize) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, magic: u32, dims: &[u32], body: &[u8]| {
+        let mut bytes = magic.to_be_bytes().to_vec();
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend(body);
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&bytes).unwrap();
+        std::fs::write(dir.join(name), enc.finish().unwrap()).unwrap();
+    };
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let mut images = vec![0u8; n * 784];
+    for (i, &l) in labels.iter().enumerate() {
+        for col in 4..24 {
+            images[i * 784 + (2 + 2 * l as usize) * 28 + col] = 255;
+        }
+    }
+    for split in ["train", "val"] {
+        write(&format!("{split}-images-idx3-ubyte.gz"), 2051, &[n as u32, 28, 28], &images);
+        write(&format!("{split}-labels-idx1-ubyte.gz"), 2049, &[n as u32], &labels);
+    }
+}
+
+#[test]
+fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist");
+    synthetic_mnist(&data, 40);
+    let data = data.to_str().unwrap();
+    let ae = tmp.path().join("ae");
+    let run = |args: &[&str]| {
+        let out = flowgen(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let stdout = run(&[
+        "train",
+        "autoencoder",
+        "--data",
+        data,
+        "--out",
+        ae.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--channels",
+        "8,8,8",
+        "--groups",
+        "4",
+    ]);
+    assert!(stdout.contains("val PSNR"), "{stdout}");
+    let vel = tmp.path().join("vel");
+    let stdout = run(&[
+        "train",
+        "velocity",
+        "--data",
+        data,
+        "--autoencoder",
+        ae.to_str().unwrap(),
+        "--out",
+        vel.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--objective",
+        "wcfm",
+    ]);
+    assert!(stdout.contains("velocity (wcfm)"), "{stdout}");
+    assert!(vel.join("kappa_curve.csv").exists());
+    let clf = tmp.path().join("clf");
+    run(&["train", "classifier", "--data", data, "--out", clf.to_str().unwrap(), "--steps", "3", "--batch-size", "8"]);
+    let model = vel.join("model");
+    let gen = tmp.path().join("gen");
+    run(&["generate", "--model", model.to_str().unwrap(), "--n", "3", "--out", gen.to_str().unwrap()]);
+    assert!(gen.join("002.png").exists());
+    let stdout = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--data",
+        data,
+        "--n",
+        "20",
+        "--sampler",
+        "euler",
+        "--steps",
+        "2",
+        "--straightness",
+    ]);
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in [
+        "fd",
+        "fd_floor",
+        "fd_ratio",
+        "accuracy",
+        "rmse_vs_reference",
+        "nfe_per_image",
+        "seconds_per_image",
+        "straightness",
+    ] {
+        assert!(result[key].as_f64().is_some_and(f64::is_finite), "{key}: {stdout}");
+    }
+    assert_eq!(result["nfe_per_image"], 2.0);
+}
+
+#[test]
+fn training_with_missing_or_corrupt_data_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let missing = flowgen(&[
+        "train",
+        "autoencoder",
+        "--data",
+        tmp.path().join("nope").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&missing, "train-images-idx3-ubyte");
+    let data = tmp.path().join("mnist");
+    synthetic_mnist(&data, 10);
+    std::fs::write(data.join("train-images-idx3-ubyte.gz"), [0x1f, 0x8b, 0, 1, 2, 3]).unwrap();
+    let corrupt = flowgen(&["train", "classifier", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&corrupt, "corrupt gzip");
+}

@@ -24,6 +24,8 @@ enum Command {
     /// Train the autoencoder, the velocity models and the evaluation classifier on MNIST.
     #[command(subcommand)]
     Train(commands::train::TrainCommand),
+    /// Measure a model: FD vs the val split, class accuracy, solver error, NFE, speed.
+    Eval(commands::eval::EvalArgs),
     /// Create or inspect model directories.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
@@ -48,5 +50,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::Model(cmd) => commands::model::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),
+        Command::Eval(args) => commands::eval::run(args),
     }
 }

@@ -116,7 +116,12 @@ pub fn train(
     for step in run.start_step..cfg.opts.steps {
         let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, train_data.len());
         let (x, _) = train_data.batch(&idx, device)?;
-        let latent_shape = [idx.len(), arch.latent_channels, x.dim(2)? / arch.downsample_factor(), x.dim(3)? / arch.downsample_factor()];
+        let latent_shape = [
+            idx.len(),
+            arch.latent_channels,
+            x.dim(2)? / arch.downsample_factor(),
+            x.dim(3)? / arch.downsample_factor(),
+        ];
         let eps = seeded_normal(cfg.opts.seed, step, 2, &latent_shape, device)?;
         let (total, mse) = loss(&ae, &x, &eps, cfg.kl_weight)?;
         let (value, norm) = run.optimise(step, &total)?;
@@ -127,7 +132,8 @@ pub fn train(
             let mse = mse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             run.log.append(done, &[value, mse, norm, run.lr(step)])?;
         }
-        let log = StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
+        let log =
+            StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
         if let ControlFlow::Break(()) = progress(&log) {
             run.checkpoint(done)?;
             return Err(TrainError::Interrupted { step: done });
@@ -150,7 +156,8 @@ pub fn train(
         arch: cfg.arch.clone(),
     };
     let toml_path = out.join("autoencoder.toml");
-    std::fs::write(&toml_path, toml::to_string_pretty(&section).unwrap_or_default()).map_err(|e| TrainError::io(&toml_path, e))?;
+    std::fs::write(&toml_path, toml::to_string_pretty(&section).unwrap_or_default())
+        .map_err(|e| TrainError::io(&toml_path, e))?;
 
     // Originals above their reconstructions, for a look.
     let idx: Vec<usize> = (0..16).map(|i| i % val_data.len()).collect();

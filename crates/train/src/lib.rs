@@ -2,11 +2,14 @@
 
 pub mod autoencoder;
 pub mod checkpoint;
+pub mod classifier;
 pub mod data;
 pub mod error;
+pub mod evaluate;
 pub mod init;
 pub mod log;
 pub mod losses;
+pub mod metrics;
 pub mod optim;
 pub mod run;
 pub mod velocity;

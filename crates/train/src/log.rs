@@ -33,7 +33,8 @@ impl LossLog {
     }
 
     pub fn append(&self, step: usize, values: &[f64]) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).open(&self.path).map_err(|e| TrainError::io(&self.path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(&self.path).map_err(|e| TrainError::io(&self.path, e))?;
         let row: Vec<String> = values.iter().map(|v| format!("{v:.6}")).collect();
         writeln!(f, "{step},{}", row.join(",")).map_err(|e| TrainError::io(&self.path, e))
     }

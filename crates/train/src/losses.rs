@@ -23,7 +23,10 @@ pub enum PairCost {
 pub enum Objective {
     Icfm,
     /// Pair weights exp(-c(x0, x1) / eps) with eps = kappa * sqrt(d).
-    Wcfm { kappa: f64, cost: PairCost },
+    Wcfm {
+        kappa: f64,
+        cost: PairCost,
+    },
     Otcfm,
 }
 
@@ -124,7 +127,8 @@ pub fn tilt_relative_variance(x0: &Tensor, x1: &Tensor, eps: f64, cost: PairCost
         .collect();
     // A common shift keeps exp() in range and cancels in the ratio.
     let shift = logs.iter().flatten().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let tau: Vec<f64> = logs.iter().map(|row| row.iter().map(|l| (l - shift).exp()).sum::<f64>() / row.len() as f64).collect();
+    let tau: Vec<f64> =
+        logs.iter().map(|row| row.iter().map(|l| (l - shift).exp()).sum::<f64>() / row.len() as f64).collect();
     let mean = tau.iter().sum::<f64>() / tau.len() as f64;
     let var = tau.iter().map(|t| (t - mean) * (t - mean)).sum::<f64>() / tau.len() as f64;
     Ok(var / (mean * mean))

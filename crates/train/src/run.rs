@@ -100,7 +100,14 @@ pub struct Run {
 
 impl Run {
     /// Set up a run; with `resume` and a checkpoint present, continue exactly where it stopped.
-    pub fn start(dir: &Path, opts: TrainOptions, varmap: &VarMap, run_id: String, resume: bool, log_columns: &[&str]) -> Result<Self> {
+    pub fn start(
+        dir: &Path,
+        opts: TrainOptions,
+        varmap: &VarMap,
+        run_id: String,
+        resume: bool,
+        log_columns: &[&str],
+    ) -> Result<Self> {
         opts.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         let vars = named_vars(varmap)?;
@@ -113,7 +120,10 @@ impl Run {
             if ck.meta.run != run_id {
                 return Err(TrainError::Checkpoint {
                     path: dir.to_path_buf(),
-                    message: format!("was written by a different run ({}); use a new --out or drop --resume", ck.meta.run),
+                    message: format!(
+                        "was written by a different run ({}); use a new --out or drop --resume",
+                        ck.meta.run
+                    ),
                 });
             }
             for (name, var) in &vars {
@@ -192,7 +202,8 @@ impl Run {
     }
 
     pub fn due(&self, steps_done: usize) -> bool {
-        steps_done == self.opts.steps || (self.opts.checkpoint_every > 0 && steps_done % self.opts.checkpoint_every == 0)
+        steps_done == self.opts.steps
+            || (self.opts.checkpoint_every > 0 && steps_done.is_multiple_of(self.opts.checkpoint_every))
     }
 
     /// Load the EMA weights into the live variables (for evaluation at the end of training).

@@ -119,7 +119,8 @@ pub fn train(
     let sit_cfg = cfg.sit.clone();
     let (sit, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(&sit_cfg, vb), sit_adaln_zero)?;
     let run_id = format!("velocity {}", serde_json::to_string(cfg).unwrap_or_default());
-    let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "plain_loss", "grad_norm", "lr"])?;
+    let mut run =
+        Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "plain_loss", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
     let shape = [cfg.opts.batch_size, cfg.sit.in_channels, cfg.sit.input_size, cfg.sit.input_size];
     let (mut last, mut rate) = (f64::NAN, 0.0);
@@ -157,7 +158,8 @@ pub fn train(
             let plain = plain.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             run.log.append(done, &[value, plain, norm, run.lr(step)])?;
         }
-        let log = StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
+        let log =
+            StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
         if let ControlFlow::Break(()) = progress(&log) {
             run.checkpoint(done)?;
             return Err(TrainError::Interrupted { step: done });
@@ -198,7 +200,11 @@ pub fn write_model_dir(
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        network: NetworkSection { weights: "velocity.safetensors".into(), convention: TimeConvention::Sit, sit: sit.clone() },
+        network: NetworkSection {
+            weights: "velocity.safetensors".into(),
+            convention: TimeConvention::Sit,
+            sit: sit.clone(),
+        },
         autoencoder: Some(AutoencoderSection { weights: "autoencoder.safetensors".into(), ..autoencoder.clone() }),
         guidance: GuidanceSection::default(),
         defaults,

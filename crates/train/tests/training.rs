@@ -89,13 +89,15 @@ fn autoencoder_loss_falls_and_resume_is_exact() {
     // Stop after step 7, resume, and compare with the uninterrupted run.
     let split = tempfile::tempdir().unwrap();
     let mut stop_at_7 = |log: &StepLog| if log.step == 7 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-    let err = autoencoder::train(&tiny_autoencoder(20), &data, &data, split.path(), &dev, false, &mut stop_at_7).unwrap_err();
+    let err =
+        autoencoder::train(&tiny_autoencoder(20), &data, &data, split.path(), &dev, false, &mut stop_at_7).unwrap_err();
     assert!(matches!(err, TrainError::Interrupted { step: 7 }), "{err}");
     autoencoder::train(&tiny_autoencoder(20), &data, &data, split.path(), &dev, true, &mut go).unwrap();
     let a = candle_core::safetensors::load(full.path().join("autoencoder.safetensors"), &dev).unwrap();
     let b = candle_core::safetensors::load(split.path().join("autoencoder.safetensors"), &dev).unwrap();
     for (name, t) in &a {
-        let diff = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0, "{name} differs after resume");
     }
     let (_, rows) = read_csv(&split.path().join("loss.csv")).unwrap();
@@ -158,7 +160,8 @@ fn velocity_objectives_lower_the_loss_and_resume_exactly() {
     assert!(velocity::train(&cfg, &latents, split.path(), &dev, false, &mut stop).is_err());
     let (_, b) = velocity::train(&cfg, &latents, split.path(), &dev, true, &mut go).unwrap();
     for (name, t) in &a {
-        let same = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let same =
+            (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(same, 0.0, "{name}");
     }
 }

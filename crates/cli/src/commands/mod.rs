@@ -1,3 +1,4 @@
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod train;

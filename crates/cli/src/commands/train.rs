@@ -3,12 +3,21 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use flowgen_engine::candle_core::DType;
+use flowgen_engine::config::{AutoencoderSection, Defaults};
 use flowgen_engine::device::parse_device;
+use flowgen_engine::models::autoencoder::AutoencoderKl;
+use flowgen_engine::models::sit::SitConfig;
+use flowgen_engine::weights::Checkpoint;
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
+use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
+use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
+use flowgen_train::run::seeded_normal;
 use flowgen_train::run::{StepLog, TrainOptions};
+use flowgen_train::velocity::{self, Latents, VelocityTraining};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
@@ -28,6 +37,49 @@ pub enum TrainCommand {
         #[arg(long, default_value_t = 16)]
         groups: usize,
     },
+    /// The small CNN whose features `flowgen eval` measures FD in; writes classifier.safetensors.
+    Classifier {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Class-conditional latent transformer (SiT) with I-CFM, W-CFM or OT-CFM; writes a servable
+    /// model directory to OUT/model.
+    Velocity {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        velocity: VelocityArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct VelocityArgs {
+    /// Run directory of `flowgen train autoencoder` (autoencoder.toml + autoencoder.safetensors).
+    #[arg(long)]
+    autoencoder: PathBuf,
+    /// icfm (independent pairs), wcfm (Gibbs-weighted pairs) or otcfm (minibatch optimal assignment).
+    #[arg(long, default_value = "icfm")]
+    objective: String,
+    /// W-CFM: eps = kappa * sqrt(d); "auto" picks kappa by the elbow of the tilt variance.
+    #[arg(long, default_value = "auto")]
+    kappa: String,
+    /// W-CFM pair cost: euclidean or squared.
+    #[arg(long, default_value = "euclidean")]
+    cost: String,
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 1)]
+    patch: usize,
+    /// Probability of replacing a label by the null label (needed for guidance).
+    #[arg(long, default_value_t = 0.1)]
+    label_dropout: f64,
+    /// Name written into the model directory's model.toml.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -114,7 +166,7 @@ fn report_step(bar: &ProgressBar, every: usize) -> impl FnMut(&StepLog) -> Contr
     move |log: &StepLog| {
         bar.set_position(log.step as u64);
         let line = format!("loss {:.4} lr {:.2e} {:.1} samples/s", log.loss, log.lr, log.samples_per_second);
-        if bar.is_hidden() && log.step % every.max(1) == 0 {
+        if bar.is_hidden() && log.step.is_multiple_of(every.max(1)) {
             eprintln!("step {}/{} {line}", log.step, log.total);
         }
         bar.set_message(line);
@@ -135,8 +187,16 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             cfg.arch.block_out_channels = channels;
             cfg.arch.norm_num_groups = groups;
             let bar = progress_bar(common.steps);
-            let report = autoencoder::train(&cfg, &train, &val, &common.out, &device, common.resume, &mut report_step(&bar, common.log_every))
-                .context("training the autoencoder")?;
+            let report = autoencoder::train(
+                &cfg,
+                &train,
+                &val,
+                &common.out,
+                &device,
+                common.resume,
+                &mut report_step(&bar, common.log_every),
+            )
+            .context("training the autoencoder")?;
             bar.finish_and_clear();
             println!(
                 "autoencoder: val PSNR {:.2} dB, latent std {:.4} (scaling factor {:.4}), {} parameters, {:.0} s, {:.0} samples/s -> {}",
@@ -150,5 +210,136 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             );
             Ok(())
         }
+        TrainCommand::Velocity { common, velocity } => train_velocity(common, velocity),
+        TrainCommand::Classifier { common } => {
+            let device = parse_device(&common.device)?;
+            let (train, val) = common.data()?;
+            let bar = progress_bar(common.steps);
+            let cfg = ClassifierTraining { arch: ClassifierConfig::default(), opts: common.options() };
+            let report = classifier::train(
+                &cfg,
+                &train,
+                &val,
+                &common.out,
+                &device,
+                common.resume,
+                &mut report_step(&bar, common.log_every),
+            )
+            .context("training the classifier")?;
+            bar.finish_and_clear();
+            println!(
+                "classifier: val accuracy {:.2}%, final loss {:.4}, {:.0} s, {:.0} samples/s -> {}",
+                100.0 * report.val_accuracy,
+                report.final_loss,
+                report.train_seconds,
+                report.samples_per_second,
+                common.out.display()
+            );
+            Ok(())
+        }
     }
+}
+
+/// (kappa, tilt relative variance) points of the W-CFM elbow rule.
+type KappaCurve = Vec<(f64, f64)>;
+
+fn parse_objective(args: &VelocityArgs, latents: &Latents) -> Result<(Objective, Option<KappaCurve>)> {
+    let cost = match args.cost.as_str() {
+        "euclidean" => PairCost::Euclidean,
+        "squared" => PairCost::SquaredEuclidean,
+        other => bail!("--cost {other:?}: use euclidean or squared"),
+    };
+    match args.objective.as_str() {
+        "icfm" => Ok((Objective::Icfm, None)),
+        "otcfm" => Ok((Objective::Otcfm, None)),
+        "wcfm" => {
+            if args.kappa != "auto" {
+                let kappa: f64 =
+                    args.kappa.parse().with_context(|| format!("--kappa {:?} is not a number", args.kappa))?;
+                if !(kappa.is_finite() && kappa > 0.0) {
+                    bail!("--kappa must be positive");
+                }
+                return Ok((Objective::Wcfm { kappa, cost }, None));
+            }
+            let (kappa, curve) = choose_kappa(latents, cost)?;
+            Ok((Objective::Wcfm { kappa, cost }, Some(curve)))
+        }
+        other => bail!("--objective {other:?}: use icfm, wcfm or otcfm"),
+    }
+}
+
+/// W-CFM's elbow rule: the tilt relative variance over a log grid of kappa, elbow chosen.
+fn choose_kappa(latents: &Latents, cost: PairCost) -> Result<(f64, KappaCurve)> {
+    let device = latents.mean.device().clone();
+    let n = latents.len().min(512);
+    let x1 = latents.mean.narrow(0, 0, n)?;
+    let x0 = seeded_normal(12345, 0, 0, x1.dims(), &device)?;
+    let kappas: Vec<f64> = (0..13).map(|i| 10f64.powf(-2.0 + 0.25 * i as f64)).collect();
+    let mut curve = Vec::new();
+    for &k in &kappas {
+        let rv = tilt_relative_variance(&x0, &x1, wcfm_eps(k, latents.dim()), cost)?;
+        curve.push((k, rv));
+    }
+    // The variance spans decades, so the elbow is read on its logarithm.
+    let ys: Vec<f64> = curve.iter().map(|c| c.1.max(1e-300).ln()).collect();
+    let pick = elbow(&kappas, &ys);
+    Ok((kappas[pick], curve))
+}
+
+fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
+    let device = parse_device(&common.device)?;
+    let (train, _val) = common.data()?;
+    let section_path = args.autoencoder.join("autoencoder.toml");
+    let text = std::fs::read_to_string(&section_path).with_context(|| format!("reading {}", section_path.display()))?;
+    let section: AutoencoderSection =
+        toml::from_str(&text).with_context(|| format!("parsing {}", section_path.display()))?;
+    let ae_weights = args.autoencoder.join(&section.weights);
+    let arch = section.arch.clone();
+    let ae = Checkpoint::open(&ae_weights)?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
+    eprintln!("encoding {} training digits", train.len());
+    let latents = Latents::encode(&ae, &section, &train, &device)?;
+    let (objective, curve) = parse_objective(&args, &latents)?;
+    std::fs::create_dir_all(&common.out)?;
+    if let (Some(curve), Objective::Wcfm { kappa, .. }) = (&curve, &objective) {
+        let mut csv = String::from("kappa,tilt_relative_variance\n");
+        for (k, v) in curve {
+            csv.push_str(&format!("{k},{v}\n"));
+        }
+        std::fs::write(common.out.join("kappa_curve.csv"), csv)?;
+        eprintln!("W-CFM kappa = {kappa} (elbow of the tilt variance; curve in kappa_curve.csv)");
+    }
+    let (c, h) = (arch.latent_channels, train.rows / arch.downsample_factor());
+    let sit = SitConfig {
+        input_size: h,
+        in_channels: c,
+        patch_size: args.patch,
+        hidden_size: args.hidden,
+        depth: args.depth,
+        num_heads: args.heads,
+        mlp_ratio: 4.0,
+        num_classes: 10,
+        class_dropout_prob: args.label_dropout,
+        learn_sigma: false,
+    };
+    let cfg = VelocityTraining { sit: sit.clone(), objective: objective.clone(), opts: common.options() };
+    let bar = progress_bar(common.steps);
+    let (report, ema) =
+        velocity::train(&cfg, &latents, &common.out, &device, common.resume, &mut report_step(&bar, common.log_every))
+            .context("training the velocity model")?;
+    bar.finish_and_clear();
+    let name = args.name.clone().unwrap_or_else(|| format!("mnist-latent-{}", objective.name()));
+    let model_dir = common.out.join("model");
+    let defaults = Defaults { sampler: "heun".into(), steps: 8, guidance: 2.0, schedule: "uniform".into() };
+    velocity::write_model_dir(&model_dir, &name, &sit, &ema, &section, &ae_weights, defaults)?;
+    std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "velocity ({}): final loss {:.4}, {} parameters, {:.0} s, {:.1} samples/s -> {}",
+        objective.name(),
+        report.final_loss,
+        report.parameters,
+        report.train_seconds,
+        report.samples_per_second,
+        model_dir.display()
+    );
+    Ok(())
 }

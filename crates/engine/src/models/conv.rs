@@ -84,7 +84,11 @@ impl candle_core::CustomOp1 for Im2Col {
         "im2col"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let u = self.0;
         let input = contiguous_f32(storage, layout)?;
         let (ho, wo) = u.out_hw();
@@ -105,7 +109,11 @@ impl candle_core::CustomOp1 for Col2Im {
         "col2im"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let u = self.0;
         let cols = contiguous_f32(storage, layout)?;
         let mut out = vec![0f32; u.b * u.c * u.h * u.w];
@@ -175,17 +183,40 @@ mod tests {
             let a = native.forward(&x).unwrap();
             let b = trained.forward(&x).unwrap();
             assert_eq!(a.dims(), b.dims(), "k{k} s{s} p{p}");
-            let diff = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff =
+                (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "k{k} s{s} p{p}: {diff}");
             // Gradients match the native conv's backward, for the weight and the input.
             let xv = Var::from_tensor(&x).unwrap();
             let probe = Tensor::randn(0f32, 1., a.dims(), &dev).unwrap();
-            let g_ours = trained.forward(xv.as_tensor()).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ours =
+                trained.forward(xv.as_tensor()).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
             let wn = Var::from_tensor(&w).unwrap();
             let xn = Var::from_tensor(&x).unwrap();
-            let g_ref = xn.as_tensor().conv2d(wn.as_tensor(), p, s, 1, 1).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (ours, reference) in [(g_ours.get(var.as_tensor()), g_ref.get(wn.as_tensor())), (g_ours.get(xv.as_tensor()), g_ref.get(xn.as_tensor()))] {
-                let d = (ours.unwrap() - reference.unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let g_ref = xn
+                .as_tensor()
+                .conv2d(wn.as_tensor(), p, s, 1, 1)
+                .unwrap()
+                .mul(&probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (ours, reference) in [
+                (g_ours.get(var.as_tensor()), g_ref.get(wn.as_tensor())),
+                (g_ours.get(xv.as_tensor()), g_ref.get(xn.as_tensor())),
+            ] {
+                let d = (ours.unwrap() - reference.unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(d < 1e-3, "k{k} s{s} p{p}: gradient differs by {d}");
             }
         }

@@ -1,0 +1,88 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flowgen_engine::device::parse_device;
+use flowgen_engine::samplers::Dopri5Options;
+use flowgen_engine::{Pipeline, Sampler};
+use flowgen_train::classifier::Classifier;
+use flowgen_train::data::{Digits, Split};
+use flowgen_train::evaluate::{sweep_samplers, to_csv, to_markdown, EvalContext};
+use indicatif::ProgressBar;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directory to evaluate.
+    #[arg(long)]
+    model: PathBuf,
+    /// Classifier directory (classifier.json + classifier.safetensors).
+    #[arg(long, default_value = "models/mnist-classifier")]
+    classifier: PathBuf,
+    /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
+    #[arg(long, default_value = "data/mnist")]
+    data: PathBuf,
+    #[arg(long, default_value = "dopri5")]
+    sampler: String,
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    #[arg(long)]
+    guidance: Option<f64>,
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also measure the straightness of the learned flow.
+    #[arg(long)]
+    straightness: bool,
+    /// Run the sampler x steps table (Euler, Heun, RK4 at 1..32 steps, and Dormand-Prince).
+    #[arg(long)]
+    sweep: bool,
+    /// Where --sweep writes sweep.csv and sweep.md.
+    #[arg(long, default_value = "eval")]
+    out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
+    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
+    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
+    let guidance = args.guidance.unwrap_or(pipeline.config().defaults.guidance);
+    let mut ctx = EvalContext::new(&classifier, &train, &val, args.n, args.seed, guidance, &device)?;
+    if !args.sweep {
+        let mut sampler = Sampler::parse(&args.sampler)?;
+        if sampler.is_adaptive() {
+            sampler = Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 });
+        }
+        let result = ctx.evaluate(&pipeline, &classifier, &sampler, args.steps, args.straightness)?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    let table = sweep_samplers();
+    let bar = ProgressBar::new(table.len() as u64 + 1);
+    bar.set_message("reference solve");
+    ctx.reference(&pipeline)?;
+    bar.inc(1);
+    let mut rows = Vec::with_capacity(table.len());
+    for (i, (sampler, steps)) in table.iter().enumerate() {
+        bar.set_message(format!("{} {}", sampler.name(), steps));
+        rows.push(ctx.evaluate(&pipeline, &classifier, sampler, *steps, args.straightness && i == 0)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("sweep.csv"), to_csv(&rows))?;
+    let md = to_markdown(&rows);
+    std::fs::write(args.out.join("sweep.md"), &md)?;
+    println!(
+        "{md}\nFD floor (real train vs val, n = {}): {:.3}; written to {}",
+        args.n,
+        ctx.fd_floor,
+        args.out.display()
+    );
+    Ok(())
+}

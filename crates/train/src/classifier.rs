@@ -1,0 +1,162 @@
+//! The small MNIST classifier whose penultimate features the evaluation's Frechet distance uses.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+use flowgen_engine::models::conv::{conv2d, Conv2d};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Digits;
+use crate::error::{Result, TrainError};
+use crate::init::trainable;
+use crate::run::{batch_indices, Run, StepLog, TrainOptions};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifierConfig {
+    pub channels: (usize, usize),
+    /// Width of the penultimate layer: the feature space of the FD.
+    pub features: usize,
+    pub num_classes: usize,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        ClassifierConfig { channels: (16, 32), features: 128, num_classes: 10 }
+    }
+}
+
+/// conv-relu-pool x2, then a ReLU feature layer and the logits.
+pub struct Classifier {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Classifier {
+    pub fn new(cfg: &ClassifierConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (c1, c2) = cfg.channels;
+        Ok(Self {
+            conv1: conv2d(1, c1, 3, 1, 1, vb.pp("conv1"))?,
+            conv2: conv2d(c1, c2, 3, 1, 1, vb.pp("conv2"))?,
+            fc1: linear(c2 * 7 * 7, cfg.features, vb.pp("fc1"))?,
+            fc2: linear(cfg.features, cfg.num_classes, vb.pp("fc2"))?,
+        })
+    }
+
+    /// Images in [-1, 1], (B, 1, 28, 28) -> penultimate features (B, features).
+    pub fn features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = xs.apply(&self.conv1)?.relu()?.max_pool2d(2)?;
+        let h = h.apply(&self.conv2)?.relu()?.max_pool2d(2)?;
+        h.flatten_from(1)?.apply(&self.fc1)?.relu()
+    }
+
+    pub fn logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.head(&self.features(xs)?)
+    }
+
+    /// Features -> logits.
+    pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        features.apply(&self.fc2)
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("classifier.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| TrainError::io(&cfg_path, e))?;
+        let cfg: ClassifierConfig = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Data { path: cfg_path.clone(), message: e.to_string() })?;
+        let weights = dir.join("classifier.safetensors");
+        Ok(flowgen_engine::weights::Checkpoint::open(&weights)?
+            .build(DType::F32, device, |vb| Classifier::new(&cfg, vb))?)
+    }
+}
+
+impl Module for Classifier {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.logits(xs)
+    }
+}
+
+/// Share of `data` classified correctly.
+pub fn accuracy(model: &Classifier, data: &Digits, device: &Device) -> Result<f64> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let mut correct = 0usize;
+    for chunk in idx.chunks(500) {
+        let (x, y) = data.batch(chunk, device)?;
+        let pred = model.logits(&x)?.argmax(D::Minus1)?;
+        correct += pred.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    }
+    Ok(correct as f64 / data.len() as f64)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassifierReport {
+    pub val_accuracy: f64,
+    pub final_loss: f64,
+    pub train_seconds: f64,
+    pub samples_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassifierTraining {
+    pub arch: ClassifierConfig,
+    pub opts: TrainOptions,
+}
+
+pub fn train(
+    training: &ClassifierTraining,
+    train_data: &Digits,
+    val_data: &Digits,
+    out: &Path,
+    device: &Device,
+    resume: bool,
+    progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
+) -> Result<ClassifierReport> {
+    let (cfg, opts) = (&training.arch, &training.opts);
+    let (model, varmap) = trainable(opts.seed, device, |vb| Classifier::new(cfg, vb), |_| Ok(()))?;
+    let run_id = format!(
+        "classifier {} {}",
+        serde_json::to_string(cfg).unwrap_or_default(),
+        serde_json::to_string(opts).unwrap_or_default()
+    );
+    let mut run = Run::start(out, opts.clone(), &varmap, run_id, resume, &["loss", "grad_norm", "lr"])?;
+    let (mut last, mut rate) = (f64::NAN, 0.0);
+    for step in run.start_step..opts.steps {
+        let idx = batch_indices(opts.seed, step, opts.batch_size, train_data.len());
+        let (x, y) = train_data.batch(&idx, device)?;
+        let loss = candle_nn::loss::cross_entropy(&model.logits(&x)?, &y)?;
+        let (value, norm) = run.optimise(step, &loss)?;
+        last = value;
+        let done = step + 1;
+        if done % opts.log_every == 0 || done == opts.steps {
+            rate = run.samples_per_second();
+            run.log.append(done, &[value, norm, run.lr(step)])?;
+        }
+        let log = StepLog { step: done, total: opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
+        if let ControlFlow::Break(()) = progress(&log) {
+            run.checkpoint(done)?;
+            return Err(TrainError::Interrupted { step: done });
+        }
+        if run.due(done) {
+            run.checkpoint(done)?;
+        }
+    }
+    run.use_ema()?;
+    let val_accuracy = accuracy(&model, val_data, device)?;
+    flowgen_engine::weights::save_safetensors(&run.ema.shadow, &out.join("classifier.safetensors"))?;
+    let cfg_path = out.join("classifier.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg).unwrap_or_default())
+        .map_err(|e| TrainError::io(&cfg_path, e))?;
+    let report = ClassifierReport {
+        val_accuracy,
+        final_loss: last,
+        train_seconds: run.train_seconds(),
+        samples_per_second: rate,
+    };
+    let report_path = out.join("report.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report).unwrap_or_default())
+        .map_err(|e| TrainError::io(&report_path, e))?;
+    Ok(report)
+}

@@ -1,0 +1,252 @@
+//! `flowgen eval`: sample quality in the classifier's feature space (FD against the val split,
+//! with the real-data floor), class accuracy, solver error against a tight Dormand-Prince
+//! reference from the same noise, NFE, speed, and optionally straightness.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use flowgen_engine::samplers::{Dopri5Options, Unobserved, VelocityField};
+use flowgen_engine::{noise, GenerationRequest, GuidedField, Pipeline, Sampler, ScheduleSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::classifier::Classifier;
+use crate::data::Digits;
+use crate::error::Result;
+use crate::metrics::fd_of_features;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub model: String,
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub n: usize,
+    pub fd: f64,
+    pub fd_floor: f64,
+    pub fd_ratio: f64,
+    pub accuracy: f64,
+    pub rmse_vs_reference: f64,
+    pub nfe_per_image: f64,
+    pub seconds_per_image: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub straightness: Option<f64>,
+}
+
+/// What stays fixed across a sweep: labels, seeds, the val features, the real-data floor, and
+/// the reference solutions.
+pub struct EvalContext {
+    pub labels: Vec<u32>,
+    pub seeds: Vec<u64>,
+    pub guidance: f64,
+    val_features: Vec<Vec<f64>>,
+    pub fd_floor: f64,
+    reference: Option<Tensor>,
+    batch: usize,
+}
+
+fn features(classifier: &Classifier, images: &Tensor) -> Result<(Vec<Vec<f64>>, Vec<u32>)> {
+    let feats = classifier.features(images)?;
+    let preds = classifier.head(&feats)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok((feats.to_dtype(DType::F64)?.to_vec2::<f64>()?, preds))
+}
+
+fn digit_features(classifier: &Classifier, data: &Digits, n: usize, device: &Device) -> Result<Vec<Vec<f64>>> {
+    let idx: Vec<usize> = (0..n.min(data.len())).collect();
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(500) {
+        let (x, _) = data.batch(chunk, device)?;
+        out.extend(features(classifier, &x)?.0);
+    }
+    Ok(out)
+}
+
+/// Pixels as users get them: decoded, clamped and quantised to 8 bits.
+fn as_delivered(pixels: &Tensor) -> Result<Tensor> {
+    Ok(((((pixels.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()? / 127.5)? - 1.0)?)
+}
+
+impl EvalContext {
+    pub fn new(
+        classifier: &Classifier,
+        train: &Digits,
+        val: &Digits,
+        n: usize,
+        seed: u64,
+        guidance: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let val_features = digit_features(classifier, val, val.len(), device)?;
+        let floor_features = digit_features(classifier, train, n, device)?;
+        let fd_floor = fd_of_features(&floor_features, &val_features)?;
+        Ok(Self {
+            labels: (0..n as u32).map(|i| i % 10).collect(),
+            seeds: (0..n as u64).map(|i| seed.wrapping_add(i)).collect(),
+            guidance,
+            val_features,
+            fd_floor,
+            reference: None,
+            batch: 100,
+        })
+    }
+
+    fn request(&self, range: std::ops::Range<usize>, sampler: Sampler, steps: usize) -> GenerationRequest {
+        GenerationRequest {
+            labels: self.labels[range.clone()].to_vec(),
+            seeds: self.seeds[range].to_vec(),
+            sampler,
+            steps,
+            schedule: ScheduleSpec::Uniform,
+            guidance: self.guidance,
+        }
+    }
+
+    /// Final states of `sampler` for all n images, with total NFE over images and seconds.
+    fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<(Tensor, usize, f64)> {
+        let started = Instant::now();
+        let (mut states, mut nfe) = (Vec::new(), 0usize);
+        for start in (0..self.labels.len()).step_by(self.batch) {
+            let end = (start + self.batch).min(self.labels.len());
+            let (state, stats) =
+                pipeline.sample_state(&self.request(start..end, sampler.clone(), steps), &mut Unobserved)?;
+            nfe += stats.per_sample_nfe.iter().sum::<usize>();
+            states.push(state);
+        }
+        Ok((Tensor::cat(&states, 0)?, nfe, started.elapsed().as_secs_f64()))
+    }
+
+    /// The tight Dormand-Prince solution from the same noise (computed once per context).
+    pub fn reference(&mut self, pipeline: &Pipeline) -> Result<Tensor> {
+        if let Some(r) = &self.reference {
+            return Ok(r.clone());
+        }
+        let tight = Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 });
+        let (state, _, _) = self.solve_all(pipeline, &tight, 0)?;
+        self.reference = Some(state.clone());
+        Ok(state)
+    }
+
+    pub fn evaluate(
+        &mut self,
+        pipeline: &Pipeline,
+        classifier: &Classifier,
+        sampler: &Sampler,
+        steps: usize,
+        straightness: bool,
+    ) -> Result<EvalResult> {
+        let (state, nfe, seconds) = self.solve_all(pipeline, sampler, steps)?;
+        let mut feats = Vec::with_capacity(self.labels.len());
+        let mut correct = 0usize;
+        for start in (0..self.labels.len()).step_by(self.batch) {
+            let end = (start + self.batch).min(self.labels.len());
+            let pixels = as_delivered(&pipeline.decode(&state.narrow(0, start, end - start)?)?)?;
+            let (f, preds) = features(classifier, &pixels)?;
+            correct += preds.iter().zip(&self.labels[start..end]).filter(|(p, l)| p == l).count();
+            feats.extend(f);
+        }
+        let fd = fd_of_features(&feats, &self.val_features)?;
+        let reference = self.reference(pipeline)?;
+        let rmse = (&state - &reference)?.sqr()?.mean_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let n = self.labels.len();
+        Ok(EvalResult {
+            model: pipeline.config().name.clone(),
+            sampler: sampler.name().into(),
+            steps: if sampler.is_adaptive() { 0 } else { steps },
+            guidance: self.guidance,
+            n,
+            fd,
+            fd_floor: self.fd_floor,
+            fd_ratio: fd / self.fd_floor.max(1e-12),
+            accuracy: correct as f64 / n as f64,
+            rmse_vs_reference: rmse,
+            nfe_per_image: nfe as f64 / n as f64,
+            seconds_per_image: seconds / n as f64,
+            straightness: if straightness { Some(self.straightness(pipeline, 64)?) } else { None },
+        })
+    }
+
+    /// Mean over an Euler trajectory of ||u(x_s, s) - (x_1 - x_0)||^2 per dimension: 0 for a
+    /// perfectly straight flow.
+    pub fn straightness(&self, pipeline: &Pipeline, steps: usize) -> Result<f64> {
+        let model = pipeline.velocity_model();
+        let (c, h, w) = pipeline.config().state_shape();
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for start in (0..self.labels.len()).step_by(self.batch) {
+            let end = (start + self.batch).min(self.labels.len());
+            let field = GuidedField::new(
+                model,
+                &self.labels[start..end],
+                pipeline.guidance(self.guidance),
+                c,
+                DType::F32,
+                pipeline.device(),
+            )?;
+            let x0 = noise::batch(&self.seeds[start..end], &[c, h, w], pipeline.device())?;
+            let mut x = x0.clone();
+            let mut velocities = Vec::with_capacity(steps);
+            for k in 0..steps {
+                let s = k as f64 / steps as f64;
+                let u = field.velocity(&x, &vec![s; end - start])?;
+                x = (&x + (&u * (1.0 / steps as f64))?)?;
+                velocities.push(u);
+            }
+            let chord = (&x - &x0)?;
+            for u in velocities {
+                total +=
+                    (u - &chord)?.sqr()?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? * (end - start) as f64;
+            }
+            count += (end - start) * steps;
+        }
+        Ok(total / count as f64)
+    }
+}
+
+/// The sampler x steps table of `flowgen eval --sweep`.
+pub fn sweep_samplers() -> Vec<(Sampler, usize)> {
+    let mut out = Vec::new();
+    for sampler in [Sampler::Euler, Sampler::Heun, Sampler::Rk4] {
+        for steps in [1, 2, 4, 8, 16, 32] {
+            out.push((sampler.clone(), steps));
+        }
+    }
+    out.push((Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 }), 0));
+    out
+}
+
+pub fn to_markdown(rows: &[EvalResult]) -> String {
+    let mut md = String::from("| sampler | steps | NFE/image | FD | FD ratio | accuracy | RMSE vs ref | ms/image |\n|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.3} | {:.2} | {:.1}% | {:.4} | {:.1} |\n",
+            r.sampler,
+            if r.steps == 0 { "adaptive".into() } else { r.steps.to_string() },
+            r.nfe_per_image,
+            r.fd,
+            r.fd_ratio,
+            100.0 * r.accuracy,
+            r.rmse_vs_reference,
+            1000.0 * r.seconds_per_image
+        ));
+    }
+    md
+}
+
+pub fn to_csv(rows: &[EvalResult]) -> String {
+    let mut csv =
+        String::from("sampler,steps,nfe_per_image,fd,fd_floor,fd_ratio,accuracy,rmse_vs_reference,seconds_per_image\n");
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{}\n",
+            r.sampler,
+            r.steps,
+            r.nfe_per_image,
+            r.fd,
+            r.fd_floor,
+            r.fd_ratio,
+            r.accuracy,
+            r.rmse_vs_reference,
+            r.seconds_per_image
+        ));
+    }
+    csv
+}
