@@ -142,6 +142,9 @@ pub fn train(
             run.checkpoint(done)?;
         }
     }
+    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "autoencoder training loss") {
+        tracing::warn!(error = %e, "could not draw loss.png");
+    }
     run.use_ema()?;
     let (val_psnr_db, val_mse) = psnr(&ae, val_data, device)?;
     let std = latent_std(&ae, train_data, device, cfg.opts.seed)?;

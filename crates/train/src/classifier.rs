@@ -143,6 +143,9 @@ pub fn train(
             run.checkpoint(done)?;
         }
     }
+    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "classifier training loss") {
+        tracing::warn!(error = %e, "could not draw loss.png");
+    }
     run.use_ema()?;
     let val_accuracy = accuracy(&model, val_data, device)?;
     flowgen_engine::weights::save_safetensors(&run.ema.shadow, &out.join("classifier.safetensors"))?;

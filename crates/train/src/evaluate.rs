@@ -250,3 +250,29 @@ pub fn to_csv(rows: &[EvalResult]) -> String {
     }
     csv
 }
+
+/// FD ratio and accuracy against NFE, one line per sampler, as sweep_fd.png and sweep_accuracy.png.
+pub fn plot_sweep(rows: &[EvalResult], dir: &std::path::Path) -> Result<()> {
+    use crate::plot::{line_plot, PlotSpec, Series};
+    let mut names: Vec<String> = rows.iter().map(|r| r.sampler.clone()).collect();
+    names.dedup();
+    let series = |metric: &dyn Fn(&EvalResult) -> f64| -> Vec<Series> {
+        names
+            .iter()
+            .map(|n| Series {
+                name: n.clone(),
+                points: rows.iter().filter(|r| &r.sampler == n).map(|r| (r.nfe_per_image, metric(r))).collect(),
+            })
+            .collect()
+    };
+    line_plot(
+        &dir.join("sweep_fd.png"),
+        &PlotSpec { title: "FD / real-data floor vs NFE", x_label: "NFE per image", y_label: "FD ratio", log_x: true, log_y: true },
+        &series(&|r| r.fd_ratio),
+    )?;
+    line_plot(
+        &dir.join("sweep_accuracy.png"),
+        &PlotSpec { title: "class accuracy vs NFE", x_label: "NFE per image", y_label: "accuracy", log_x: true, log_y: false },
+        &series(&|r| r.accuracy),
+    )
+}

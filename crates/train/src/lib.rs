@@ -11,6 +11,7 @@ pub mod log;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod run;
 pub mod velocity;
 

@@ -168,6 +168,9 @@ pub fn train(
             run.checkpoint(done)?;
         }
     }
+    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "velocity training loss") {
+        tracing::warn!(error = %e, "could not draw loss.png");
+    }
     let report = VelocityReport {
         objective: cfg.objective.clone(),
         final_loss: last,

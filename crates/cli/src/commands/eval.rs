@@ -7,7 +7,7 @@ use flowgen_engine::samplers::Dopri5Options;
 use flowgen_engine::{Pipeline, Sampler};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
-use flowgen_train::evaluate::{sweep_samplers, to_csv, to_markdown, EvalContext};
+use flowgen_train::evaluate::{plot_sweep, sweep_samplers, to_csv, to_markdown, EvalContext};
 use indicatif::ProgressBar;
 
 #[derive(Args)]
@@ -78,6 +78,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     std::fs::write(args.out.join("sweep.csv"), to_csv(&rows))?;
     let md = to_markdown(&rows);
     std::fs::write(args.out.join("sweep.md"), &md)?;
+    plot_sweep(&rows, &args.out).context("drawing the sweep plots")?;
     println!(
         "{md}\nFD floor (real train vs val, n = {}): {:.3}; written to {}",
         args.n,

@@ -42,6 +42,12 @@ pub enum TrainCommand {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Redraw OUT/loss.png from OUT/loss.csv (for example while a run is still going).
+    PlotLoss {
+        /// Run directory holding loss.csv.
+        #[arg(long)]
+        run: PathBuf,
+    },
     /// Class-conditional latent transformer (SiT) with I-CFM, W-CFM or OT-CFM; writes a servable
     /// model directory to OUT/model.
     Velocity {
@@ -211,6 +217,12 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             Ok(())
         }
         TrainCommand::Velocity { common, velocity } => train_velocity(common, velocity),
+        TrainCommand::PlotLoss { run } => {
+            let title = format!("training loss: {}", run.display());
+            flowgen_train::plot::plot_loss_csv(&run.join("loss.csv"), &run.join("loss.png"), &title)?;
+            println!("wrote {}", run.join("loss.png").display());
+            Ok(())
+        }
         TrainCommand::Classifier { common } => {
             let device = parse_device(&common.device)?;
             let (train, val) = common.data()?;
