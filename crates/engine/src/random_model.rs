@@ -65,15 +65,15 @@ pub fn random_var_builder(seed: u64, device: &Device) -> (VarBuilder<'static>, A
     (VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()), created)
 }
 
+/// Label names of MNIST-style digit models, index = class.
+pub const DIGIT_NAMES: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+
 /// The architecture of the tiny MNIST-shaped latent model (28x28x1 <-> 4x7x7).
 pub fn tiny_latent_config(name: &str) -> ModelConfig {
     ModelConfig {
         name: name.to_string(),
         description: "random weights: a test fixture, not a trained model".into(),
-        label_names: ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        label_names: DIGIT_NAMES.iter().map(|s| s.to_string()).collect(),
         network: NetworkSection {
             weights: "velocity.safetensors".into(),
             convention: TimeConvention::Sit,

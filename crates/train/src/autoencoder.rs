@@ -112,7 +112,6 @@ pub fn train(
     let run_id = format!("autoencoder {}", serde_json::to_string(cfg).unwrap_or_default());
     let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "mse", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let (mut last_loss, mut rate) = (f64::NAN, 0.0);
     for step in run.start_step..cfg.opts.steps {
         let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, train_data.len());
         let (x, _) = train_data.batch(&idx, device)?;
@@ -124,27 +123,10 @@ pub fn train(
         ];
         let eps = seeded_normal(cfg.opts.seed, step, 2, &latent_shape, device)?;
         let (total, mse) = loss(&ae, &x, &eps, cfg.kl_weight)?;
-        let (value, norm) = run.optimise(step, &total)?;
-        last_loss = value;
-        let done = step + 1;
-        if done % cfg.opts.log_every == 0 || done == cfg.opts.steps {
-            rate = run.samples_per_second();
-            let mse = mse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            run.log.append(done, &[value, mse, norm, run.lr(step)])?;
-        }
-        let log =
-            StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
-        if let ControlFlow::Break(()) = progress(&log) {
-            run.checkpoint(done)?;
-            return Err(TrainError::Interrupted { step: done });
-        }
-        if run.due(done) {
-            run.checkpoint(done)?;
-        }
+        let outcome = run.optimise(step, &total)?;
+        run.end_step(step, outcome, || Ok(vec![mse.to_dtype(DType::F64)?.to_scalar::<f64>()?]), progress)?;
     }
-    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "autoencoder training loss") {
-        tracing::warn!(error = %e, "could not draw loss.png");
-    }
+    run.plot_loss("autoencoder training loss");
     run.use_ema()?;
     let (val_psnr_db, val_mse) = psnr(&ae, val_data, device)?;
     let std = latent_std(&ae, train_data, device, cfg.opts.seed)?;
@@ -177,9 +159,9 @@ pub fn train(
         val_mse,
         latent_std: std,
         scaling_factor,
-        final_loss: last_loss,
+        final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: rate,
+        samples_per_second: run.samples_per_second,
         parameters,
     };
     let report_path = out.join("report.json");

@@ -122,30 +122,14 @@ pub fn train(
         serde_json::to_string(opts).unwrap_or_default()
     );
     let mut run = Run::start(out, opts.clone(), &varmap, run_id, resume, &["loss", "grad_norm", "lr"])?;
-    let (mut last, mut rate) = (f64::NAN, 0.0);
     for step in run.start_step..opts.steps {
         let idx = batch_indices(opts.seed, step, opts.batch_size, train_data.len());
         let (x, y) = train_data.batch(&idx, device)?;
         let loss = candle_nn::loss::cross_entropy(&model.logits(&x)?, &y)?;
-        let (value, norm) = run.optimise(step, &loss)?;
-        last = value;
-        let done = step + 1;
-        if done % opts.log_every == 0 || done == opts.steps {
-            rate = run.samples_per_second();
-            run.log.append(done, &[value, norm, run.lr(step)])?;
-        }
-        let log = StepLog { step: done, total: opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
-        if let ControlFlow::Break(()) = progress(&log) {
-            run.checkpoint(done)?;
-            return Err(TrainError::Interrupted { step: done });
-        }
-        if run.due(done) {
-            run.checkpoint(done)?;
-        }
+        let outcome = run.optimise(step, &loss)?;
+        run.end_step(step, outcome, || Ok(vec![]), progress)?;
     }
-    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "classifier training loss") {
-        tracing::warn!(error = %e, "could not draw loss.png");
-    }
+    run.plot_loss("classifier training loss");
     run.use_ema()?;
     let val_accuracy = accuracy(&model, val_data, device)?;
     flowgen_engine::weights::save_safetensors(&run.ema.shadow, &out.join("classifier.safetensors"))?;
@@ -154,9 +138,9 @@ pub fn train(
         .map_err(|e| TrainError::io(&cfg_path, e))?;
     let report = ClassifierReport {
         val_accuracy,
-        final_loss: last,
+        final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: rate,
+        samples_per_second: run.samples_per_second,
     };
     let report_path = out.join("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report).unwrap_or_default())

@@ -267,12 +267,24 @@ pub fn plot_sweep(rows: &[EvalResult], dir: &std::path::Path) -> Result<()> {
     };
     line_plot(
         &dir.join("sweep_fd.png"),
-        &PlotSpec { title: "FD / real-data floor vs NFE", x_label: "NFE per image", y_label: "FD ratio", log_x: true, log_y: true },
+        &PlotSpec {
+            title: "FD / real-data floor vs NFE",
+            x_label: "NFE per image",
+            y_label: "FD ratio",
+            log_x: true,
+            log_y: true,
+        },
         &series(&|r| r.fd_ratio),
     )?;
     line_plot(
         &dir.join("sweep_accuracy.png"),
-        &PlotSpec { title: "class accuracy vs NFE", x_label: "NFE per image", y_label: "accuracy", log_x: true, log_y: false },
+        &PlotSpec {
+            title: "class accuracy vs NFE",
+            x_label: "NFE per image",
+            y_label: "accuracy",
+            log_x: true,
+            log_y: false,
+        },
         &series(&|r| r.accuracy),
     )
 }

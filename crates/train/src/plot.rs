@@ -13,7 +13,8 @@ static FONT: Once = Once::new();
 fn register_font() {
     FONT.call_once(|| {
         // DejaVu Sans (Bitstream Vera licence, see assets/DejaVuSans-LICENSE.txt).
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, include_bytes!("../assets/DejaVuSans.ttf"));
+        let _ =
+            plotters::style::register_font("sans-serif", FontStyle::Normal, include_bytes!("../assets/DejaVuSans.ttf"));
     });
 }
 
@@ -82,7 +83,7 @@ pub fn line_plot(path: &Path, spec: &PlotSpec, series: &[Series]) -> Result<()> 
         move |v: &f64| {
             let v = if log { 10f64.powf(*v) } else { *v };
             match v.abs() {
-                a if a == 0.0 => "0".to_string(),
+                0.0 => "0".to_string(),
                 a if a >= 100.0 => format!("{v:.0}"),
                 a if a >= 0.01 => format!("{v:.3}"),
                 _ => format!("{v:.1e}"),

@@ -1,5 +1,6 @@
 //! The parts every training command shares: options, seeded batches, resume, checkpoints, logs.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -96,6 +97,9 @@ pub struct Run {
     started: Instant,
     run_id: String,
     samples_since: (Instant, usize),
+    /// Loss of the latest step and samples/s over the latest logging interval.
+    pub last_loss: f64,
+    pub samples_per_second: f64,
 }
 
 impl Run {
@@ -152,6 +156,8 @@ impl Run {
             started: Instant::now(),
             run_id,
             samples_since: (Instant::now(), 0),
+            last_loss: f64::NAN,
+            samples_per_second: 0.0,
         })
     }
 
@@ -173,11 +179,49 @@ impl Run {
         Ok((value, norm))
     }
 
-    pub fn samples_per_second(&mut self) -> f64 {
+    fn measure_rate(&mut self) -> f64 {
         let (since, n) = self.samples_since;
         let rate = n as f64 / since.elapsed().as_secs_f64().max(1e-9);
         self.samples_since = (Instant::now(), 0);
         rate
+    }
+
+    /// After the optimiser step `step`: every `log_every` steps append the loss, `extra()` columns,
+    /// grad norm and lr to loss.csv; report progress; checkpoint when due, or when the progress
+    /// callback asks to stop (then return `Interrupted`).
+    pub fn end_step(
+        &mut self,
+        step: usize,
+        (loss, grad_norm): (f64, f64),
+        extra: impl FnOnce() -> Result<Vec<f64>>,
+        progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
+    ) -> Result<()> {
+        self.last_loss = loss;
+        let done = step + 1;
+        let lr = self.lr(step);
+        if done.is_multiple_of(self.opts.log_every) || done == self.opts.steps {
+            self.samples_per_second = self.measure_rate();
+            let mut row = vec![loss];
+            row.extend(extra()?);
+            row.extend([grad_norm, lr]);
+            self.log.append(done, &row)?;
+        }
+        let log = StepLog { step: done, total: self.opts.steps, loss, lr, samples_per_second: self.samples_per_second };
+        if let ControlFlow::Break(()) = progress(&log) {
+            self.checkpoint(done)?;
+            return Err(TrainError::Interrupted { step: done });
+        }
+        if self.due(done) {
+            self.checkpoint(done)?;
+        }
+        Ok(())
+    }
+
+    /// Draw loss.png next to loss.csv; a plotting failure only warns.
+    pub fn plot_loss(&self, title: &str) {
+        if let Err(e) = crate::plot::plot_loss_csv(self.log.path(), &self.dir.join("loss.png"), title) {
+            tracing::warn!(error = %e, "could not draw loss.png");
+        }
     }
 
     pub fn train_seconds(&self) -> f64 {

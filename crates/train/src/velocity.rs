@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use flowgen_engine::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, NetworkSection};
 use flowgen_engine::models::autoencoder::AutoencoderKl;
 use flowgen_engine::models::sit::{Sit, SitConfig};
-use flowgen_engine::random_model::save_sit_weights;
+use flowgen_engine::random_model::{save_sit_weights, DIGIT_NAMES};
 use flowgen_engine::TimeConvention;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -123,7 +123,6 @@ pub fn train(
         Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "plain_loss", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
     let shape = [cfg.opts.batch_size, cfg.sit.in_channels, cfg.sit.input_size, cfg.sit.input_size];
-    let (mut last, mut rate) = (f64::NAN, 0.0);
     for step in run.start_step..cfg.opts.steps {
         let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, latents.len());
         let eps = seeded_normal(cfg.opts.seed, step, 2, &shape, device)?;
@@ -150,32 +149,15 @@ pub fn train(
         let s = Tensor::from_vec(s, idx.len(), device)?;
         let labels = Tensor::from_vec(labels, idx.len(), device)?;
         let (loss, plain) = flow_matching_loss(&sit, &x0, &x1, &s, &labels, weights.as_ref())?;
-        let (value, norm) = run.optimise(step, &loss)?;
-        last = value;
-        let done = step + 1;
-        if done % cfg.opts.log_every == 0 || done == cfg.opts.steps {
-            rate = run.samples_per_second();
-            let plain = plain.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            run.log.append(done, &[value, plain, norm, run.lr(step)])?;
-        }
-        let log =
-            StepLog { step: done, total: cfg.opts.steps, loss: value, lr: run.lr(step), samples_per_second: rate };
-        if let ControlFlow::Break(()) = progress(&log) {
-            run.checkpoint(done)?;
-            return Err(TrainError::Interrupted { step: done });
-        }
-        if run.due(done) {
-            run.checkpoint(done)?;
-        }
+        let outcome = run.optimise(step, &loss)?;
+        run.end_step(step, outcome, || Ok(vec![plain.to_dtype(DType::F64)?.to_scalar::<f64>()?]), progress)?;
     }
-    if let Err(e) = crate::plot::plot_loss_csv(run.log.path(), &out.join("loss.png"), "velocity training loss") {
-        tracing::warn!(error = %e, "could not draw loss.png");
-    }
+    run.plot_loss("velocity training loss");
     let report = VelocityReport {
         objective: cfg.objective.clone(),
-        final_loss: last,
+        final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: rate,
+        samples_per_second: run.samples_per_second,
         parameters,
         steps: cfg.opts.steps,
     };
@@ -199,10 +181,7 @@ pub fn write_model_dir(
     let config = ModelConfig {
         name: name.to_string(),
         description: "class-conditional latent flow model trained on MNIST by flowgen".into(),
-        label_names: ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        label_names: DIGIT_NAMES.iter().map(|s| s.to_string()).collect(),
         network: NetworkSection {
             weights: "velocity.safetensors".into(),
             convention: TimeConvention::Sit,

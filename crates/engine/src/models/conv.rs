@@ -125,6 +125,13 @@ impl candle_core::CustomOp1 for Col2Im {
 }
 
 impl Conv2d {
+    fn add_bias(&self, out: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(bias) => out.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
+            None => Ok(out),
+        }
+    }
+
     /// im2col + matmul on CPU: one unfold copy forward, one fold backward.
     fn forward_im2col(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
@@ -133,11 +140,7 @@ impl Conv2d {
         let (h_out, w_out) = unfold.out_hw();
         let cols = xs.contiguous()?.apply_op1(Im2Col(unfold))?;
         let kernel = self.weight.reshape((cout, c * k * k))?.broadcast_left(b)?;
-        let out = kernel.matmul(&cols)?.reshape((b, cout, h_out, w_out))?;
-        match &self.bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
-            None => Ok(out),
-        }
+        self.add_bias(kernel.matmul(&cols)?.reshape((b, cout, h_out, w_out))?)
     }
 }
 
@@ -149,19 +152,11 @@ impl Module for Conv2d {
             if k == 1 && self.stride == 1 && self.padding == 0 {
                 let (b, c, h, w) = xs.dims4()?;
                 let kernel = self.weight.reshape((cout, c))?.broadcast_left(b)?;
-                let out = kernel.matmul(&xs.reshape((b, c, h * w))?)?.reshape((b, cout, h, w))?;
-                return match &self.bias {
-                    Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
-                    None => Ok(out),
-                };
+                return self.add_bias(kernel.matmul(&xs.reshape((b, c, h * w))?)?.reshape((b, cout, h, w))?);
             }
             return self.forward_im2col(xs);
         }
-        let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
-            None => Ok(out),
-        }
+        self.add_bias(xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
     }
 }
 
