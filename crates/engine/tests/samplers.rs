@@ -71,6 +71,7 @@ fn fixed_step_solvers_show_their_order() {
             ("riccati", &riccati as &dyn VelocityField, riccati_exact()),
         ] {
             let order = observed_order(&sampler, field, &exact, steps);
+            eprintln!("{} on {name}: observed order {order:.3}", sampler.name());
             assert!(
                 (order - expected).abs() < 0.2,
                 "{} on {name}: order {order:.3}, expected {expected}",
@@ -119,6 +120,7 @@ fn dopri5_meets_tolerance_with_fewer_nfe_than_rk4() {
                 (e <= err).then_some(nfe)
             })
             .unwrap();
+        eprintln!("tol {tol:e}: dopri5 {} NFE, rk4 {rk4_nfe} NFE at error {err:.2e}", stats.nfe);
         assert!(stats.nfe < rk4_nfe, "tol {tol}: dopri5 {} NFE vs rk4 {rk4_nfe} NFE at error {err:e}", stats.nfe);
         assert_eq!(stats.per_sample_nfe, vec![stats.nfe]);
     }
