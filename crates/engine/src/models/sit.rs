@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::layer_norm_no_affine;
+use super::{gelu_tanh, layer_norm_no_affine};
 
 const NORM_EPS: f64 = 1e-6;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -220,8 +220,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // Tensor::gelu is the tanh approximation, as DiT's `GELU(approximate="tanh")`.
-        xs.apply(&self.fc1)?.gelu()?.apply(&self.fc2)
+        gelu_tanh(&xs.apply(&self.fc1)?)?.apply(&self.fc2)
     }
 }
 
