@@ -43,6 +43,9 @@ pub struct GenerateArgs {
     /// Absolute tolerance of dopri5.
     #[arg(long, default_value_t = 1e-5)]
     atol: f64,
+    /// Evaluations one image may use under dopri5 before the run fails.
+    #[arg(long, default_value_t = 2000)]
+    max_nfe: usize,
     /// Images per engine batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -102,7 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sampler_name = args.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
     let mut sampler = Sampler::parse(&sampler_name).context("--sampler")?;
     if let Sampler::Dopri5(_) = sampler {
-        sampler = Sampler::Dopri5(Dopri5Options { rtol: args.rtol, atol: args.atol, ..Default::default() });
+        sampler = Sampler::Dopri5(Dopri5Options { rtol: args.rtol, atol: args.atol, max_nfe: args.max_nfe });
     }
     let schedule_text = args.schedule.clone().unwrap_or_else(|| cfg.defaults.schedule.clone());
     let schedule = ScheduleSpec::parse(&schedule_text).context("--schedule")?;
