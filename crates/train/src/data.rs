@@ -174,6 +174,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist");
         if !dir.exists() {
             // Outside this workplace the copy is not there; the synthetic test above covers the format.
+            eprintln!("skipped: no MNIST copy at {}", dir.display());
             return;
         }
         let train = Digits::load(&dir, Split::Train).unwrap();
