@@ -53,8 +53,9 @@ impl AdamW {
         let bias2 = 1.0 - b2.powi(self.step as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // Detached: otherwise each moment keeps the previous step's graph alive (a leak per step).
+            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?.detach();
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + self.cfg.eps)?)?;
             // Decay matrices only; biases and norm gains stay undecayed.
             let decay = if var.rank() >= 2 { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
@@ -140,7 +141,8 @@ impl Ema {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for (name, var) in vars {
             if let Some(s) = self.shadow.get_mut(name) {
-                *s = ((&*s * d)? + (var.as_tensor() * (1.0 - d))?)?;
+                // Detached: the shadow must not chain to the previous step's graph through the Var.
+                *s = ((&*s * d)? + (var.as_tensor() * (1.0 - d))?)?.detach();
             }
         }
         Ok(())
