@@ -165,6 +165,12 @@ mod tests {
         }
         let v = x.as_tensor().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|a| a.abs() < 1e-2), "{v:?}");
+        // Moments and EMA must not keep autograd graphs alive across steps (that leaked memory).
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
+        let vars = vec![("x".to_string(), x.clone())];
+        let mut ema = Ema::new(&vars, 0.9).unwrap();
+        ema.update(&vars, 1).unwrap();
+        assert!(ema.shadow.values().all(|t| !t.track_op()));
         let state = opt.state().unwrap();
         let mut other = AdamW::new(vec![("x".into(), x.clone())], AdamWConfig::default()).unwrap();
         other.load_state(&state).unwrap();
