@@ -1,6 +1,6 @@
 //! `model.toml`: everything the engine needs to know about a model directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -264,9 +264,5 @@ impl ModelConfig {
     pub fn state_shape(&self) -> (usize, usize, usize) {
         let s = &self.network.sit;
         (s.in_channels, s.input_size, s.input_size)
-    }
-
-    pub fn resolve(model_dir: &Path, file: &str) -> PathBuf {
-        model_dir.join(file)
     }
 }

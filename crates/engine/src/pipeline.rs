@@ -1,6 +1,6 @@
 //! noise -> sampler -> optional latent decode -> u8 pixels, for one model directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -41,7 +41,6 @@ pub struct Generation {
 
 pub struct Pipeline {
     config: ModelConfig,
-    model_dir: PathBuf,
     velocity: Box<dyn VelocityModel>,
     autoencoder: Option<AutoencoderKl>,
     device: Device,
@@ -67,7 +66,7 @@ impl Pipeline {
             }
             None => None,
         };
-        Ok(Self { config, model_dir: model_dir.to_path_buf(), velocity, autoencoder, device: device.clone(), dtype })
+        Ok(Self { config, velocity, autoencoder, device: device.clone(), dtype })
     }
 
     pub fn from_parts(
@@ -76,15 +75,11 @@ impl Pipeline {
         autoencoder: Option<AutoencoderKl>,
         device: &Device,
     ) -> Self {
-        Self { config, model_dir: PathBuf::new(), velocity, autoencoder, device: device.clone(), dtype: DType::F32 }
+        Self { config, velocity, autoencoder, device: device.clone(), dtype: DType::F32 }
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    pub fn model_dir(&self) -> &Path {
-        &self.model_dir
     }
 
     pub fn device(&self) -> &Device {

@@ -94,13 +94,16 @@ impl AdamW {
 
 /// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for (_, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+    // One device-to-host read per step, not one per parameter tensor.
+    let squares = vars
+        .iter()
+        .filter_map(|(_, var)| grads.get(var.as_tensor()))
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    let norm = total.sqrt();
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
     if norm > max_norm && norm.is_finite() {
         let scale = max_norm / (norm + 1e-6);
         for (_, var) in vars {

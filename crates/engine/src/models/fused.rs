@@ -189,12 +189,16 @@ mod tests {
         type Op = fn(&Tensor) -> Result<Tensor>;
         let cases: [(&str, Op, Op); 2] = [
             ("gelu", |t| gelu_tanh(t), |t| t.gelu()),
-            ("layer_norm", |t| layer_norm_no_affine(t, 1e-6), |t| {
-                let mean = t.mean_keepdim(D::Minus1)?;
-                let c = t.broadcast_sub(&mean)?;
-                let var = c.sqr()?.mean_keepdim(D::Minus1)?;
-                c.broadcast_div(&(var + 1e-6)?.sqrt()?)
-            }),
+            (
+                "layer_norm",
+                |t| layer_norm_no_affine(t, 1e-6),
+                |t| {
+                    let mean = t.mean_keepdim(D::Minus1)?;
+                    let c = t.broadcast_sub(&mean)?;
+                    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+                    c.broadcast_div(&(var + 1e-6)?.sqrt()?)
+                },
+            ),
         ];
         for (name, fused, reference) in cases {
             let (a, b) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
