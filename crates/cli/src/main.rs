@@ -29,6 +29,11 @@ enum Command {
     /// Create or inspect model directories.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
+    /// Serve the HTTP API: queued jobs, batching, progress, cancellation, a crash-safe journal.
+    Serve(commands::serve::ServeArgs),
+    /// Benchmarks that need a running system (the HTTP server under load).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 /// mimalloc's `mi_option_purge_delay`: index 15 in both the v2 and v3 option enums, just before
@@ -40,11 +45,14 @@ fn main() -> std::process::ExitCode {
     // every step, and re-faulting them cost a fifth of the step time.
     // SAFETY: setting a mimalloc option is a plain store, valid at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    let cli = Cli::parse();
+    // A server's log is its record of jobs; other commands speak through progress bars.
+    let default_filter = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -59,5 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Model(cmd) => commands::model::run(cmd),
         Command::Train(cmd) => commands::train::run(cmd),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Bench(cmd) => commands::bench::run(cmd),
     }
 }

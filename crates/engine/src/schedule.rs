@@ -46,6 +46,29 @@ impl ScheduleSpec {
         ))
     }
 
+    /// Like `parse`, but never reads a file: "uniform", "shift:X" or an inline list "0,0.3,1" /
+    /// "[0, 0.3, 1]". For text from untrusted clients.
+    pub fn parse_inline(text: &str) -> Result<Self> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("uniform") || text.starts_with("shift:") {
+            return Self::parse(text);
+        }
+        if text.starts_with(|c: char| c == '[' || c.is_ascii_digit() || c == '.') {
+            let values = parse_list(text)?;
+            validate_explicit(&values)?;
+            return Ok(ScheduleSpec::Explicit(values));
+        }
+        Err(Error::invalid("schedule", format!("{text:?} is not \"uniform\", \"shift:X\" or a list like \"0,0.5,1\"")))
+    }
+
+    /// Text that `parse_inline` turns back into this schedule.
+    pub fn canonical(&self) -> String {
+        match self {
+            ScheduleSpec::Explicit(values) => values.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
+            other => other.to_string(),
+        }
+    }
+
     /// The grid for `steps` steps (K + 1 points). An explicit list fixes its own step count.
     pub fn build(&self, steps: usize) -> Result<Schedule> {
         match self {

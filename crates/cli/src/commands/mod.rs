@@ -1,6 +1,8 @@
+pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod serve;
 pub mod train;
 
 use std::path::PathBuf;

@@ -1,0 +1,276 @@
+//! `flowgen bench serve`: drive a real server with concurrent clients and compare its delivered
+//! images per second with the raw engine's, measured in the same run on the same model.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use flowgen_engine::{device::parse_device, EngineHandle, GenerationRequest, Pipeline, Sampler, ScheduleSpec};
+use flowgen_server::{AppState, Engine, Models, Overrides, ServerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Load-test `flowgen serve` in-process against the raw engine throughput.
+    Serve(ServeBenchArgs),
+}
+
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Concurrent clients, each submitting, following SSE to the end, then fetching its PNGs.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Jobs in total.
+    #[arg(long, default_value_t = 64)]
+    jobs: usize,
+    /// Images per job.
+    #[arg(long, default_value_t = 2)]
+    n: usize,
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    #[arg(long, default_value_t = 20)]
+    max_wait_ms: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    sampler: String,
+    steps: usize,
+    clients: usize,
+    jobs: usize,
+    images_per_job: usize,
+    max_batch: usize,
+    raw_engine_images_per_s: f64,
+    server_images_per_s: f64,
+    ratio: f64,
+    latency_p50_s: f64,
+    latency_p90_s: f64,
+    latency_p99_s: f64,
+    latency_max_s: f64,
+    succeeded: usize,
+    failed: usize,
+    lost: usize,
+    wall_s: f64,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Serve(args) => serve(args),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn serve(args: ServeBenchArgs) -> Result<()> {
+    if args.clients == 0 || args.jobs == 0 || args.n == 0 || args.n > args.max_batch {
+        bail!("--clients, --jobs and --n must be at least 1, and --n at most --max-batch");
+    }
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => super::default_model_dir()?,
+    };
+    let device = parse_device(&args.device)?;
+    let pipeline = Pipeline::load(&model_dir, &device).with_context(|| format!("loading {}", model_dir.display()))?;
+    let cfg = pipeline.config().clone();
+    let sampler = Sampler::parse(&args.sampler).context("--sampler")?;
+    let engine: Arc<dyn Engine> = Arc::new(EngineHandle::spawn(pipeline, 2)?);
+    let classes = cfg.network.sit.num_classes as u32;
+    let guidance = cfg.defaults.guidance;
+    let total_images = args.jobs * args.n;
+
+    // Raw engine: the same images in full batches, straight through the handle.
+    let request = |start: usize, count: usize| GenerationRequest {
+        labels: (start..start + count).map(|i| i as u32 % classes).collect(),
+        seeds: (start..start + count).map(|i| i as u64).collect(),
+        sampler: sampler.clone(),
+        steps: args.steps,
+        schedule: ScheduleSpec::Uniform,
+        guidance,
+    };
+    let nothing = || Box::new(|_: &flowgen_engine::StepReport| std::ops::ControlFlow::Continue(()));
+    engine.generate(request(0, args.max_batch.min(total_images)), nothing()).context("warm-up")?;
+    eprintln!("raw engine: {total_images} images in batches of {}", args.max_batch);
+    let clock = Instant::now();
+    let mut done = 0;
+    while done < total_images {
+        let count = args.max_batch.min(total_images - done);
+        engine.generate(request(done, count), nothing()).context("raw engine run")?;
+        done += count;
+    }
+    let raw_rate = total_images as f64 / clock.elapsed().as_secs_f64();
+    eprintln!("raw engine: {raw_rate:.1} images/s");
+
+    let data_dir = tempfile::tempdir().context("temporary data directory")?;
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        data_dir: Some(data_dir.path().to_path_buf()),
+        models: vec![model_dir.clone()],
+        device: None,
+    };
+    let mut config = ServerConfig::load(None, &overrides)?;
+    config.queue.max_batch = args.max_batch;
+    config.queue.max_wait_ms = args.max_wait_ms;
+    config.queue.capacity = args.jobs.max(config.queue.capacity);
+    config.limits.max_n = args.n.max(config.limits.max_n).min(args.max_batch);
+    config.limits.max_steps = config.limits.max_steps.max(args.steps);
+    config.validate()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (addr, shutdown) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = AppState::start(config, Models::new(vec![engine.clone()])).await?;
+        while !state.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(flowgen_server::serve(listener, state, async move {
+            let _ = rx.await;
+        }));
+        anyhow::Ok((addr, tx))
+    })?;
+    let base = format!("http://{addr}");
+
+    let bar = ProgressBar::new(args.jobs as u64);
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} jobs {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.jobs)));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ids = Arc::new(Mutex::new(Vec::<String>::new()));
+    let agent: ureq::Agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
+    let clock = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..args.clients {
+            let (next, latencies, failures, ids, agent, bar, base) =
+                (next.clone(), latencies.clone(), failures.clone(), ids.clone(), agent.clone(), bar.clone(), base.clone());
+            let (sampler, steps, n, jobs) = (args.sampler.clone(), args.steps, args.n, args.jobs);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= jobs {
+                    break;
+                }
+                let started = Instant::now();
+                let body = serde_json::json!({
+                    "labels": [i as u32 % classes], "n": n, "seed": (i * n) as u64,
+                    "sampler": sampler, "steps": steps,
+                });
+                match one_job(&agent, &base, &body, n) {
+                    Ok(id) => {
+                        ids.lock().map(|mut v| v.push(id)).ok();
+                        latencies.lock().map(|mut v| v.push(started.elapsed().as_secs_f64())).ok();
+                    }
+                    Err(e) => {
+                        failures.lock().map(|mut v| v.push(format!("job {i}: {e:#}"))).ok();
+                    }
+                }
+                bar.inc(1);
+            });
+        }
+    });
+    let wall = clock.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    // Every accepted job must have succeeded, as the server itself reports.
+    let ids = ids.lock().map(|v| v.clone()).unwrap_or_default();
+    let mut succeeded = 0;
+    for id in &ids {
+        let view: serde_json::Value = agent.get(&format!("{base}/v1/generations/{id}")).call()?.into_json()?;
+        if view["status"] == "succeeded" {
+            succeeded += 1;
+        }
+    }
+    let _ = shutdown.send(());
+    let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
+    let mut lat = latencies.lock().map(|v| v.clone()).unwrap_or_default();
+    lat.sort_by(f64::total_cmp);
+    let server_rate = (succeeded * args.n) as f64 / wall;
+    let report = Report {
+        model: cfg.name.clone(),
+        sampler: args.sampler.clone(),
+        steps: args.steps,
+        clients: args.clients,
+        jobs: args.jobs,
+        images_per_job: args.n,
+        max_batch: args.max_batch,
+        raw_engine_images_per_s: raw_rate,
+        server_images_per_s: server_rate,
+        ratio: server_rate / raw_rate,
+        latency_p50_s: percentile(&lat, 50.0),
+        latency_p90_s: percentile(&lat, 90.0),
+        latency_p99_s: percentile(&lat, 99.0),
+        latency_max_s: lat.last().copied().unwrap_or(f64::NAN),
+        succeeded,
+        failed: failures.len(),
+        lost: args.jobs - succeeded - failures.len(),
+        wall_s: wall,
+    };
+    for f in failures.iter().take(5) {
+        eprintln!("failure: {f}");
+    }
+    println!("| metric | value |\n|---|---|");
+    println!("| model / sampler / steps | {} / {} / {} |", report.model, report.sampler, report.steps);
+    println!("| clients x jobs x images | {} x {} x {} |", report.clients, report.jobs, report.images_per_job);
+    println!("| raw engine images/s (batch {}) | {:.2} |", report.max_batch, report.raw_engine_images_per_s);
+    println!("| server images/s | {:.2} |", report.server_images_per_s);
+    println!("| server / raw | {:.3} |", report.ratio);
+    println!("| latency p50 / p90 / p99 / max (s) | {:.3} / {:.3} / {:.3} / {:.3} |", report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s);
+    println!("| succeeded / failed / lost | {} / {} / {} |", report.succeeded, report.failed, report.lost);
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if report.failed > 0 || report.lost > 0 {
+        bail!("{} jobs failed and {} were lost", report.failed, report.lost);
+    }
+    Ok(())
+}
+
+/// Submit, follow the SSE stream to the final event, fetch every PNG; returns the job id.
+fn one_job(agent: &ureq::Agent, base: &str, body: &serde_json::Value, n: usize) -> Result<String> {
+    let created: serde_json::Value = agent.post(&format!("{base}/v1/generations")).send_json(body.clone())?.into_json()?;
+    let id = created["id"].as_str().context("no id in the 202 response")?.to_string();
+    let events = agent.get(&format!("{base}/v1/generations/{id}/events")).call()?;
+    let mut last_event = String::new();
+    for line in BufReader::new(events.into_reader()).lines() {
+        let line = line?;
+        if let Some(name) = line.strip_prefix("event:") {
+            last_event = name.trim().to_string();
+            if matches!(last_event.as_str(), "succeeded" | "failed" | "cancelled") {
+                break;
+            }
+        }
+    }
+    if last_event != "succeeded" {
+        bail!("job {id} ended with {last_event:?}");
+    }
+    for i in 0..n {
+        let mut png = Vec::new();
+        agent.get(&format!("{base}/v1/generations/{id}/images/{i}")).call()?.into_reader().read_to_end(&mut png)?;
+        if !png.starts_with(b"\x89PNG") {
+            bail!("image {i} of {id} is not a PNG");
+        }
+    }
+    Ok(id)
+}

@@ -1,0 +1,359 @@
+//! Request and response bodies, and the validation that turns a request into a `JobSpec`.
+
+use flowgen_engine::samplers::SAMPLER_NAMES;
+use flowgen_engine::{GenerationRequest, ModelConfig, Sampler, ScheduleSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::LimitsSection;
+use crate::engine::Models;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn parse(text: &str) -> Result<Self, ApiError> {
+        match text {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            other => Err(ApiError::validation("priority", format!("{other:?} is not one of high, normal, low"))),
+        }
+    }
+
+    /// Queue index: 0 is served first.
+    pub fn rank(self) -> usize {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+}
+
+/// A class label: its index (7) or its name ("seven", "7").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(untagged)]
+pub enum LabelValue {
+    Index(i64),
+    Name(String),
+}
+
+/// Body of `POST /v1/generations`. Every field is optional; defaults come from the model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationBody {
+    /// Model name (GET /v1/models); the first served model when absent.
+    pub model: Option<String>,
+    /// One label per image, cycled to `n`; all classes in turn when absent.
+    pub labels: Option<Vec<LabelValue>>,
+    /// Shorthand for `labels: [label]`.
+    pub label: Option<LabelValue>,
+    /// Number of images (default: number of labels, or 1).
+    pub n: Option<i64>,
+    /// Image i uses seed + i; random when absent. The seeds used are returned.
+    pub seed: Option<u64>,
+    pub sampler: Option<String>,
+    pub steps: Option<i64>,
+    pub guidance: Option<f64>,
+    /// uniform, shift:<alpha> or an explicit list "0,0.5,1".
+    pub schedule: Option<String>,
+    /// high | normal | low (default normal).
+    pub priority: Option<String>,
+}
+
+/// A validated job: everything needed to run it again after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSpec {
+    pub model: String,
+    pub labels: Vec<u32>,
+    pub seeds: Vec<u64>,
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub schedule: String,
+    pub priority: Priority,
+}
+
+/// Jobs with equal keys can share one engine batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    model: String,
+    sampler: String,
+    steps: usize,
+    guidance_bits: u64,
+    schedule: String,
+}
+
+impl JobSpec {
+    pub fn batch_key(&self) -> BatchKey {
+        BatchKey {
+            model: self.model.clone(),
+            sampler: self.sampler.clone(),
+            steps: self.steps,
+            guidance_bits: self.guidance.to_bits(),
+            schedule: self.schedule.clone(),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// The engine request for this job alone (batches concatenate labels and seeds).
+    pub fn to_request(&self) -> flowgen_engine::Result<GenerationRequest> {
+        Ok(GenerationRequest {
+            labels: self.labels.clone(),
+            seeds: self.seeds.clone(),
+            sampler: Sampler::parse(&self.sampler)?,
+            steps: self.steps,
+            schedule: ScheduleSpec::parse_inline(&self.schedule)?,
+            guidance: self.guidance,
+        })
+    }
+}
+
+fn label(cfg: &ModelConfig, field: &str, value: &LabelValue) -> Result<u32, ApiError> {
+    let classes = cfg.network.sit.num_classes;
+    let index = match value {
+        LabelValue::Index(i) if *i >= 0 && (*i as usize) < classes => *i as u32,
+        LabelValue::Index(i) => {
+            return Err(ApiError::validation(field, format!("{i} is out of range: classes are 0..{}", classes - 1)))
+        }
+        LabelValue::Name(name) => cfg.parse_label(name).map_err(|e| ApiError::validation(field, e.to_string()))?,
+    };
+    if index as usize >= classes {
+        return Err(ApiError::validation(field, format!("{index} is out of range: classes are 0..{}", classes - 1)));
+    }
+    Ok(index)
+}
+
+/// Check every field against the model and the limits; the error names the field and the limit.
+pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) -> Result<JobSpec, ApiError> {
+    let model = match &body.model {
+        Some(name) => name.clone(),
+        None => models.default_name().ok_or_else(|| ApiError::Unavailable("no model is loaded".into()))?.to_string(),
+    };
+    let engine = models.get(&model).ok_or_else(|| {
+        ApiError::validation("model", format!("unknown model {model:?}; served: {}", models.names().join(", ")))
+    })?;
+    let cfg = engine.config();
+
+    let mut labels = Vec::new();
+    if let (Some(_), Some(_)) = (&body.labels, &body.label) {
+        return Err(ApiError::validation("labels", "give `labels` or `label`, not both"));
+    }
+    if let Some(list) = &body.labels {
+        if list.is_empty() {
+            return Err(ApiError::validation("labels", "must not be empty"));
+        }
+        if list.len() > limits.max_n {
+            return Err(ApiError::validation("labels", format!("{} labels exceed the limit {}", list.len(), limits.max_n)));
+        }
+        for (i, v) in list.iter().enumerate() {
+            labels.push(label(cfg, &format!("labels[{i}]"), v)?);
+        }
+    }
+    if let Some(v) = &body.label {
+        labels.push(label(cfg, "label", v)?);
+    }
+    let n = match body.n {
+        Some(n) if n < 1 || n as usize > limits.max_n => {
+            return Err(ApiError::validation("n", format!("must be between 1 and {}, got {n}", limits.max_n)))
+        }
+        Some(n) => n as usize,
+        None => labels.len().max(1),
+    };
+    if labels.is_empty() {
+        labels = (0..cfg.network.sit.num_classes as u32).collect();
+    }
+    let labels: Vec<u32> = labels.iter().cycle().take(n).copied().collect();
+
+    let sampler_name = body.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
+    let sampler = Sampler::parse(&sampler_name).map_err(|_| {
+        ApiError::validation("sampler", format!("unknown sampler {sampler_name:?}; choose one of {}", SAMPLER_NAMES.join(", ")))
+    })?;
+    let schedule_text = body.schedule.clone().unwrap_or_else(|| cfg.defaults.schedule.clone());
+    let schedule = ScheduleSpec::parse_inline(&schedule_text).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
+    let steps = match (body.steps, &schedule) {
+        (Some(k), _) if k < 1 || k as usize > limits.max_steps => {
+            return Err(ApiError::validation("steps", format!("must be between 1 and {}, got {k}", limits.max_steps)))
+        }
+        (Some(k), _) => k as usize,
+        (None, ScheduleSpec::Explicit(points)) => points.len().saturating_sub(1),
+        (None, _) => cfg.defaults.steps,
+    };
+    if steps > limits.max_steps {
+        return Err(ApiError::validation("schedule", format!("{steps} steps exceed the limit {}", limits.max_steps)));
+    }
+    schedule.build(if sampler.is_adaptive() { 1 } else { steps }).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
+
+    let guidance = body.guidance.unwrap_or(cfg.defaults.guidance);
+    if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {
+        return Err(ApiError::validation(
+            "guidance",
+            format!("must be between 0 and {}, got {guidance}", limits.max_guidance),
+        ));
+    }
+    if guidance != 1.0 && cfg.null_label().is_none() {
+        return Err(ApiError::validation("guidance", "this model has no null label; only guidance 1 is possible"));
+    }
+    let priority = match &body.priority {
+        Some(p) => Priority::parse(p)?,
+        None => Priority::Normal,
+    };
+    let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let seeds = (0..n as u64).map(|i| seed.wrapping_add(i)).collect();
+    Ok(JobSpec {
+        model,
+        labels,
+        seeds,
+        sampler: sampler.name().to_string(),
+        steps,
+        guidance,
+        schedule: schedule.canonical(),
+        priority,
+    })
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// A job as `GET /v1/generations/{id}` shows it. Times are Unix milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    pub model: String,
+    /// Jobs ahead of this one (0 = next); only while queued.
+    pub queue_position: Option<usize>,
+    /// Sampler steps completed and the total (null total for adaptive samplers).
+    pub step: usize,
+    pub total: Option<usize>,
+    pub n: usize,
+    pub labels: Vec<u32>,
+    pub seeds: Vec<u64>,
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub schedule: String,
+    pub priority: Priority,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// Time spent queued and in the engine.
+    pub queue_seconds: Option<f64>,
+    pub inference_seconds: Option<f64>,
+    /// Network evaluations of the solve (largest over the job's images).
+    pub nfe: Option<usize>,
+    /// Times the engine started this job (more than 1 after a crash mid-run).
+    pub attempts: u32,
+    /// PNG URLs, once succeeded.
+    pub images: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelInfo {
+    pub id: String,
+    pub object: &'static str,
+    pub owned_by: &'static str,
+    pub description: String,
+    pub classes: usize,
+    pub label_names: Vec<String>,
+    /// Output images: channels, height, width.
+    pub image_shape: [usize; 3],
+    pub default_sampler: String,
+    pub default_steps: usize,
+    pub default_guidance: f64,
+    pub guidance_supported: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Limits {
+    pub max_n: usize,
+    pub max_steps: usize,
+    pub max_guidance: f64,
+    pub max_batch: usize,
+    pub queue_capacity: usize,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelsResponse {
+    pub object: &'static str,
+    pub data: Vec<ModelInfo>,
+    pub samplers: Vec<&'static str>,
+    pub schedules: Vec<&'static str>,
+    pub limits: Limits,
+}
+
+/// OpenAI-style synchronous request: `prompt` names the class ("7" or "seven").
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiImageRequest {
+    pub prompt: String,
+    pub model: Option<String>,
+    pub n: Option<i64>,
+    /// b64_json (default) or url.
+    pub response_format: Option<String>,
+    /// Must match the model's image size when given, e.g. "28x28".
+    pub size: Option<String>,
+    pub seed: Option<u64>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiImage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub revised_prompt: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiImageResponse {
+    pub created: i64,
+    pub data: Vec<OpenAiImage>,
+}

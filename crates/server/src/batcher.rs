@@ -1,0 +1,259 @@
+//! The batcher: groups compatible queued jobs into one engine batch and records the outcome.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgen_engine::image::generation_metadata;
+use flowgen_engine::{Error as EngineError, GenerationRequest, SolveStats, StepReport};
+use tracing::Instrument;
+
+use crate::api::JobStatus;
+use crate::engine::{Engine, EngineOutput};
+use crate::jobs::{now_ms, BatchJob};
+use crate::state::AppState;
+
+/// Run batches until draining starts; the batch in flight always finishes first.
+pub async fn run(state: Arc<AppState>) {
+    let mut draining = state.draining_receiver();
+    let max_wait = Duration::from_millis(state.config.queue.max_wait_ms);
+    let max_batch = state.config.queue.max_batch;
+    loop {
+        if *draining.borrow() {
+            break;
+        }
+        let Some((key, enqueued, _)) = state.jobs.head() else {
+            tokio::select! {
+                _ = state.jobs.wake.notified() => {}
+                _ = draining.changed() => {}
+            }
+            continue;
+        };
+        // Wait for compatible jobs until the batch is full or the oldest job has waited enough.
+        let deadline = enqueued + max_wait;
+        loop {
+            match state.jobs.head() {
+                Some((k, _, images)) if k == key && images < max_batch && Instant::now() < deadline => {
+                    tokio::select! {
+                        _ = state.jobs.wake.notified() => {}
+                        _ = tokio::time::sleep_until(deadline.into()) => {}
+                        _ = draining.changed() => {}
+                    }
+                    if *draining.borrow() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if *draining.borrow() {
+            break;
+        }
+        let batch = state.jobs.take_batch(max_batch);
+        if batch.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = batch.iter().map(|j| j.id.as_str()).collect();
+        let span = tracing::info_span!("batch", jobs = ?ids, images = batch.iter().map(|j| j.spec.n()).sum::<usize>());
+        run_batch(&state, batch).instrument(span).await;
+    }
+    state.batcher_finished();
+}
+
+async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
+    let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
+    let store = state.store.clone();
+    let started = now_ms();
+    let journal = {
+        let ids = ids.clone();
+        tokio::task::spawn_blocking(move || store.mark_running(&ids, started)).await
+    };
+    if let Err(err) = journal.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+        // Without a journal entry the result could not be stored; leave the jobs queued.
+        tracing::error!(error = %err, "cannot journal the start of a batch; requeueing it");
+        state.jobs.requeue_front(&ids);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        return;
+    }
+    for job in &batch {
+        state.metrics.queue_seconds.observe(job.waited.as_secs_f64());
+    }
+    match execute(state, &batch).await {
+        Ok((output, seconds)) => record(state, &batch, output, seconds).await,
+        Err(EngineError::Cancelled) => {}
+        Err(err) if batch.len() > 1 => {
+            // Isolate the faulty job: run each job alone so only that one fails.
+            tracing::warn!(error = %err, "batch failed; retrying its jobs one by one");
+            for job in batch {
+                if job.cancel.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let single = vec![job];
+                match execute(state, &single).await {
+                    Ok((output, seconds)) => record(state, &single, output, seconds).await,
+                    Err(EngineError::Cancelled) => {}
+                    Err(err) => fail(state, &single[0], &err).await,
+                }
+            }
+        }
+        Err(err) => fail(state, &batch[0], &err).await,
+    }
+}
+
+/// One engine call for the whole batch; stops early only when every job in it was cancelled.
+async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<(EngineOutput, f64), EngineError> {
+    let model = &batch[0].spec.model;
+    let engine: Arc<dyn Engine> = state
+        .models
+        .get(model)
+        .cloned()
+        .ok_or_else(|| EngineError::invalid("model", format!("model {model:?} is no longer served")))?;
+    let mut request = batch[0].spec.to_request()?;
+    request.labels = batch.iter().flat_map(|j| j.spec.labels.iter().copied()).collect();
+    request.seeds = batch.iter().flat_map(|j| j.spec.seeds.iter().copied()).collect();
+    let watchers: Vec<_> = batch.iter().map(|j| (j.events.clone(), j.cancel.clone())).collect();
+    let progress = Box::new(move |report: &StepReport| {
+        let mut live = false;
+        for (events, cancel) in &watchers {
+            if cancel.load(Ordering::SeqCst) {
+                continue;
+            }
+            live = true;
+            events.send_if_modified(|s| {
+                if s.status != JobStatus::Running {
+                    return false;
+                }
+                s.step = report.step;
+                s.total = report.total;
+                true
+            });
+        }
+        if live {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    });
+    let images = request.labels.len();
+    let clock = Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || engine.generate(request, progress)).await;
+    let seconds = clock.elapsed().as_secs_f64();
+    let output = match outcome {
+        Ok(result) => result?,
+        Err(join) => return Err(EngineError::EnginePanicked(join.to_string())),
+    };
+    if output.images.len() != images {
+        return Err(EngineError::EnginePanicked(format!("engine returned {} images for {images}", output.images.len())));
+    }
+    state.metrics.batch_size.observe(images as f64);
+    state.metrics.inference_seconds.observe(seconds);
+    state.jobs.record_throughput(images, seconds);
+    Ok((output, seconds))
+}
+
+/// Encode PNGs and journal each job's images together with its success.
+async fn record(state: &Arc<AppState>, batch: &[BatchJob], output: EngineOutput, seconds: f64) {
+    let store = state.store.clone();
+    let jobs: Vec<BatchJob> = batch.to_vec();
+    let finished = now_ms();
+    let inference_ms = (seconds * 1000.0).round() as i64;
+    let written = tokio::task::spawn_blocking(move || {
+        let mut outcomes = Vec::new();
+        let mut offset = 0;
+        for job in &jobs {
+            let n = job.spec.n();
+            let range = offset..offset + n;
+            offset += n;
+            if job.cancel.load(Ordering::SeqCst) {
+                continue;
+            }
+            let request = match job.spec.to_request() {
+                Ok(r) => r,
+                Err(e) => {
+                    outcomes.push((job.id.clone(), Err(e.to_string())));
+                    continue;
+                }
+            };
+            let stats = job_stats(&output.stats, range.clone());
+            let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or(stats.nfe);
+            let pngs: Result<Vec<Vec<u8>>, String> = output.images[range]
+                .iter()
+                .enumerate()
+                .map(|(i, image)| image.to_png(&generation_metadata(&job.spec.model, &request, &stats, i)).map_err(|e| e.to_string()))
+                .collect();
+            let outcome = pngs.and_then(|pngs| {
+                store.finish_succeeded(&job.id, finished, nfe, inference_ms, &pngs).map(|ok| (ok, nfe)).map_err(|e| e.to_string())
+            });
+            outcomes.push((job.id.clone(), outcome));
+        }
+        outcomes
+    })
+    .await;
+    let outcomes = match written {
+        Ok(o) => o,
+        Err(join) => {
+            for job in batch {
+                fail_with(state, &job.id, "internal", &format!("storing results failed: {join}")).await;
+            }
+            return;
+        }
+    };
+    for (id, outcome) in outcomes {
+        match outcome {
+            Ok((true, nfe)) => {
+                let n = batch.iter().find(|j| j.id == id).map(|j| j.spec.n()).unwrap_or(0);
+                state.metrics.images.inc_by(n as u64);
+                state.jobs.mark_succeeded(&id, finished, nfe, inference_ms);
+                tracing::info!(job = %id, images = n, seconds, "job succeeded");
+            }
+            // Cancelled while the batch ran: the journal already says so.
+            Ok((false, _)) => {}
+            Err(err) => fail_with(state, &id, "internal", &err).await,
+        }
+    }
+}
+
+/// The part of a batch's solver statistics that belongs to one job.
+fn job_stats(stats: &SolveStats, range: std::ops::Range<usize>) -> SolveStats {
+    let per_sample_nfe = stats.per_sample_nfe.get(range.clone()).map(<[usize]>::to_vec).unwrap_or_default();
+    SolveStats { per_sample_nfe, ..stats.clone() }
+}
+
+async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) {
+    let kind = match err {
+        EngineError::EnginePanicked(_) => "panic",
+        EngineError::Invalid { .. } | EngineError::Config { .. } => "invalid",
+        _ => "engine",
+    };
+    fail_with(state, &job.id, kind, &err.to_string()).await;
+}
+
+async fn fail_with(state: &Arc<AppState>, id: &str, kind: &str, message: &str) {
+    tracing::error!(job = %id, kind, error = %message, "job failed");
+    state.metrics.failure(kind);
+    let store = state.store.clone();
+    let (id_owned, msg) = (id.to_string(), message.to_string());
+    let journaled = tokio::task::spawn_blocking(move || store.finish(&id_owned, JobStatus::Failed, now_ms(), Some(&msg))).await;
+    match journaled {
+        Ok(Ok(true)) => state.jobs.mark_failed(id, message),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
+        Err(e) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
+    }
+}
+
+/// One tiny generation per model so the first request does not pay for lazy set-up.
+pub fn warm_up(engine: &dyn Engine) -> flowgen_engine::Result<()> {
+    let cfg = engine.config();
+    let request = GenerationRequest {
+        labels: vec![0],
+        seeds: vec![0],
+        sampler: flowgen_engine::Sampler::Euler,
+        steps: 1,
+        schedule: flowgen_engine::ScheduleSpec::Uniform,
+        guidance: if cfg.null_label().is_some() { cfg.defaults.guidance } else { 1.0 },
+    };
+    engine.generate(request, Box::new(|_: &StepReport| ControlFlow::Continue(())))?;
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Server configuration: built-in defaults (= config/default.toml) < config file < FLOWGEN_* env < flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ServerError};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// Journal database and results live here.
+    pub data_dir: PathBuf,
+    /// Requests that take longer are answered 408 (the synchronous endpoint: 504 with the job id).
+    pub request_timeout_s: u64,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// On SIGTERM the running batch gets this long to finish; queued jobs stay journaled.
+    pub shutdown_grace_s: u64,
+    /// Origins allowed by CORS; empty keeps CORS closed.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("data"),
+            request_timeout_s: 300,
+            body_limit_bytes: 64 * 1024,
+            shutdown_grace_s: 30,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsSection {
+    /// Model directories; the first is the default model.
+    pub paths: Vec<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    pub device: String,
+}
+
+impl Default for ModelsSection {
+    fn default() -> Self {
+        ModelsSection { paths: vec![PathBuf::from("models/default")], device: "cpu".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// Queued jobs accepted before new ones get 429.
+    pub capacity: usize,
+    /// Most images in one engine batch.
+    pub max_batch: usize,
+    /// How long the oldest queued job waits for compatible jobs to fill a batch.
+    pub max_wait_ms: u64,
+    /// Finished jobs and their images are deleted after this long.
+    pub result_ttl_s: u64,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        QueueSection { capacity: 256, max_batch: 32, max_wait_ms: 20, result_ttl_s: 86_400 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Most images in one job.
+    pub max_n: usize,
+    /// Most sampler steps.
+    pub max_steps: usize,
+    /// Largest classifier-free guidance scale.
+    pub max_guidance: f64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection { max_n: 16, max_steps: 256, max_guidance: 20.0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Bearer keys accepted on /v1; empty leaves the API open.
+    pub api_keys: Vec<String>,
+    /// Job submissions per minute per key (0 = unlimited).
+    pub rate_limit_per_minute: u32,
+    /// Submissions a key may make at once before the rate applies.
+    pub rate_limit_burst: u32,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection { api_keys: Vec::new(), rate_limit_per_minute: 0, rate_limit_burst: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub server: ServerSection,
+    pub models: ModelsSection,
+    pub queue: QueueSection,
+    pub limits: LimitsSection,
+    pub auth: AuthSection,
+}
+
+/// Flag values that override every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub models: Vec<PathBuf>,
+    pub device: Option<String>,
+}
+
+impl ServerConfig {
+    /// Layer defaults, an optional TOML file, `FLOWGEN_<SECTION>__<KEY>` variables and flags.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(ServerConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ServerError::Config(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only double-underscore names are config keys; FLOWGEN_MODEL and friends belong to the CLI.
+        figment = figment.merge(Env::prefixed("FLOWGEN_").filter(|k| k.as_str().contains("__")).split("__"));
+        if let Some(listen) = &overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(dir) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("server.data_dir", dir));
+        }
+        if !overrides.models.is_empty() {
+            figment = figment.merge(Serialized::default("models.paths", &overrides.models));
+        }
+        if let Some(device) = &overrides.device {
+            figment = figment.merge(Serialized::default("models.device", device));
+        }
+        let config: ServerConfig = figment.extract().map_err(|e| ServerError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks that name the offending key.
+    pub fn validate(&self) -> Result<()> {
+        fn bad(key: &str, message: String) -> Result<()> {
+            Err(ServerError::Config(format!("{key}: {message}")))
+        }
+        if self.listen_addr().is_err() {
+            return bad("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", self.server.listen));
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return bad("server.body_limit_bytes", format!("must be at least 1024, got {}", self.server.body_limit_bytes));
+        }
+        if self.server.request_timeout_s == 0 {
+            return bad("server.request_timeout_s", "must be at least 1".into());
+        }
+        if self.models.paths.is_empty() {
+            return bad("models.paths", "name at least one model directory".into());
+        }
+        let max = flowgen_engine::pipeline::MAX_BATCH;
+        if self.queue.max_batch == 0 || self.queue.max_batch > max {
+            return bad("queue.max_batch", format!("must be between 1 and {max}, got {}", self.queue.max_batch));
+        }
+        if self.queue.capacity == 0 {
+            return bad("queue.capacity", "must be at least 1".into());
+        }
+        if self.limits.max_n == 0 || self.limits.max_n > self.queue.max_batch {
+            return bad(
+                "limits.max_n",
+                format!("must be between 1 and queue.max_batch ({}), got {}", self.queue.max_batch, self.limits.max_n),
+            );
+        }
+        if self.limits.max_steps == 0 {
+            return bad("limits.max_steps", "must be at least 1".into());
+        }
+        if !(self.limits.max_guidance.is_finite() && self.limits.max_guidance >= 1.0) {
+            return bad("limits.max_guidance", format!("must be a finite number >= 1, got {}", self.limits.max_guidance));
+        }
+        if let Some(empty) = self.auth.api_keys.iter().position(|k| k.trim().len() < 8) {
+            return bad("auth.api_keys", format!("key #{empty} is shorter than 8 characters"));
+        }
+        if self.auth.rate_limit_per_minute > 0 && self.auth.rate_limit_burst == 0 {
+            return bad("auth.rate_limit_burst", "must be at least 1 when a rate limit is set".into());
+        }
+        for origin in &self.server.cors_origins {
+            if origin.parse::<axum::http::HeaderValue>().is_err() || !origin.starts_with("http") {
+                return bad("server.cors_origins", format!("{origin:?} is not an origin like https://example.com"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> std::result::Result<SocketAddr, std::net::AddrParseError> {
+        self.server.listen.parse()
+    }
+}

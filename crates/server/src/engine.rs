@@ -1,0 +1,58 @@
+//! What the server needs from an engine: a model config and a blocking batched `generate`.
+//! The real one wraps `EngineHandle`; tests use `testing::FakeEngine`.
+
+use std::sync::Arc;
+
+use flowgen_engine::handle::Progress;
+use flowgen_engine::image::Image;
+use flowgen_engine::{EngineHandle, GenerationRequest, ModelConfig, SolveStats};
+
+pub struct EngineOutput {
+    pub images: Vec<Image>,
+    pub stats: SolveStats,
+}
+
+pub trait Engine: Send + Sync + 'static {
+    fn config(&self) -> &ModelConfig;
+    /// Runs on a blocking thread; `progress` returning `Break` cancels with `Error::Cancelled`.
+    fn generate(&self, request: GenerationRequest, progress: Progress) -> flowgen_engine::Result<EngineOutput>;
+}
+
+impl Engine for EngineHandle {
+    fn config(&self) -> &ModelConfig {
+        EngineHandle::config(self)
+    }
+
+    fn generate(&self, request: GenerationRequest, progress: Progress) -> flowgen_engine::Result<EngineOutput> {
+        let generation = EngineHandle::generate(self, request, progress)?;
+        Ok(EngineOutput { images: generation.images, stats: generation.stats })
+    }
+}
+
+/// The served models by name; the first is the default.
+#[derive(Clone)]
+pub struct Models {
+    entries: Vec<(String, Arc<dyn Engine>)>,
+}
+
+impl Models {
+    pub fn new(engines: Vec<Arc<dyn Engine>>) -> Self {
+        Models { entries: engines.into_iter().map(|e| (e.config().name.clone(), e)).collect() }
+    }
+
+    pub fn default_name(&self) -> Option<&str> {
+        self.entries.first().map(|(n, _)| n.as_str())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Engine>> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, e)| e)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Engine>> {
+        self.entries.iter().map(|(_, e)| e)
+    }
+}

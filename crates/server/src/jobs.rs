@@ -1,0 +1,406 @@
+//! In-memory job table and priority queue. The SQLite journal is the source of truth for what was
+//! accepted and how it ended; this table serves reads, queue order and progress.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use crate::api::{BatchKey, JobSpec, JobStatus, JobView};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::StoredJob;
+
+/// What SSE subscribers watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub status: JobStatus,
+    pub position: Option<usize>,
+    pub step: usize,
+    pub total: Option<usize>,
+}
+
+struct Entry {
+    job: StoredJob,
+    spec: Arc<JobSpec>,
+    enqueued: Instant,
+    events: Arc<watch::Sender<Snapshot>>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// A job handed to the batcher.
+#[derive(Clone)]
+pub struct BatchJob {
+    pub id: String,
+    pub spec: Arc<JobSpec>,
+    pub events: Arc<watch::Sender<Snapshot>>,
+    pub cancel: Arc<AtomicBool>,
+    pub waited: Duration,
+}
+
+pub enum Admission {
+    /// Go ahead and journal this job under this id.
+    New(String),
+    /// The Idempotency-Key was seen before with the same body.
+    Existing(String),
+}
+
+pub enum CancelOutcome {
+    NotFound,
+    AlreadyFinal(JobStatus),
+    Cancellable,
+}
+
+#[derive(Default)]
+struct Inner {
+    queues: [VecDeque<String>; 3],
+    entries: HashMap<String, Entry>,
+    idempotency: HashMap<(String, String), (String, String)>,
+    reserved: usize,
+    /// Images per second over recent batches, for Retry-After.
+    throughput: f64,
+}
+
+pub struct Jobs {
+    inner: Mutex<Inner>,
+    pub wake: Notify,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Jobs {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+        Jobs { inner: Mutex::new(Inner::default()), wake: Notify::new(), capacity, metrics }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Load the journal at start-up; queued jobs keep their acceptance order.
+    pub fn restore(&self, jobs: Vec<StoredJob>) {
+        let mut inner = self.lock();
+        for job in jobs {
+            let queued = job.status == JobStatus::Queued;
+            let id = job.id.clone();
+            insert(&mut inner, job);
+            if queued {
+                let rank = inner.entries[&id].spec.priority.rank();
+                inner.queues[rank].push_back(id);
+            }
+        }
+        self.refresh(&mut inner);
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    /// Check idempotency and capacity, and hold a queue slot for a job about to be journaled.
+    pub fn admit(&self, owner: &str, idempotency_key: Option<&str>, request_hash: &str) -> Result<Admission, ApiError> {
+        let mut inner = self.lock();
+        if let Some(key) = idempotency_key {
+            if let Some((id, hash)) = inner.idempotency.get(&(owner.to_string(), key.to_string())) {
+                if hash == request_hash {
+                    return Ok(Admission::Existing(id.clone()));
+                }
+                return Err(ApiError::Conflict(format!(
+                    "Idempotency-Key {key:?} was used for a different request (job {id})"
+                )));
+            }
+        }
+        let queued: usize = inner.queues.iter().map(VecDeque::len).sum();
+        if queued + inner.reserved >= self.capacity {
+            let images: usize = inner.queues.iter().flatten().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
+            let retry = if inner.throughput > 0.0 { (images as f64 / inner.throughput).ceil() as u64 } else { 5 };
+            self.metrics.rejected("queue_full");
+            return Err(ApiError::Overloaded {
+                message: format!("the queue is full ({} jobs); retry later", self.capacity),
+                retry_after_s: retry.clamp(1, 300),
+            });
+        }
+        inner.reserved += 1;
+        let id = format!("gen_{}", uuid::Uuid::new_v4().simple());
+        if let Some(key) = idempotency_key {
+            inner.idempotency.insert((owner.to_string(), key.to_string()), (id.clone(), request_hash.to_string()));
+        }
+        Ok(Admission::New(id))
+    }
+
+    /// The journal refused the job: release its slot.
+    pub fn abandon(&self, owner: &str, idempotency_key: Option<&str>) {
+        let mut inner = self.lock();
+        inner.reserved = inner.reserved.saturating_sub(1);
+        if let Some(key) = idempotency_key {
+            inner.idempotency.remove(&(owner.to_string(), key.to_string()));
+        }
+    }
+
+    /// The job is journaled: queue it.
+    pub fn enqueue(&self, job: StoredJob) {
+        let mut inner = self.lock();
+        inner.reserved = inner.reserved.saturating_sub(1);
+        let id = job.id.clone();
+        let rank = job.spec.priority.rank();
+        insert(&mut inner, job);
+        inner.queues[rank].push_back(id);
+        self.refresh(&mut inner);
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    pub fn owner(&self, id: &str) -> Option<String> {
+        self.lock().entries.get(id).map(|e| e.job.owner.clone())
+    }
+
+    pub fn view(&self, id: &str) -> Option<JobView> {
+        let inner = self.lock();
+        inner.entries.get(id).map(view_of)
+    }
+
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
+        self.lock().entries.get(id).map(|e| e.events.subscribe())
+    }
+
+    pub fn status(&self, id: &str) -> Option<JobStatus> {
+        self.lock().entries.get(id).map(|e| e.job.status)
+    }
+
+    pub fn can_cancel(&self, id: &str) -> CancelOutcome {
+        match self.lock().entries.get(id) {
+            None => CancelOutcome::NotFound,
+            Some(e) if e.job.status.is_final() => CancelOutcome::AlreadyFinal(e.job.status),
+            Some(_) => CancelOutcome::Cancellable,
+        }
+    }
+
+    /// The journal recorded the cancellation: drop it from the queue or flag it for the batcher.
+    pub fn mark_cancelled(&self, id: &str) {
+        let mut inner = self.lock();
+        for q in inner.queues.iter_mut() {
+            q.retain(|x| x != id);
+        }
+        if let Some(e) = inner.entries.get_mut(id) {
+            e.cancel.store(true, Ordering::SeqCst);
+            e.job.status = JobStatus::Cancelled;
+            e.job.finished_ms = Some(now_ms());
+            e.events.send_modify(|s| {
+                s.status = JobStatus::Cancelled;
+                s.position = None;
+            });
+        }
+        self.metrics.job_finished("cancelled");
+        self.refresh(&mut inner);
+    }
+
+    /// The head job's batch key, when it was queued, and how many compatible images are waiting.
+    pub fn head(&self) -> Option<(BatchKey, Instant, usize)> {
+        let inner = self.lock();
+        let head_id = inner.queues.iter().flatten().next()?;
+        let head = inner.entries.get(head_id)?;
+        let key = head.spec.batch_key();
+        let images = inner
+            .queues
+            .iter()
+            .flatten()
+            .filter_map(|id| inner.entries.get(id))
+            .filter(|e| e.spec.batch_key() == key)
+            .map(|e| e.spec.n())
+            .sum();
+        Some((key, head.enqueued, images))
+    }
+
+    /// Take the head job and every compatible queued job that fits, in priority then FIFO order.
+    pub fn take_batch(&self, max_images: usize) -> Vec<BatchJob> {
+        let mut inner = self.lock();
+        let Some(key) = inner.queues.iter().flatten().next().and_then(|id| inner.entries.get(id)).map(|e| e.spec.batch_key())
+        else {
+            return Vec::new();
+        };
+        let mut chosen = Vec::new();
+        let mut images = 0;
+        for rank in 0..3 {
+            let ids: Vec<String> = inner.queues[rank].iter().cloned().collect();
+            for id in ids {
+                let Some(e) = inner.entries.get(&id) else { continue };
+                if e.spec.batch_key() != key || images + e.spec.n() > max_images {
+                    continue;
+                }
+                images += e.spec.n();
+                chosen.push(id);
+            }
+        }
+        let started = now_ms();
+        let now = Instant::now();
+        let mut batch = Vec::with_capacity(chosen.len());
+        for id in &chosen {
+            for q in inner.queues.iter_mut() {
+                q.retain(|x| x != id);
+            }
+            if let Some(e) = inner.entries.get_mut(id) {
+                e.job.status = JobStatus::Running;
+                e.job.started_ms = Some(started);
+                e.job.attempts += 1;
+                e.events.send_modify(|s| {
+                    s.status = JobStatus::Running;
+                    s.position = None;
+                    s.step = 0;
+                });
+                batch.push(BatchJob {
+                    id: id.clone(),
+                    spec: e.spec.clone(),
+                    events: e.events.clone(),
+                    cancel: e.cancel.clone(),
+                    waited: now.saturating_duration_since(e.enqueued),
+                });
+            }
+        }
+        self.refresh(&mut inner);
+        batch
+    }
+
+    pub fn mark_succeeded(&self, id: &str, finished_ms: i64, nfe: usize, inference_ms: i64) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get_mut(id) {
+            if e.job.status != JobStatus::Running {
+                return;
+            }
+            e.job.status = JobStatus::Succeeded;
+            e.job.finished_ms = Some(finished_ms);
+            e.job.nfe = Some(nfe);
+            e.job.inference_ms = Some(inference_ms);
+            e.events.send_modify(|s| s.status = JobStatus::Succeeded);
+            self.metrics.job_finished("succeeded");
+        }
+    }
+
+    pub fn mark_failed(&self, id: &str, error: &str) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get_mut(id) {
+            if e.job.status.is_final() {
+                return;
+            }
+            e.job.status = JobStatus::Failed;
+            e.job.finished_ms = Some(now_ms());
+            e.job.error = Some(error.to_string());
+            e.events.send_modify(|s| s.status = JobStatus::Failed);
+            self.metrics.job_finished("failed");
+        }
+    }
+
+    /// Put jobs whose batch never started back at the head of their queues.
+    pub fn requeue_front(&self, ids: &[String]) {
+        let mut inner = self.lock();
+        for id in ids.iter().rev() {
+            let Some(e) = inner.entries.get_mut(id) else { continue };
+            if e.job.status != JobStatus::Running {
+                continue;
+            }
+            e.job.status = JobStatus::Queued;
+            e.job.attempts = e.job.attempts.saturating_sub(1);
+            e.events.send_modify(|s| s.status = JobStatus::Queued);
+            let rank = e.spec.priority.rank();
+            inner.queues[rank].push_front(id.clone());
+        }
+        self.refresh(&mut inner);
+    }
+
+    pub fn record_throughput(&self, images: usize, seconds: f64) {
+        if seconds <= 0.0 {
+            return;
+        }
+        let mut inner = self.lock();
+        let rate = images as f64 / seconds;
+        inner.throughput = if inner.throughput > 0.0 { 0.8 * inner.throughput + 0.2 * rate } else { rate };
+    }
+
+    pub fn queued(&self) -> usize {
+        self.lock().queues.iter().map(VecDeque::len).sum()
+    }
+
+    pub fn forget(&self, ids: &[String]) {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Some(e) = inner.entries.remove(id) {
+                if let Some(key) = e.job.idempotency_key {
+                    inner.idempotency.remove(&(e.job.owner, key));
+                }
+            }
+        }
+    }
+
+    /// Queue positions and gauges after any queue change.
+    fn refresh(&self, inner: &mut Inner) {
+        let mut position = 0;
+        let mut images = 0;
+        for id in inner.queues.iter().flatten() {
+            if let Some(e) = inner.entries.get(id) {
+                e.events.send_if_modified(|s| {
+                    let changed = s.position != Some(position);
+                    s.position = Some(position);
+                    changed
+                });
+                images += e.spec.n();
+            }
+            position += 1;
+        }
+        self.metrics.queue_depth.set(position as i64);
+        self.metrics.queued_images.set(images as i64);
+    }
+}
+
+fn insert(inner: &mut Inner, job: StoredJob) {
+    let snapshot = Snapshot { status: job.status, position: None, step: 0, total: None };
+    let (events, _) = watch::channel(snapshot);
+    if let Some(key) = &job.idempotency_key {
+        inner.idempotency.insert((job.owner.clone(), key.clone()), (job.id.clone(), job.request_hash.clone()));
+    }
+    let entry = Entry {
+        spec: Arc::new(job.spec.clone()),
+        enqueued: Instant::now(),
+        events: Arc::new(events),
+        cancel: Arc::new(AtomicBool::new(job.status == JobStatus::Cancelled)),
+        job,
+    };
+    inner.entries.insert(entry.job.id.clone(), entry);
+}
+
+fn view_of(e: &Entry) -> JobView {
+    let snap = e.events.borrow().clone();
+    let job = &e.job;
+    let spec = &e.spec;
+    let images = if job.status == JobStatus::Succeeded {
+        (0..spec.n()).map(|i| format!("/v1/generations/{}/images/{i}", job.id)).collect()
+    } else {
+        Vec::new()
+    };
+    JobView {
+        id: job.id.clone(),
+        status: job.status,
+        model: spec.model.clone(),
+        queue_position: if job.status == JobStatus::Queued { snap.position } else { None },
+        step: if job.status == JobStatus::Succeeded { snap.total.unwrap_or(snap.step) } else { snap.step },
+        total: snap.total,
+        n: spec.n(),
+        labels: spec.labels.clone(),
+        seeds: spec.seeds.clone(),
+        sampler: spec.sampler.clone(),
+        steps: spec.steps,
+        guidance: spec.guidance,
+        schedule: spec.schedule.clone(),
+        priority: spec.priority,
+        created_at_ms: job.created_ms,
+        started_at_ms: job.started_ms,
+        finished_at_ms: job.finished_ms,
+        queue_seconds: job.started_ms.map(|s| (s - job.created_ms).max(0) as f64 / 1000.0),
+        inference_seconds: job.inference_ms.map(|ms| ms as f64 / 1000.0),
+        nfe: job.nfe,
+        attempts: job.attempts,
+        images,
+        error: job.error.clone(),
+    }
+}

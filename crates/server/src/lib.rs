@@ -1,0 +1,48 @@
+//! flowgen-server: the engine behind an HTTP API that queues, batches, journals and streams jobs.
+
+pub mod api;
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod routes;
+pub mod state;
+pub mod store;
+pub mod testing;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{Overrides, ServerConfig};
+pub use engine::{Engine, Models};
+pub use error::{ApiError, Result, ServerError};
+pub use routes::app;
+pub use state::AppState;
+
+/// Serve `state` on `listener` until `shutdown` resolves, then drain: readiness 503, no new jobs,
+/// the running batch gets `server.shutdown_grace_s` to finish, queued jobs stay journaled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let router = app(state.clone());
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
+    let draining = state.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!(queued = draining.jobs.queued(), "shutdown requested: draining");
+            draining.begin_drain();
+            if draining.wait_for_batcher(grace).await {
+                tracing::info!("running batch finished; queued jobs stay in the journal");
+            } else {
+                tracing::warn!(grace_s = grace.as_secs(), "running batch did not finish in the grace period; it reruns at the next start");
+            }
+        })
+        .await
+        .map_err(|error| ServerError::Io { context: "serving HTTP".into(), error })
+}

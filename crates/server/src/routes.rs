@@ -1,0 +1,524 @@
+//! HTTP routes, the OpenAPI document and the SSE progress stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::stream::{self, Stream};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_scalar::{Scalar, Servable};
+
+use crate::api::{
+    self, GenerationBody, JobStatus, JobView, LabelValue, Limits, ModelInfo, ModelsResponse, OpenAiImage,
+    OpenAiImageRequest, OpenAiImageResponse, Priority,
+};
+use crate::error::{ApiError, ErrorBody};
+use crate::jobs::{now_ms, Admission, CancelOutcome, Snapshot};
+use crate::state::AppState;
+use crate::store::StoredJob;
+
+type AppResult<T> = Result<T, ApiError>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "flowgen", description = "Flow-matching image generation: queued jobs, progress, cancellation."),
+    paths(create_generation, get_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
+    components(schemas(GenerationBody, LabelValue, JobView, JobStatus, Priority, ErrorBody, ModelsResponse, ModelInfo, Limits, OpenAiImageRequest, OpenAiImageResponse, OpenAiImage)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// The router; `serve` binds it, tests drive it with `oneshot`.
+pub fn app(state: Arc<AppState>) -> Router {
+    let cfg = &state.config.server;
+    let timeout = Duration::from_secs(cfg.request_timeout_s);
+    // Everything but the synchronous endpoint (it has its own deadline) and SSE (it streams).
+    let bounded = Router::new()
+        .route("/v1/generations", post(create_generation))
+        .route("/v1/generations/{id}", get(get_generation))
+        .route("/v1/generations/{id}/cancel", post(cancel_generation))
+        .route("/v1/generations/{id}/images/{index}", get(generation_image))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
+    let mut router = Router::new()
+        .merge(bounded)
+        .route("/v1/generations/{id}/events", get(generation_events))
+        .route("/v1/images/generations", post(openai_generate))
+        .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
+        .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+        .layer(TraceLayer::new_for_http());
+    if !cfg.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = cfg.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "idempotency-key".parse().unwrap_or(header::ACCEPT)]),
+        );
+    }
+    router.with_state(state)
+}
+
+/// The authenticated caller (a hash of its API key, or "anonymous" when auth is off).
+pub struct Caller(pub String);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        state.authenticate(header).map(Caller)
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> AppResult<T> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("the request body exceeds the limit of {limit} bytes"))
+        } else {
+            ApiError::Malformed(rejection.body_text())
+        }
+    })?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::Malformed(format!("the body is not valid JSON: {inner}"))
+        } else {
+            let field = if path == "." { "body".to_string() } else { path };
+            ApiError::validation(field, inner.to_string())
+        }
+    })
+}
+
+/// 404 for an unknown job, 403 for another key's job.
+fn owned_view(state: &AppState, caller: &Caller, id: &str) -> AppResult<JobView> {
+    let owner = state.jobs.owner(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
+    if owner != caller.0 {
+        return Err(ApiError::Forbidden(format!("job {id:?} belongs to another API key")));
+    }
+    state.jobs.view(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::error::Result<T> + Send + 'static) -> AppResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
+}
+
+/// Journal a validated job, then queue it; returns the id and whether it is new.
+async fn submit(
+    state: &Arc<AppState>,
+    owner: &str,
+    idempotency_key: Option<String>,
+    request_hash: String,
+    spec: api::JobSpec,
+) -> AppResult<(String, bool)> {
+    if state.is_draining() {
+        state.metrics.rejected("draining");
+        return Err(ApiError::Unavailable("the server is shutting down and accepts no new jobs".into()));
+    }
+    match state.jobs.admit(owner, idempotency_key.as_deref(), &request_hash)? {
+        Admission::Existing(id) => Ok((id, false)),
+        Admission::New(id) => {
+            let job = StoredJob {
+                id: id.clone(),
+                owner: owner.to_string(),
+                idempotency_key: idempotency_key.clone(),
+                request_hash,
+                spec,
+                status: JobStatus::Queued,
+                created_ms: now_ms(),
+                started_ms: None,
+                finished_ms: None,
+                error: None,
+                nfe: None,
+                attempts: 0,
+                inference_ms: None,
+            };
+            let store = state.store.clone();
+            let record = job.clone();
+            match blocking(move || store.insert(&record)).await {
+                Ok(()) => {
+                    tracing::info!(job = %id, images = job.spec.n(), sampler = %job.spec.sampler, steps = job.spec.steps, "job accepted");
+                    state.jobs.enqueue(job);
+                    Ok((id, true))
+                }
+                Err(err) => {
+                    state.jobs.abandon(owner, idempotency_key.as_deref());
+                    Err(err)
+                }
+            }
+        }
+    }
+}
+
+fn hash_json<T: serde::Serialize>(value: &T) -> String {
+    let text = serde_json::to_string(value).unwrap_or_default();
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Queue a generation job.
+#[utoipa::path(post, path = "/v1/generations", request_body = GenerationBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeat a submission safely: the same key and body return the same job")),
+    responses(
+        (status = 202, description = "Accepted; poll the Location", body = JobView),
+        (status = 200, description = "Idempotent replay of an earlier submission", body = JobView),
+        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, description = "A field is invalid; `field` names it", body = ErrorBody),
+        (status = 429, description = "Queue full or rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn create_generation(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Response> {
+    state.check_rate(&caller.0)?;
+    let body: GenerationBody = parse_body(body, state.config.server.body_limit_bytes)?;
+    let spec = api::validate(&body, &state.models, &state.config.limits)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            _ => return Err(ApiError::validation("Idempotency-Key", "must be 1 to 255 visible ASCII characters")),
+        },
+    };
+    let (id, new) = submit(&state, &caller.0, idempotency_key, hash_json(&body), spec).await?;
+    let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished after submission")))?;
+    let status = if new { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let mut response = (status, Json(view)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/generations/{id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// A job's status, progress, timings, seeds and image URLs.
+#[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = JobView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_generation(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Json<JobView>> {
+    owned_view(&state, &caller, &id).map(Json)
+}
+
+/// Cancel a job: a queued one at once, a running one within one sampler step (batch-mates go on).
+#[utoipa::path(post, path = "/v1/generations/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn cancel_generation(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Json<JobView>> {
+    owned_view(&state, &caller, &id)?;
+    match state.jobs.can_cancel(&id) {
+        CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id:?}"))),
+        CancelOutcome::AlreadyFinal(status) => {
+            return Err(ApiError::Conflict(format!("job {id} already {}", status.as_str())));
+        }
+        CancelOutcome::Cancellable => {}
+    }
+    let store = state.store.clone();
+    let target = id.clone();
+    // The journal decides races with the batcher: whichever final state lands first wins.
+    if blocking(move || store.finish(&target, JobStatus::Cancelled, now_ms(), Some("cancelled by the client"))).await? {
+        state.jobs.mark_cancelled(&id);
+        tracing::info!(job = %id, "job cancelled");
+    } else {
+        let status = state.jobs.status(&id).map(JobStatus::as_str).unwrap_or("finished");
+        return Err(ApiError::Conflict(format!("job {id} already {status}")));
+    }
+    owned_view(&state, &caller, &id).map(Json)
+}
+
+/// One generated PNG (with the generation parameters as text chunks).
+#[utoipa::path(get, path = "/v1/generations/{id}/images/{index}", params(("id" = String, Path), ("index" = usize, Path)),
+    responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, description = "Not finished", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn generation_image(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((id, index)): Path<(String, usize)>,
+) -> AppResult<Response> {
+    let view = owned_view(&state, &caller, &id)?;
+    if view.status != JobStatus::Succeeded {
+        return Err(ApiError::Conflict(format!("job {id} is {} and has no images", view.status.as_str())));
+    }
+    if index >= view.n {
+        return Err(ApiError::NotFound(format!("job {id} has images 0..{}", view.n - 1)));
+    }
+    let store = state.store.clone();
+    let target = id.clone();
+    let png = blocking(move || store.image(&target, index))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png".to_string()),
+            (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
+            (header::CONTENT_DISPOSITION, format!("inline; filename=\"{id}-{index}.png\"")),
+        ],
+        png,
+    )
+        .into_response())
+}
+
+/// Server-Sent Events: queued (with position), started, progress, then succeeded | failed | cancelled.
+#[utoipa::path(get, path = "/v1/generations/{id}/events", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", description = "A late subscriber first gets the current state"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn generation_events(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Response> {
+    owned_view(&state, &caller, &id)?;
+    let rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
+    let mut response = Sse::new(event_stream(state, id, rx)).keep_alive(KeepAlive::default()).into_response();
+    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+struct EventCursor {
+    state: Arc<AppState>,
+    id: String,
+    rx: watch::Receiver<Snapshot>,
+    draining: watch::Receiver<bool>,
+    last: Option<Snapshot>,
+    pending: std::collections::VecDeque<Event>,
+    done: bool,
+}
+
+fn event(name: &str, data: serde_json::Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+impl EventCursor {
+    /// Events that take a subscriber from `last` to `now`, in order.
+    fn transitions(&mut self, now: Snapshot) {
+        let id = self.id.clone();
+        let prev = self.last.clone();
+        let was = prev.as_ref().map(|p| p.status);
+        match now.status {
+            JobStatus::Queued => {
+                if prev.as_ref().map(|p| (p.status, p.position)) != Some((JobStatus::Queued, now.position)) {
+                    self.pending.push_back(event("queued", serde_json::json!({"id": id, "status": "queued", "queue_position": now.position})));
+                }
+            }
+            JobStatus::Running | JobStatus::Succeeded | JobStatus::Failed => {
+                if was.is_none_or(|s| s == JobStatus::Queued) && (now.status == JobStatus::Running || was.is_some()) {
+                    self.pending.push_back(event("started", serde_json::json!({"id": id, "status": "running"})));
+                }
+                let last_step = prev.as_ref().map(|p| p.step).unwrap_or(0);
+                if now.status == JobStatus::Running && now.step > 0 && (now.step != last_step || was != Some(JobStatus::Running)) {
+                    self.pending.push_back(event("progress", serde_json::json!({"id": id, "step": now.step, "total": now.total})));
+                }
+            }
+            JobStatus::Cancelled => {}
+        }
+        if now.status.is_final() {
+            let view = self.state.jobs.view(&self.id);
+            self.pending.push_back(event(now.status.as_str(), serde_json::to_value(view).unwrap_or_default()));
+            self.done = true;
+        }
+        self.last = Some(now);
+    }
+}
+
+fn event_stream(state: Arc<AppState>, id: String, rx: watch::Receiver<Snapshot>) -> impl Stream<Item = Result<Event, Infallible>> {
+    let draining = state.draining_receiver();
+    let cursor = EventCursor { state, id, rx, draining, last: None, pending: Default::default(), done: false };
+    stream::unfold(cursor, |mut c| async move {
+        loop {
+            if let Some(ev) = c.pending.pop_front() {
+                return Some((Ok(ev), c));
+            }
+            if c.done {
+                return None;
+            }
+            if c.last.is_some() {
+                tokio::select! {
+                    changed = c.rx.changed() => if changed.is_err() { return None },
+                    _ = c.draining.wait_for(|d| *d) => return None,
+                }
+            }
+            let now = c.rx.borrow_and_update().clone();
+            c.transitions(now);
+        }
+    })
+}
+
+fn prompt_label(prompt: &str) -> LabelValue {
+    // "7", "seven", "a seven", "digit 7": the last word names the class.
+    let word = prompt.split_whitespace().last().unwrap_or("").trim_matches(|c: char| !c.is_alphanumeric());
+    match word.parse::<i64>() {
+        Ok(i) => LabelValue::Index(i),
+        Err(_) => LabelValue::Name(word.to_lowercase()),
+    }
+}
+
+/// OpenAI-compatible synchronous generation: `prompt` names the class ("7" or "seven").
+#[utoipa::path(post, path = "/v1/images/generations", request_body = OpenAiImageRequest,
+    responses((status = 200, body = OpenAiImageResponse), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 504, description = "Not done in time; the job goes on (see error)", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn openai_generate(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<OpenAiImageResponse>> {
+    state.check_rate(&caller.0)?;
+    let req: OpenAiImageRequest = parse_body(body, state.config.server.body_limit_bytes)?;
+    let url_format = match req.response_format.as_deref() {
+        None | Some("b64_json") => false,
+        Some("url") => true,
+        Some(other) => return Err(ApiError::validation("response_format", format!("{other:?} is not b64_json or url"))),
+    };
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::validation("prompt", "name a class, e.g. \"7\" or \"seven\""));
+    }
+    let generation = GenerationBody {
+        model: req.model.clone(),
+        label: Some(prompt_label(&req.prompt)),
+        n: Some(req.n.unwrap_or(1)),
+        seed: req.seed,
+        ..Default::default()
+    };
+    let spec = api::validate(&generation, &state.models, &state.config.limits).map_err(|e| match e {
+        ApiError::Validation { field, message } if field == "label" => ApiError::validation("prompt", message),
+        other => other,
+    })?;
+    if let Some(size) = &req.size {
+        let cfg = state.models.get(&spec.model).map(|e| e.config().image_shape());
+        if let Some((_, h, w)) = cfg {
+            if size != &format!("{w}x{h}") && size != "auto" {
+                return Err(ApiError::validation("size", format!("this model makes {w}x{h} images, not {size}")));
+            }
+        }
+    }
+    let (id, _) = submit(&state, &caller.0, None, hash_json(&generation), spec).await?;
+    let mut rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    let mut draining = state.draining_receiver();
+    let deadline = Duration::from_secs(state.config.server.request_timeout_s);
+    let finished = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            r = rx.wait_for(|s| s.status.is_final()) => r.map(|s| s.status).ok(),
+            _ = draining.wait_for(|d| *d) => None,
+        }
+    })
+    .await;
+    let status = match finished {
+        Ok(Some(status)) => status,
+        Ok(None) => return Err(ApiError::Unavailable(format!("the server is shutting down; job {id} stays queued"))),
+        Err(_) => {
+            return Err(ApiError::Timeout(format!("job {id} did not finish in {}s; poll /v1/generations/{id}", deadline.as_secs())))
+        }
+    };
+    let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    if status != JobStatus::Succeeded {
+        return Err(ApiError::Internal(format!("job {id} {}: {}", status.as_str(), view.error.unwrap_or_default())));
+    }
+    let mut data = Vec::with_capacity(view.n);
+    for index in 0..view.n {
+        if url_format {
+            data.push(OpenAiImage { b64_json: None, url: Some(format!("/v1/generations/{id}/images/{index}")), revised_prompt: None });
+            continue;
+        }
+        let store = state.store.clone();
+        let target = id.clone();
+        let png = blocking(move || store.image(&target, index)).await?.ok_or_else(|| ApiError::Internal(format!("image {index} of {id} missing")))?;
+        data.push(OpenAiImage {
+            b64_json: Some(base64::engine::general_purpose::STANDARD.encode(png)),
+            url: None,
+            revised_prompt: None,
+        });
+    }
+    Ok(Json(OpenAiImageResponse { created: now_ms() / 1000, data }))
+}
+
+/// Served models, samplers and limits.
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelsResponse)), security(("bearer" = [])))]
+async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Json<ModelsResponse> {
+    let data = state
+        .models
+        .iter()
+        .map(|engine| {
+            let cfg = engine.config();
+            let (c, h, w) = cfg.image_shape();
+            ModelInfo {
+                id: cfg.name.clone(),
+                object: "model",
+                owned_by: "local",
+                description: cfg.description.clone(),
+                classes: cfg.network.sit.num_classes,
+                label_names: cfg.label_names.clone(),
+                image_shape: [c, h, w],
+                default_sampler: cfg.defaults.sampler.clone(),
+                default_steps: cfg.defaults.steps,
+                default_guidance: cfg.defaults.guidance,
+                guidance_supported: cfg.null_label().is_some(),
+            }
+        })
+        .collect();
+    let c = &state.config;
+    Json(ModelsResponse {
+        object: "list",
+        data,
+        samplers: flowgen_engine::samplers::SAMPLER_NAMES.to_vec(),
+        schedules: vec!["uniform", "shift:<alpha>", "<s0>,<s1>,...,1"],
+        limits: Limits {
+            max_n: c.limits.max_n,
+            max_steps: c.limits.max_steps,
+            max_guidance: c.limits.max_guidance,
+            max_batch: c.queue.max_batch,
+            queue_capacity: c.queue.capacity,
+            body_limit_bytes: c.server.body_limit_bytes,
+        },
+    })
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Alive")))]
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: models loaded and warmed up, not draining.
+#[utoipa::path(get, path = "/ready", responses((status = 200, description = "Ready"), (status = 503, description = "Warming up or draining")))]
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        Json(serde_json::json!({"status": "ready", "queued": state.jobs.queued()})).into_response()
+    } else {
+        let why = if state.is_draining() { "draining" } else { "warming_up" };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": why}))).into_response()
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+async fn metrics(State(state): State<Arc<AppState>>) -> AppResult<Response> {
+    let text = state.metrics.encode().map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}

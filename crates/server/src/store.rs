@@ -1,0 +1,223 @@
+//! The SQLite journal: a job is written here before it is acknowledged, and its images are written
+//! in the same transaction that marks it succeeded, so a crash at any point loses nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::api::{JobSpec, JobStatus};
+use crate::error::{Result, ServerError};
+
+/// One journaled job (without its images).
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    pub id: String,
+    pub owner: String,
+    pub idempotency_key: Option<String>,
+    pub request_hash: String,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub nfe: Option<usize>,
+    pub attempts: u32,
+    pub inference_ms: Option<i64>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    error TEXT,
+    nfe INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    inference_ms INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS images (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    png BLOB NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+";
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|error| ServerError::Io { context: format!("creating {}", data_dir.display()), error })?;
+        let path = data_dir.join("jobs.sqlite");
+        let conn = Connection::open(&path)?;
+        // WAL + FULL: a committed job survives a killed process and a power cut.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        // A panic while holding the lock leaves SQLite consistent (transactions roll back), so go on.
+        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn)
+    }
+
+    pub fn insert(&self, job: &StoredJob) -> Result<()> {
+        let spec = serde_json::to_string(&job.spec).map_err(|e| ServerError::Corrupt { id: job.id.clone(), message: e.to_string() })?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (id, owner, idempotency_key, request_hash, spec, status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![job.id, job.owner, job.idempotency_key, job.request_hash, spec, job.status.as_str(), job.created_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Jobs the engine is starting now; counts an attempt each.
+    pub fn mark_running(&self, ids: &[String], started_ms: i64) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for id in ids {
+                tx.execute(
+                    "UPDATE jobs SET status = 'running', started_ms = ?2, attempts = attempts + 1 WHERE id = ?1 AND status IN ('queued', 'running')",
+                    params![id, started_ms],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Store the images and mark succeeded, atomically; false when the job was cancelled meanwhile.
+    pub fn finish_succeeded(&self, id: &str, finished_ms: i64, nfe: usize, inference_ms: i64, pngs: &[Vec<u8>]) -> Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let changed = tx.execute(
+                "UPDATE jobs SET status = 'succeeded', finished_ms = ?2, nfe = ?3, inference_ms = ?4 WHERE id = ?1 AND status = 'running'",
+                params![id, finished_ms, nfe as i64, inference_ms],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            for (i, png) in pngs.iter().enumerate() {
+                tx.execute("INSERT OR REPLACE INTO images (job_id, idx, png) VALUES (?1, ?2, ?3)", params![id, i as i64, png])?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Mark failed or cancelled unless already final; false when it was.
+    pub fn finish(&self, id: &str, status: JobStatus, finished_ms: i64, error: Option<&str>) -> Result<bool> {
+        self.with(|c| {
+            let changed = c.execute(
+                "UPDATE jobs SET status = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1 AND status IN ('queued', 'running')",
+                params![id, status.as_str(), finished_ms, error],
+            )?;
+            Ok(changed == 1)
+        })
+    }
+
+    /// After a crash: jobs that were running go back to the queue.
+    pub fn requeue_interrupted(&self) -> Result<usize> {
+        self.with(|c| Ok(c.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'", [])?))
+    }
+
+    /// Every journaled job in acceptance order.
+    pub fn load_all(&self) -> Result<Vec<StoredJob>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms FROM jobs ORDER BY seq",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                    r.get::<_, Option<i64>>(10)?,
+                    r.get::<_, i64>(11)?,
+                    r.get::<_, Option<i64>>(12)?,
+                ))
+            })?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                let (id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms) = row?;
+                let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| ServerError::Corrupt { id: id.clone(), message: e.to_string() })?;
+                let status = JobStatus::parse(&status)
+                    .ok_or_else(|| ServerError::Corrupt { id: id.clone(), message: format!("unknown status {status:?}") })?;
+                jobs.push(StoredJob {
+                    id,
+                    owner,
+                    idempotency_key,
+                    request_hash,
+                    spec,
+                    status,
+                    created_ms,
+                    started_ms,
+                    finished_ms,
+                    error,
+                    nfe: nfe.map(|v| v as usize),
+                    attempts: attempts as u32,
+                    inference_ms,
+                });
+            }
+            Ok(jobs)
+        })
+    }
+
+    pub fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
+        self.with(|c| {
+            Ok(c.query_row("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2", params![id, index as i64], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    /// Delete finished jobs (and images) that finished before `before_ms`; returns their ids.
+    pub fn expire(&self, before_ms: i64) -> Result<Vec<String>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_ms < ?1",
+                )?;
+                let rows = stmt.query_map(params![before_ms], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for id in &ids {
+                tx.execute("DELETE FROM images WHERE job_id = ?1", params![id])?;
+                tx.execute("DELETE FROM jobs WHERE id = ?1", params![id])?;
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+    }
+}

@@ -1,0 +1,456 @@
+//! Handler tests through `oneshot` with a fake engine: fast and deterministic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use flowgen_server::api::JobStatus;
+use flowgen_server::testing::FakeEngine;
+use flowgen_server::{app, AppState, Engine, Models, Overrides, ServerConfig};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Harness {
+    state: Arc<AppState>,
+    fake: Arc<FakeEngine>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(step_ms: u64, configure: impl FnOnce(&mut ServerConfig, &mut FakeEngine)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::default();
+    config.server.data_dir = dir.path().to_path_buf();
+    config.queue.max_wait_ms = 0;
+    let mut fake = FakeEngine::new("fake", Duration::from_millis(step_ms));
+    configure(&mut config, &mut fake);
+    config.validate().unwrap();
+    let fake = Arc::new(fake);
+    let state = AppState::start(config, Models::new(vec![fake.clone() as Arc<dyn Engine>])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state.is_ready() {
+        assert!(Instant::now() < deadline, "server never became ready");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fake.clear_batches();
+    Harness { state, fake, _dir: dir }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn call(h: &Harness, method: &str, uri: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = app(h.state.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+async fn submit(h: &Harness, body: Value) -> String {
+    let r = call(h, "POST", "/v1/generations", Some(body), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+async fn wait_for(h: &Harness, id: &str, status: JobStatus) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = h.state.jobs.view(id).unwrap();
+        if view.status == status {
+            return serde_json::to_value(view).unwrap();
+        }
+        assert!(Instant::now() < deadline, "job {id} stuck at {:?}, wanted {status:?}", view.status);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_poll_and_fetch_png() {
+    let h = harness(1, |_, _| {}).await;
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"labels": [7, "three"], "seed": 40, "steps": 3})), &[]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.headers[header::LOCATION], format!("/v1/generations/{id}"));
+    assert_eq!(r.json()["seeds"], json!([40, 41]));
+    wait_for(&h, &id, JobStatus::Succeeded).await;
+    let view = call(&h, "GET", &format!("/v1/generations/{id}"), None, &[]).await.json();
+    assert_eq!(view["status"], "succeeded");
+    assert_eq!(view["step"], 3);
+    assert_eq!(view["images"].as_array().unwrap().len(), 2);
+    assert!(view["inference_seconds"].as_f64().is_some() && view["queue_seconds"].as_f64().is_some());
+    let png = call(&h, "GET", &format!("/v1/generations/{id}/images/1"), None, &[]).await;
+    assert_eq!(png.status, StatusCode::OK);
+    assert_eq!(png.headers[header::CONTENT_TYPE], "image/png");
+    let (image, meta) = flowgen_engine::image::Image::from_png(&png.body).unwrap();
+    assert_eq!(image, h.fake.image_for(41, 3));
+    assert!(meta.contains(&("seed".to_string(), "41".to_string())), "{meta:?}");
+    assert_eq!(call(&h, "GET", &format!("/v1/generations/{id}/images/2"), None, &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(call(&h, "GET", "/v1/generations/gen_nope", None, &[]).await.status, StatusCode::NOT_FOUND);
+    let r = call(&h, "POST", "/v1/generations/gen_nope/cancel", None, &[]).await;
+    assert_eq!((r.status, r.json()["error_type"].clone()), (StatusCode::NOT_FOUND, json!("not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_field_is_named_with_its_limit() {
+    let h = harness(1, |_, _| {}).await;
+    let cases = [
+        (json!({"n": 0}), "n", "between 1 and 16"),
+        (json!({"n": 17}), "n", "between 1 and 16"),
+        (json!({"n": "two"}), "n", "invalid type"),
+        (json!({"steps": 0}), "steps", "between 1 and 256"),
+        (json!({"steps": 100000}), "steps", "256"),
+        (json!({"guidance": -1.0}), "guidance", "between 0 and 20"),
+        (json!({"guidance": 50}), "guidance", "20"),
+        (json!({"labels": [12]}), "labels[0]", "out of range"),
+        (json!({"labels": ["banana"]}), "labels[0]", "banana"),
+        (json!({"labels": []}), "labels", "empty"),
+        (json!({"label": 3, "labels": [4]}), "labels", "not both"),
+        (json!({"sampler": "magic"}), "sampler", "euler"),
+        (json!({"schedule": "/etc/passwd"}), "schedule", "uniform"),
+        (json!({"schedule": "0,0.7,0.5,1"}), "schedule", ""),
+        (json!({"priority": "urgent"}), "priority", "high, normal, low"),
+        (json!({"model": "nope"}), "model", "fake"),
+        (json!({"colour": "red"}), "colour", "unknown field"),
+    ];
+    for (body, field, needle) in cases {
+        let r = call(&h, "POST", "/v1/generations", Some(body.clone()), &[]).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let err = r.json();
+        assert_eq!(err["error_type"], "validation", "{body}");
+        assert_eq!(err["field"], field, "{body}: {err}");
+        assert!(err["error"].as_str().unwrap().contains(needle), "{body}: {err}");
+    }
+    let r = call(&h, "POST", "/v1/generations", None, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.state.jobs.queued(), 0, "nothing invalid was queued");
+    assert!(h.fake.batches().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_protect_v1_but_not_health_and_jobs_are_private() {
+    let h = harness(1, |c, _| c.auth.api_keys = vec!["key-alice-123".into(), "key-bob-4567".into()]).await;
+    let r = call(&h, "POST", "/v1/generations", Some(json!({})), &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Bearer");
+    let r = call(&h, "GET", "/v1/models", None, &[("authorization", "Bearer key-alice-124")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for open in ["/health", "/metrics", "/openapi.json", "/ready"] {
+        assert_eq!(call(&h, "GET", open, None, &[]).await.status, StatusCode::OK, "{open}");
+    }
+    let alice = [("authorization", "Bearer key-alice-123")];
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"label": 1})), &alice).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(call(&h, "GET", &format!("/v1/generations/{id}"), None, &alice).await.status, StatusCode::OK);
+    let bob = [("authorization", "Bearer key-bob-4567")];
+    let r = call(&h, "GET", &format!("/v1/generations/{id}"), None, &bob).await;
+    assert_eq!((r.status, r.json()["error_type"].clone()), (StatusCode::FORBIDDEN, json!("forbidden")));
+    assert_eq!(call(&h, "POST", &format!("/v1/generations/{id}/cancel"), None, &bob).await.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_and_rate_limits_429() {
+    let h = harness(1, |c, _| {
+        c.server.body_limit_bytes = 1024;
+        c.auth.rate_limit_per_minute = 1;
+        c.auth.rate_limit_burst = 2;
+    })
+    .await;
+    let big = json!({"schedule": "0,".repeat(600) + "1"});
+    let r = call(&h, "POST", "/v1/generations", Some(big), &[]).await;
+    assert_eq!((r.status, r.json()["error_type"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("too_large")));
+    // The 413 above spent one token of the burst of 2.
+    assert_eq!(call(&h, "POST", "/v1/generations", Some(json!({})), &[]).await.status, StatusCode::ACCEPTED);
+    let r = call(&h, "POST", "/v1/generations", Some(json!({})), &[]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let h = harness(1, |c, _| c.queue.capacity = 2).await;
+    h.fake.pause();
+    let running = submit(&h, json!({"steps": 1})).await;
+    wait_for(&h, &running, JobStatus::Running).await;
+    submit(&h, json!({"steps": 2})).await;
+    submit(&h, json!({"steps": 3})).await;
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"steps": 4})), &[]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json()["error_type"], "overloaded");
+    assert!(r.headers.contains_key(header::RETRY_AFTER));
+    h.fake.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_queued_at_once_and_running_without_hurting_batch_mates() {
+    let h = harness(2, |c, _| c.queue.max_wait_ms = 300).await;
+    h.fake.pause();
+    // Two compatible jobs within the batching window share one batch.
+    let doomed = submit(&h, json!({"label": 1, "seed": 10, "steps": 4})).await;
+    let mate = submit(&h, json!({"label": 2, "seed": 20, "steps": 4})).await;
+    wait_for(&h, &doomed, JobStatus::Running).await;
+    wait_for(&h, &mate, JobStatus::Running).await;
+    let queued = submit(&h, json!({"label": 3, "seed": 30, "steps": 5})).await;
+    let r = call(&h, "POST", &format!("/v1/generations/{queued}/cancel"), None, &[]).await;
+    assert_eq!((r.status, r.json()["status"].clone()), (StatusCode::OK, json!("cancelled")));
+    let r = call(&h, "POST", &format!("/v1/generations/{doomed}/cancel"), None, &[]).await;
+    assert_eq!((r.status, r.json()["status"].clone()), (StatusCode::OK, json!("cancelled")));
+    h.fake.resume();
+    wait_for(&h, &mate, JobStatus::Succeeded).await;
+    let png = call(&h, "GET", &format!("/v1/generations/{mate}/images/0"), None, &[]).await;
+    assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(20, 2));
+    assert_eq!(h.state.jobs.view(&doomed).unwrap().status, JobStatus::Cancelled);
+    assert_eq!(call(&h, "GET", &format!("/v1/generations/{doomed}/images/0"), None, &[]).await.status, StatusCode::CONFLICT);
+    assert_eq!(h.fake.batches(), vec![vec![10, 20]], "the cancelled queued job never ran");
+    let r = call(&h, "POST", &format!("/v1/generations/{mate}/cancel"), None, &[]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "a finished job cannot be cancelled");
+
+    // A running job alone stops within a step of the cancel, and the engine takes the next job.
+    let long = submit(&h, json!({"steps": 256, "seed": 99})).await;
+    wait_for(&h, &long, JobStatus::Running).await;
+    while h.state.jobs.view(&long).unwrap().step < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let step_at_cancel = h.state.jobs.view(&long).unwrap().step;
+    assert_eq!(call(&h, "POST", &format!("/v1/generations/{long}/cancel"), None, &[]).await.status, StatusCode::OK);
+    let next = submit(&h, json!({"steps": 1, "seed": 100})).await;
+    wait_for(&h, &next, JobStatus::Succeeded).await;
+    let stopped = h.fake.stopped_at();
+    assert_eq!(stopped.len(), 1);
+    assert!(stopped[0] <= step_at_cancel + 2 && stopped[0] < 256, "stopped at step {} after a cancel at {step_at_cancel}", stopped[0]);
+}
+
+/// Read SSE events (name, data) until a final one.
+async fn read_events(h: &Harness, id: &str) -> Vec<(String, Value)> {
+    let req = Request::get(format!("/v1/generations/{id}/events")).body(Body::empty()).unwrap();
+    let resp = app(h.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while let Some(frame) = tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let name = block.lines().find_map(|l| l.strip_prefix("event:")).map(|s| s.trim().to_string());
+            let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| serde_json::from_str(s.trim()).unwrap());
+            if let (Some(name), Some(data)) = (name, data) {
+                events.push((name, data));
+            }
+        }
+        if events.last().is_some_and(|(n, _)| ["succeeded", "failed", "cancelled"].contains(&n.as_str())) {
+            break;
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_reports_queued_started_progress_then_done_in_order() {
+    let h = harness(15, |_, _| {}).await;
+    h.fake.pause();
+    let blocker = submit(&h, json!({"steps": 1, "seed": 1})).await;
+    wait_for(&h, &blocker, JobStatus::Running).await;
+    let id = submit(&h, json!({"steps": 6, "seed": 2})).await;
+    let reader = {
+        let h2 = Harness { state: h.state.clone(), fake: h.fake.clone(), _dir: tempfile::tempdir().unwrap() };
+        let id = id.clone();
+        tokio::spawn(async move { read_events(&h2, &id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.fake.resume();
+    let events = reader.await.unwrap();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"queued"), "{names:?}");
+    assert_eq!(events[0].1["queue_position"], 0);
+    assert_eq!(names.get(1), Some(&"started"), "{names:?}");
+    assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
+    let steps: Vec<u64> = events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    assert!(!steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]), "{names:?} {steps:?}");
+    assert!(events.iter().filter(|(n, _)| n == "progress").all(|(_, d)| d["total"] == 6));
+    assert_eq!(events.last().unwrap().1["images"].as_array().unwrap().len(), 1);
+    // A late subscriber gets the current (final) state at once.
+    let late = read_events(&h, &id).await;
+    assert_eq!(late.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["succeeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_same_job() {
+    let h = harness(1, |_, _| {}).await;
+    let key = [("idempotency-key", "order-42")];
+    let a = call(&h, "POST", "/v1/generations", Some(json!({"label": 5, "seed": 1})), &key).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let b = call(&h, "POST", "/v1/generations", Some(json!({"label": 5, "seed": 1})), &key).await;
+    assert_eq!(b.status, StatusCode::OK);
+    assert_eq!(a.json()["id"], b.json()["id"]);
+    let c = call(&h, "POST", "/v1/generations", Some(json!({"label": 6, "seed": 1})), &key).await;
+    assert_eq!((c.status, c.json()["error_type"].clone()), (StatusCode::CONFLICT, json!("conflict")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_then_fifo_and_compatible_jobs_batch_with_unchanged_seeds() {
+    let h = harness(1, |_, _| {}).await;
+    h.fake.pause();
+    let blocker = submit(&h, json!({"steps": 9, "seed": 1000})).await;
+    wait_for(&h, &blocker, JobStatus::Running).await;
+    // Different step counts keep these apart; priority decides the order.
+    let low = submit(&h, json!({"steps": 2, "seed": 300, "priority": "low"})).await;
+    let normal = submit(&h, json!({"steps": 3, "seed": 200})).await;
+    let high = submit(&h, json!({"steps": 4, "seed": 100, "priority": "high"})).await;
+    let view = call(&h, "GET", &format!("/v1/generations/{low}"), None, &[]).await.json();
+    assert_eq!(view["queue_position"], 2);
+    // Compatible with `normal`: joins its batch; two images each keep their own seeds.
+    let joiner = submit(&h, json!({"steps": 3, "seed": 500, "n": 2, "labels": [4, 8]})).await;
+    h.fake.resume();
+    for id in [&low, &normal, &high, &joiner] {
+        wait_for(&h, id, JobStatus::Succeeded).await;
+    }
+    assert_eq!(h.fake.batches(), vec![vec![1000], vec![100], vec![200, 500, 501], vec![300]]);
+    for (i, (seed, label)) in [(500u64, 4u32), (501, 8)].into_iter().enumerate() {
+        let png = call(&h, "GET", &format!("/v1/generations/{joiner}/images/{i}"), None, &[]).await;
+        assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(seed, label));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_error_or_panic_fails_only_its_job() {
+    let h = harness(1, |c, fake| {
+        c.queue.max_wait_ms = 200;
+        fake.fail_label = Some(3);
+        fake.panic_label = Some(9);
+    })
+    .await;
+    let bad = submit(&h, json!({"label": 3, "seed": 1})).await;
+    let panics = submit(&h, json!({"label": 9, "seed": 2})).await;
+    let good = submit(&h, json!({"label": 4, "seed": 3})).await;
+    let failed = wait_for(&h, &bad, JobStatus::Failed).await;
+    assert!(failed["error"].as_str().unwrap().contains("fails on this label"));
+    let panicked = wait_for(&h, &panics, JobStatus::Failed).await;
+    assert!(panicked["error"].as_str().unwrap().contains("panic"), "{panicked}");
+    wait_for(&h, &good, JobStatus::Succeeded).await;
+    let after = submit(&h, json!({"label": 5})).await;
+    wait_for(&h, &after, JobStatus::Succeeded).await;
+    let metrics = String::from_utf8(call(&h, "GET", "/metrics", None, &[]).await.body).unwrap();
+    assert!(metrics.contains("flowgen_failures_total{kind=\"panic\"} 1"), "{metrics}");
+    assert!(metrics.contains("flowgen_failures_total{kind=\"invalid\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_compatible_endpoint_models_and_docs() {
+    let h = harness(1, |_, _| {}).await;
+    let r = call(&h, "POST", "/v1/images/generations", Some(json!({"prompt": "seven", "n": 2, "seed": 7})), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let data = r.json()["data"].as_array().unwrap().clone();
+    assert_eq!(data.len(), 2);
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD.decode(data[1]["b64_json"].as_str().unwrap()).unwrap();
+    assert_eq!(flowgen_engine::image::Image::from_png(&png).unwrap().0, h.fake.image_for(8, 7));
+    let r = call(&h, "POST", "/v1/images/generations", Some(json!({"prompt": "a banana"})), &[]).await;
+    assert_eq!((r.status, r.json()["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("prompt")));
+    let r = call(&h, "POST", "/v1/images/generations", Some(json!({"prompt": "7", "size": "1024x1024"})), &[]).await;
+    assert_eq!(r.json()["field"], "size");
+    let models = call(&h, "GET", "/v1/models", None, &[]).await.json();
+    assert_eq!(models["data"][0]["id"], "fake");
+    assert_eq!(models["limits"]["max_n"], 16);
+    let spec = call(&h, "GET", "/openapi.json", None, &[]).await.json();
+    for path in ["/v1/generations", "/v1/generations/{id}/events", "/v1/images/generations", "/metrics"] {
+        assert!(spec["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
+    }
+    let docs = call(&h, "GET", "/docs", None, &[]).await;
+    assert_eq!(docs.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_jobs_and_readiness_turns_503() {
+    let h = harness(1, |_, _| {}).await;
+    assert_eq!(call(&h, "GET", "/ready", None, &[]).await.status, StatusCode::OK);
+    h.state.begin_drain();
+    let r = call(&h, "GET", "/ready", None, &[]).await;
+    assert_eq!((r.status, r.json()["status"].clone()), (StatusCode::SERVICE_UNAVAILABLE, json!("draining")));
+    let r = call(&h, "POST", "/v1/generations", Some(json!({})), &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(call(&h, "GET", "/health", None, &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let configure = |c: &mut ServerConfig, _: &mut FakeEngine| c.server.data_dir = dir.path().to_path_buf();
+    let (done, waiting);
+    {
+        let h = harness(1, configure).await;
+        done = submit(&h, json!({"seed": 1})).await;
+        wait_for(&h, &done, JobStatus::Succeeded).await;
+        h.state.begin_drain();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Journaled directly, as if accepted just before a crash.
+        waiting = "gen_restored".to_string();
+        h.state.store.insert(&flowgen_server::store::StoredJob {
+            id: waiting.clone(),
+            owner: "anonymous".into(),
+            idempotency_key: None,
+            request_hash: String::new(),
+            spec: flowgen_server::api::validate(&serde_json::from_value(json!({"seed": 5, "label": 2})).unwrap(), &h.state.models, &h.state.config.limits).unwrap(),
+            status: JobStatus::Running,
+            created_ms: 0,
+            started_ms: Some(0),
+            finished_ms: None,
+            error: None,
+            nfe: None,
+            attempts: 1,
+            inference_ms: None,
+        }).unwrap();
+        h.state.store.mark_running(&[waiting.clone()], 0).unwrap();
+    }
+    let h = harness(1, configure).await;
+    let view = wait_for(&h, &waiting, JobStatus::Succeeded).await;
+    assert_eq!(view["attempts"], 2);
+    let png = call(&h, "GET", &format!("/v1/generations/{waiting}/images/0"), None, &[]).await;
+    assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(5, 2));
+    assert_eq!(call(&h, "GET", &format!("/v1/generations/{done}/images/0"), None, &[]).await.status, StatusCode::OK);
+    assert_eq!(h.state.jobs.view(&done).unwrap().attempts, 1, "a finished job is not rerun");
+}
+
+#[test]
+fn config_file_documents_the_defaults_and_bad_keys_are_named() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+    let loaded = ServerConfig::load(Some(&shipped), &Overrides::default()).unwrap();
+    assert_eq!(loaded, ServerConfig::default(), "config/default.toml and the built-in defaults disagree");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[queue]\nmax_batch = 0\n").unwrap();
+    let err = ServerConfig::load(Some(&bad), &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("queue.max_batch"), "{err}");
+    std::fs::write(&bad, "[queue]\nmax_bach = 3\n").unwrap();
+    let err = ServerConfig::load(Some(&bad), &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("max_bach"), "{err}");
+    std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\n").unwrap();
+    let err = ServerConfig::load(Some(&bad), &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("server.listen"), "{err}");
+    let flags = Overrides { listen: Some("0.0.0.0:9000".into()), ..Default::default() };
+    assert_eq!(ServerConfig::load(Some(&shipped), &flags).unwrap().server.listen, "0.0.0.0:9000");
+}
