@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use flowgen_engine::image::Image;
 
+mod server;
+
 /// The `flowgen` binary of this build, rebuilt once per test run so it is never stale
 /// (cargo does not rebuild another package's binary for this test crate).
 fn flowgen_bin() -> PathBuf {
