@@ -58,6 +58,8 @@ struct Report {
     images_per_job: usize,
     max_batch: usize,
     raw_engine_images_per_s: f64,
+    raw_before_images_per_s: f64,
+    raw_after_images_per_s: f64,
     server_images_per_s: f64,
     ratio: f64,
     latency_p50_s: f64,
@@ -112,17 +114,21 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     };
     let nothing = || Box::new(|_: &flowgen_engine::StepReport| std::ops::ControlFlow::Continue(()));
     engine.generate(request(0, args.max_batch.min(total_images)), nothing()).context("warm-up")?;
+    // Raw throughput is measured before and after the server run and averaged, so drift in the
+    // machine's load (thermal, other processes) does not favour either side.
+    let raw_run = || -> Result<f64> {
+        let clock = Instant::now();
+        let mut done = 0;
+        while done < total_images {
+            let count = args.max_batch.min(total_images - done);
+            engine.generate(request(done, count), nothing()).context("raw engine run")?;
+            done += count;
+        }
+        Ok(total_images as f64 / clock.elapsed().as_secs_f64())
+    };
     eprintln!("raw engine: {total_images} images in batches of {}", args.max_batch);
-    let clock = Instant::now();
-    let mut done = 0;
-    while done < total_images {
-        let count = args.max_batch.min(total_images - done);
-        engine.generate(request(done, count), nothing()).context("raw engine run")?;
-        done += count;
-    }
-    let raw_rate = total_images as f64 / clock.elapsed().as_secs_f64();
-    eprintln!("raw engine: {raw_rate:.1} images/s");
-
+    let raw_before = raw_run()?;
+    eprintln!("raw engine: {raw_before:.1} images/s");
     let data_dir = tempfile::tempdir().context("temporary data directory")?;
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
@@ -203,6 +209,9 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         }
     }
     let _ = shutdown.send(());
+    let raw_after = raw_run()?;
+    eprintln!("raw engine again: {raw_after:.1} images/s");
+    let raw_rate = 0.5 * (raw_before + raw_after);
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     let mut lat = latencies.lock().map(|v| v.clone()).unwrap_or_default();
     lat.sort_by(f64::total_cmp);
@@ -216,6 +225,8 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         images_per_job: args.n,
         max_batch: args.max_batch,
         raw_engine_images_per_s: raw_rate,
+        raw_before_images_per_s: raw_before,
+        raw_after_images_per_s: raw_after,
         server_images_per_s: server_rate,
         ratio: server_rate / raw_rate,
         latency_p50_s: percentile(&lat, 50.0),
@@ -233,7 +244,10 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     println!("| metric | value |\n|---|---|");
     println!("| model / sampler / steps | {} / {} / {} |", report.model, report.sampler, report.steps);
     println!("| clients x jobs x images | {} x {} x {} |", report.clients, report.jobs, report.images_per_job);
-    println!("| raw engine images/s (batch {}) | {:.2} |", report.max_batch, report.raw_engine_images_per_s);
+    println!(
+        "| raw engine images/s (batch {}; before / after) | {:.2} ({:.2} / {:.2}) |",
+        report.max_batch, report.raw_engine_images_per_s, raw_before, raw_after
+    );
     println!("| server images/s | {:.2} |", report.server_images_per_s);
     println!("| server / raw | {:.3} |", report.ratio);
     println!("| latency p50 / p90 / p99 / max (s) | {:.3} / {:.3} / {:.3} / {:.3} |", report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s);
