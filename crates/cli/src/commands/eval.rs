@@ -3,11 +3,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
-use flowgen_engine::samplers::Dopri5Options;
 use flowgen_engine::{Pipeline, Sampler};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
-use flowgen_train::evaluate::{plot_sweep, sweep_samplers, to_csv, to_markdown, EvalContext};
+use flowgen_train::evaluate::{plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, SWEEP_STEPS};
 use indicatif::ProgressBar;
 
 #[derive(Args)]
@@ -21,6 +20,7 @@ pub struct EvalArgs {
     /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
     #[arg(long, default_value = "data/mnist")]
     data: PathBuf,
+    /// Sampler, or a comma-separated list evaluated on the same noise (one JSON object each).
     #[arg(long, default_value = "dopri5")]
     sampler: String,
     #[arg(long, default_value_t = 8)]
@@ -37,6 +37,9 @@ pub struct EvalArgs {
     /// Run the sampler x steps table (Euler, Heun, RK4 at 1..32 steps, and Dormand-Prince).
     #[arg(long)]
     sweep: bool,
+    /// Step counts of the sweep (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = SWEEP_STEPS)]
+    sweep_steps: Vec<usize>,
     /// Where --sweep writes sweep.csv and sweep.md.
     #[arg(long, default_value = "eval")]
     out: PathBuf,
@@ -54,15 +57,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let guidance = args.guidance.unwrap_or(pipeline.config().defaults.guidance);
     let mut ctx = EvalContext::new(&classifier, &train, &val, args.n, args.seed, guidance, &device)?;
     if !args.sweep {
-        let mut sampler = Sampler::parse(&args.sampler)?;
-        if sampler.is_adaptive() {
-            sampler = Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 });
+        for (i, name) in args.sampler.split(',').enumerate() {
+            let mut sampler = Sampler::parse(name)?;
+            if sampler.is_adaptive() {
+                sampler = reference_sampler();
+            }
+            let result = ctx.evaluate(&pipeline, &classifier, &sampler, args.steps, args.straightness && i == 0)?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
         }
-        let result = ctx.evaluate(&pipeline, &classifier, &sampler, args.steps, args.straightness)?;
-        println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
-    let table = sweep_samplers();
+    anyhow::ensure!(args.sweep_steps.iter().all(|&k| k >= 1), "--sweep-steps must all be at least 1");
+    let table = sweep_samplers(&args.sweep_steps);
     let bar = ProgressBar::new(table.len() as u64 + 1);
     bar.set_message("reference solve");
     ctx.reference(&pipeline)?;
