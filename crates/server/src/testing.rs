@@ -19,6 +19,8 @@ pub struct FakeEngine {
     resume: Condvar,
     /// Seeds of every batch run, in order.
     batches: Mutex<Vec<Vec<u64>>>,
+    /// The last step any batch completed.
+    current_step: std::sync::atomic::AtomicUsize,
     /// The step at which each cancelled batch stopped.
     stopped_at: Mutex<Vec<usize>>,
     /// A batch containing this label fails (returns an engine error).
@@ -36,6 +38,7 @@ impl FakeEngine {
             resume: Condvar::new(),
             batches: Mutex::new(Vec::new()),
             stopped_at: Mutex::new(Vec::new()),
+            current_step: std::sync::atomic::AtomicUsize::new(0),
             fail_label: None,
             panic_label: None,
         }
@@ -53,6 +56,10 @@ impl FakeEngine {
 
     pub fn batches(&self) -> Vec<Vec<u64>> {
         self.batches.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn current_step(&self) -> usize {
+        self.current_step.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn stopped_at(&self) -> Vec<usize> {
@@ -99,6 +106,7 @@ impl Engine for FakeEngine {
             }
             drop(paused);
             std::thread::sleep(self.step_delay);
+            self.current_step.store(step, std::sync::atomic::Ordering::SeqCst);
             let report = StepReport { step, total, s: step as f64 / steps as f64, nfe: step };
             if let ControlFlow::Break(()) = progress(&report) {
                 self.stopped_at.lock().unwrap_or_else(|p| p.into_inner()).push(step);
