@@ -379,3 +379,29 @@ fn training_with_missing_or_corrupt_data_fails_clearly() {
     let corrupt = flowgen(&["train", "classifier", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_clean_failure(&corrupt, "corrupt gzip");
 }
+
+#[test]
+fn the_shipped_default_model_loads_and_generates_digits() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let model = repo.join("models/default");
+    let check = flowgen(&["model", "check", "--model", model.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    // No --model: the default is found next to the binary (target/<profile>/flowgen -> models/default).
+    let out = Command::new(flowgen_bin())
+        .args(["generate", "--label", "seven", "--n", "2", "--steps", "2", "--out", out_dir.to_str().unwrap()])
+        .env_remove("FLOWGEN_MODEL")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (image, text) = Image::from_png(&std::fs::read(out_dir.join("001.png")).unwrap()).unwrap();
+    assert_eq!((image.width, image.height, image.channels), (28, 28, 1));
+    assert!(text.contains(&("model".to_string(), "mnist-latent-icfm".to_string())), "{text:?}");
+    assert!(text.contains(&("label".to_string(), "7".to_string())), "{text:?}");
+    // A digit, not noise: mostly dark background with some bright strokes.
+    let dark = image.pixels.iter().filter(|&&p| p < 64).count();
+    let bright = image.pixels.iter().filter(|&&p| p > 192).count();
+    assert!(dark > 784 / 2 && bright > 20, "dark {dark}, bright {bright}");
+}
