@@ -214,7 +214,9 @@ async fn create_generation(
             _ => return Err(ApiError::validation("Idempotency-Key", "must be 1 to 255 visible ASCII characters")),
         },
     };
-    let (id, new) = submit(&state, &caller.0, idempotency_key, hash_json(&body), spec).await?;
+    // The body hash only matters for detecting a reused Idempotency-Key.
+    let request_hash = if idempotency_key.is_some() { hash_json(&body) } else { String::new() };
+    let (id, new) = submit(&state, &caller.0, idempotency_key, request_hash, spec).await?;
     let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished after submission")))?;
     let status = if new { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut response = (status, Json(view)).into_response();
@@ -418,7 +420,7 @@ async fn openai_generate(
             }
         }
     }
-    let (id, _) = submit(&state, &caller.0, None, hash_json(&generation), spec).await?;
+    let (id, _) = submit(&state, &caller.0, None, String::new(), spec).await?;
     let mut rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
     let mut draining = state.draining_receiver();
     let deadline = Duration::from_secs(state.config.server.request_timeout_s);
