@@ -354,10 +354,35 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
         "nfe_per_image",
         "seconds_per_image",
         "straightness",
+        "fd_autoencoder_floor",
     ] {
         assert!(result[key].as_f64().is_some_and(f64::is_finite), "{key}: {stdout}");
     }
     assert_eq!(result["nfe_per_image"], 2.0);
+    // Lists of samplers and step counts on the same noise, without the reference solve.
+    let stdout = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--data",
+        data,
+        "--n",
+        "10",
+        "--sampler",
+        "euler,dopri5",
+        "--steps",
+        "1,3",
+        "--no-reference",
+    ]);
+    let results: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&stdout).into_iter().collect::<Result<_, _>>().unwrap();
+    let runs: Vec<(&str, u64)> =
+        results.iter().map(|r| (r["sampler"].as_str().unwrap(), r["steps"].as_u64().unwrap())).collect();
+    assert_eq!(runs, [("euler", 1), ("euler", 3), ("dopri5", 0)], "{stdout}");
+    assert!(results.iter().all(|r| r.get("rmse_vs_reference").is_none()), "{stdout}");
+    assert_eq!(results[1]["nfe_per_image"], 3.0);
 }
 
 #[test]

@@ -25,11 +25,17 @@ pub struct EvalResult {
     pub fd_floor: f64,
     pub fd_ratio: f64,
     pub accuracy: f64,
-    pub rmse_vs_reference: f64,
+    /// None when the run skipped the reference solve (`eval --no-reference`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmse_vs_reference: Option<f64>,
     pub nfe_per_image: f64,
     pub seconds_per_image: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub straightness: Option<f64>,
+    /// FD of the same n train digits passed through the model's autoencoder: the best a latent
+    /// model can reach with this autoencoder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_autoencoder_floor: Option<f64>,
 }
 
 /// What stays fixed across a sweep: labels, seeds, the val features, the real-data floor, and
@@ -40,8 +46,11 @@ pub struct EvalContext {
     pub guidance: f64,
     val_features: Vec<Vec<f64>>,
     pub fd_floor: f64,
+    pub fd_autoencoder_floor: Option<f64>,
     /// The tight Dormand-Prince solve: final states, total NFE, seconds.
     reference: Option<(Tensor, usize, f64)>,
+    /// Whether results carry the RMSE against the reference (which costs one tight solve).
+    pub with_reference: bool,
     batch: usize,
 }
 
@@ -85,9 +94,33 @@ impl EvalContext {
             guidance,
             val_features,
             fd_floor,
+            fd_autoencoder_floor: None,
             reference: None,
+            with_reference: true,
             batch: 100,
         })
+    }
+
+    /// FD of `n` train digits round-tripped through the pipeline's autoencoder (posterior mean),
+    /// against val; None for a pixel-space model.
+    pub fn measure_autoencoder_floor(
+        &mut self,
+        pipeline: &Pipeline,
+        classifier: &Classifier,
+        train: &Digits,
+    ) -> Result<Option<f64>> {
+        let Some(autoencoder) = pipeline.autoencoder() else { return Ok(None) };
+        let n = self.labels.len().min(train.len());
+        let mut feats = Vec::with_capacity(n);
+        for start in (0..n).step_by(self.batch) {
+            let idx: Vec<usize> = (start..(start + self.batch).min(n)).collect();
+            let (x, _) = train.batch(&idx, pipeline.device())?;
+            let reconstructed = autoencoder.decode(&autoencoder.encode(&x)?.mean)?;
+            feats.extend(features(classifier, &as_delivered(&reconstructed)?)?.0);
+        }
+        let fd = fd_of_features(&feats, &self.val_features)?;
+        self.fd_autoencoder_floor = Some(fd);
+        Ok(Some(fd))
     }
 
     fn request(&self, range: std::ops::Range<usize>, sampler: Sampler, steps: usize) -> GenerationRequest {
@@ -154,8 +187,12 @@ impl EvalContext {
             feats.extend(f);
         }
         let fd = fd_of_features(&feats, &self.val_features)?;
-        let reference = self.reference(pipeline)?;
-        let rmse = (&state - &reference)?.sqr()?.mean_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let rmse = if self.with_reference {
+            let reference = self.reference(pipeline)?;
+            Some((&state - &reference)?.sqr()?.mean_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        } else {
+            None
+        };
         let n = self.labels.len();
         Ok(EvalResult {
             model: pipeline.config().name.clone(),
@@ -171,18 +208,21 @@ impl EvalContext {
             nfe_per_image: nfe as f64 / n as f64,
             seconds_per_image: seconds / n as f64,
             straightness: if straightness { Some(self.straightness(pipeline, 64)?) } else { None },
+            fd_autoencoder_floor: self.fd_autoencoder_floor,
         })
     }
 
     /// Mean over an Euler trajectory of ||u(x_s, s) - (x_1 - x_0)||^2 per dimension: 0 for a
-    /// perfectly straight flow.
+    /// perfectly straight flow. Measured on the first `STRAIGHTNESS_IMAGES` images: a mean over
+    /// that many trajectories is already stable, and 64 steps each would otherwise dominate eval.
     pub fn straightness(&self, pipeline: &Pipeline, steps: usize) -> Result<f64> {
+        let images = self.labels.len().min(STRAIGHTNESS_IMAGES);
         let model = pipeline.velocity_model();
         let (c, h, w) = pipeline.config().state_shape();
         let mut total = 0.0;
         let mut count = 0usize;
-        for start in (0..self.labels.len()).step_by(self.batch) {
-            let end = (start + self.batch).min(self.labels.len());
+        for start in (0..images).step_by(self.batch) {
+            let end = (start + self.batch).min(images);
             let field = GuidedField::new(
                 model,
                 &self.labels[start..end],
@@ -211,6 +251,9 @@ impl EvalContext {
     }
 }
 
+/// How many trajectories `EvalContext::straightness` averages over.
+pub const STRAIGHTNESS_IMAGES: usize = 256;
+
 /// The Dormand-Prince settings of the RMSE reference (and of `eval --sampler dopri5`).
 pub fn reference_sampler() -> Sampler {
     Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 })
@@ -235,14 +278,14 @@ pub fn to_markdown(rows: &[EvalResult]) -> String {
     let mut md = String::from("| sampler | steps | NFE/image | FD | FD ratio | accuracy | RMSE vs ref | ms/image |\n|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.3} | {:.2} | {:.1}% | {:.4} | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.3} | {:.2} | {:.1}% | {} | {:.1} |\n",
             r.sampler,
             if r.steps == 0 { "adaptive".into() } else { r.steps.to_string() },
             r.nfe_per_image,
             r.fd,
             r.fd_ratio,
             100.0 * r.accuracy,
-            r.rmse_vs_reference,
+            r.rmse_vs_reference.map_or("-".into(), |e| format!("{e:.4}")),
             1000.0 * r.seconds_per_image
         ));
     }
@@ -262,7 +305,7 @@ pub fn to_csv(rows: &[EvalResult]) -> String {
             r.fd_floor,
             r.fd_ratio,
             r.accuracy,
-            r.rmse_vs_reference,
+            r.rmse_vs_reference.map_or(String::new(), |e| e.to_string()),
             r.seconds_per_image
         ));
     }
