@@ -31,7 +31,9 @@ impl Server {
         let base = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}; log: {}", std::fs::read_to_string(log).unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!("no address in {line:?}; log: {}", std::fs::read_to_string(log).unwrap_or_default())
+            })
             .to_string();
         let server = Server { child, base };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -92,8 +94,21 @@ impl Drop for Server {
 fn cli_image(model: &str, dir: &Path, label: u32, seed: u64, sampler: &str, steps: usize) -> Image {
     let out = dir.join(format!("cli-{label}-{seed}"));
     let run = flowgen(&[
-        "generate", "--model", model, "--label", &label.to_string(), "--n", "1", "--seed", &seed.to_string(),
-        "--sampler", sampler, "--steps", &steps.to_string(), "--out", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        model,
+        "--label",
+        &label.to_string(),
+        "--n",
+        "1",
+        "--seed",
+        &seed.to_string(),
+        "--sampler",
+        sampler,
+        "--steps",
+        &steps.to_string(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     Image::from_png(&std::fs::read(out.join("000.png")).unwrap()).unwrap().0
@@ -105,7 +120,8 @@ fn serve_submit_poll_fetch_then_survive_kill_9_with_every_job_done_once() {
     let model = random_model(dir.path());
     let data = dir.path().join("data");
     // One job per batch, slow enough that a kill lands mid-queue.
-    let env = [("FLOWGEN_QUEUE__MAX_BATCH", "16"), ("FLOWGEN_LIMITS__MAX_N", "16"), ("FLOWGEN_QUEUE__MAX_WAIT_MS", "0")];
+    let env =
+        [("FLOWGEN_QUEUE__MAX_BATCH", "16"), ("FLOWGEN_LIMITS__MAX_N", "16"), ("FLOWGEN_QUEUE__MAX_WAIT_MS", "0")];
     let server = Server::start(&model, &data, &dir.path().join("serve1.log"), &env);
 
     let quick = server.submit(json!({"labels": [3, "seven"], "seed": 10, "sampler": "heun", "steps": 4}));
@@ -143,7 +159,10 @@ fn serve_submit_poll_fetch_then_survive_kill_9_with_every_job_done_once() {
     }
     // The job interrupted mid-run was rerun from its own seeds: identical to a fresh run.
     let interrupted = before.iter().position(|v| v["status"] == "running").unwrap();
-    assert_eq!(server.png(&ids[interrupted], 15), cli_image(&model, dir.path(), 1, 1000 * interrupted as u64 + 15, "rk4", 120));
+    assert_eq!(
+        server.png(&ids[interrupted], 15),
+        cli_image(&model, dir.path(), 1, 1000 * interrupted as u64 + 15, "rk4", 120)
+    );
 
     // SIGTERM drains and exits cleanly.
     let mut server = server;
@@ -166,12 +185,29 @@ fn bench_serve_reports_throughput_against_the_raw_engine() {
     let model = random_model(dir.path());
     let report = dir.path().join("bench.json");
     let out = flowgen(&[
-        "bench", "serve", "--model", &model, "--clients", "4", "--jobs", "12", "--n", "2", "--steps", "4",
-        "--max-batch", "8", "--out", report.to_str().unwrap(),
+        "bench",
+        "serve",
+        "--model",
+        &model,
+        "--clients",
+        "4",
+        "--jobs",
+        "12",
+        "--n",
+        "2",
+        "--steps",
+        "4",
+        "--max-batch",
+        "8",
+        "--out",
+        report.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
-    assert_eq!((report["succeeded"].as_u64(), report["failed"].as_u64(), report["lost"].as_u64()), (Some(12), Some(0), Some(0)));
+    assert_eq!(
+        (report["succeeded"].as_u64(), report["failed"].as_u64(), report["lost"].as_u64()),
+        (Some(12), Some(0), Some(0))
+    );
     assert!(report["raw_engine_images_per_s"].as_f64().unwrap() > 0.0 && report["ratio"].as_f64().unwrap() > 0.0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("server / raw"));
 }

@@ -154,7 +154,10 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
             return Err(ApiError::validation("labels", "must not be empty"));
         }
         if list.len() > limits.max_n {
-            return Err(ApiError::validation("labels", format!("{} labels exceed the limit {}", list.len(), limits.max_n)));
+            return Err(ApiError::validation(
+                "labels",
+                format!("{} labels exceed the limit {}", list.len(), limits.max_n),
+            ));
         }
         for (i, v) in list.iter().enumerate() {
             labels.push(label(cfg, &format!("labels[{i}]"), v)?);
@@ -177,10 +180,14 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
 
     let sampler_name = body.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
     let sampler = Sampler::parse(&sampler_name).map_err(|_| {
-        ApiError::validation("sampler", format!("unknown sampler {sampler_name:?}; choose one of {}", SAMPLER_NAMES.join(", ")))
+        ApiError::validation(
+            "sampler",
+            format!("unknown sampler {sampler_name:?}; choose one of {}", SAMPLER_NAMES.join(", ")),
+        )
     })?;
     let schedule_text = body.schedule.clone().unwrap_or_else(|| cfg.defaults.schedule.clone());
-    let schedule = ScheduleSpec::parse_inline(&schedule_text).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
+    let schedule =
+        ScheduleSpec::parse_inline(&schedule_text).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
     let steps = match (body.steps, &schedule) {
         (Some(k), _) if k < 1 || k as usize > limits.max_steps => {
             return Err(ApiError::validation("steps", format!("must be between 1 and {}, got {k}", limits.max_steps)))
@@ -192,7 +199,9 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
     if steps > limits.max_steps {
         return Err(ApiError::validation("schedule", format!("{steps} steps exceed the limit {}", limits.max_steps)));
     }
-    schedule.build(if sampler.is_adaptive() { 1 } else { steps }).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
+    schedule
+        .build(if sampler.is_adaptive() { 1 } else { steps })
+        .map_err(|e| ApiError::validation("schedule", e.to_string()))?;
 
     let guidance = body.guidance.unwrap_or(cfg.defaults.guidance);
     if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {

@@ -144,7 +144,10 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<(EngineOut
         Err(join) => return Err(EngineError::EnginePanicked(join.to_string())),
     };
     if output.images.len() != images {
-        return Err(EngineError::EnginePanicked(format!("engine returned {} images for {images}", output.images.len())));
+        return Err(EngineError::EnginePanicked(format!(
+            "engine returned {} images for {images}",
+            output.images.len()
+        )));
     }
     state.metrics.batch_size.observe(images as f64);
     state.metrics.inference_seconds.observe(seconds);
@@ -180,10 +183,15 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], output: EngineOutput,
             let pngs: Result<Vec<Vec<u8>>, String> = output.images[range]
                 .iter()
                 .enumerate()
-                .map(|(i, image)| image.to_png(&generation_metadata(&job.spec.model, &request, &stats, i)).map_err(|e| e.to_string()))
+                .map(|(i, image)| {
+                    image.to_png(&generation_metadata(&job.spec.model, &request, &stats, i)).map_err(|e| e.to_string())
+                })
                 .collect();
             let outcome = pngs.and_then(|pngs| {
-                store.finish_succeeded(&job.id, finished, nfe, inference_ms, &pngs).map(|ok| (ok, nfe)).map_err(|e| e.to_string())
+                store
+                    .finish_succeeded(&job.id, finished, nfe, inference_ms, &pngs)
+                    .map(|ok| (ok, nfe))
+                    .map_err(|e| e.to_string())
             });
             outcomes.push((job.id.clone(), outcome));
         }
@@ -234,7 +242,8 @@ async fn fail_with(state: &Arc<AppState>, id: &str, kind: &str, message: &str) {
     state.metrics.failure(kind);
     let store = state.store.clone();
     let (id_owned, msg) = (id.to_string(), message.to_string());
-    let journaled = tokio::task::spawn_blocking(move || store.finish(&id_owned, JobStatus::Failed, now_ms(), Some(&msg))).await;
+    let journaled =
+        tokio::task::spawn_blocking(move || store.finish(&id_owned, JobStatus::Failed, now_ms(), Some(&msg))).await;
     match journaled {
         Ok(Ok(true)) => state.jobs.mark_failed(id, message),
         Ok(Ok(false)) => {}

@@ -164,7 +164,10 @@ impl ServerConfig {
             return bad("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", self.server.listen));
         }
         if self.server.body_limit_bytes < 1024 {
-            return bad("server.body_limit_bytes", format!("must be at least 1024, got {}", self.server.body_limit_bytes));
+            return bad(
+                "server.body_limit_bytes",
+                format!("must be at least 1024, got {}", self.server.body_limit_bytes),
+            );
         }
         if self.server.request_timeout_s == 0 {
             return bad("server.request_timeout_s", "must be at least 1".into());
@@ -189,7 +192,10 @@ impl ServerConfig {
             return bad("limits.max_steps", "must be at least 1".into());
         }
         if !(self.limits.max_guidance.is_finite() && self.limits.max_guidance >= 1.0) {
-            return bad("limits.max_guidance", format!("must be a finite number >= 1, got {}", self.limits.max_guidance));
+            return bad(
+                "limits.max_guidance",
+                format!("must be a finite number >= 1, got {}", self.limits.max_guidance),
+            );
         }
         if let Some(empty) = self.auth.api_keys.iter().position(|k| k.trim().len() < 8) {
             return bad("auth.api_keys", format!("key #{empty} is shorter than 8 characters"));

@@ -36,9 +36,15 @@ pub struct ErrorBody {
 
 #[derive(Debug)]
 pub enum ApiError {
-    Validation { field: String, message: String },
+    Validation {
+        field: String,
+        message: String,
+    },
     Malformed(String),
-    Overloaded { message: String, retry_after_s: u64 },
+    Overloaded {
+        message: String,
+        retry_after_s: u64,
+    },
     NotFound(String),
     Unauthorized,
     Forbidden(String),

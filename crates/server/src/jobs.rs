@@ -115,7 +115,8 @@ impl Jobs {
         }
         let queued: usize = inner.queues.iter().map(VecDeque::len).sum();
         if queued + inner.reserved >= self.capacity {
-            let images: usize = inner.queues.iter().flatten().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
+            let images: usize =
+                inner.queues.iter().flatten().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
             let retry = if inner.throughput > 0.0 { (images as f64 / inner.throughput).ceil() as u64 } else { 5 };
             self.metrics.rejected("queue_full");
             return Err(ApiError::Overloaded {
@@ -217,7 +218,8 @@ impl Jobs {
     /// Take the head job and every compatible queued job that fits, in priority then FIFO order.
     pub fn take_batch(&self, max_images: usize) -> Vec<BatchJob> {
         let mut inner = self.lock();
-        let Some(key) = inner.queues.iter().flatten().next().and_then(|id| inner.entries.get(id)).map(|e| e.spec.batch_key())
+        let Some(key) =
+            inner.queues.iter().flatten().next().and_then(|id| inner.entries.get(id)).map(|e| e.spec.batch_key())
         else {
             return Vec::new();
         };

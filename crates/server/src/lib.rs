@@ -40,7 +40,10 @@ pub async fn serve(
             if draining.wait_for_batcher(grace).await {
                 tracing::info!("running batch finished; queued jobs stay in the journal");
             } else {
-                tracing::warn!(grace_s = grace.as_secs(), "running batch did not finish in the grace period; it reruns at the next start");
+                tracing::warn!(
+                    grace_s = grace.as_secs(),
+                    "running batch did not finish in the grace period; it reruns at the next start"
+                );
             }
         })
         .await

@@ -50,7 +50,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -83,7 +86,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(origins))
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "idempotency-key".parse().unwrap_or(header::ACCEPT)]),
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    "idempotency-key".parse().unwrap_or(header::ACCEPT),
+                ]),
         );
     }
     router.with_state(state)
@@ -124,7 +131,8 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: u
 
 /// 404 for an unknown job, 403 for another key's job.
 fn owned_view(state: &AppState, caller: &Caller, id: &str) -> AppResult<JobView> {
-    let owner = state.jobs.owner(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
+    let owner =
+        state.jobs.owner(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
     if owner != caller.0 {
         return Err(ApiError::Forbidden(format!("job {id:?} belongs to another API key")));
     }
@@ -230,7 +238,11 @@ async fn create_generation(
 #[utoipa::path(get, path = "/v1/generations/{id}", params(("id" = String, Path)),
     responses((status = 200, body = JobView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn get_generation(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Json<JobView>> {
+async fn get_generation(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<JobView>> {
     owned_view(&state, &caller, &id).map(Json)
 }
 
@@ -238,7 +250,11 @@ async fn get_generation(State(state): State<Arc<AppState>>, caller: Caller, Path
 #[utoipa::path(post, path = "/v1/generations/{id}/cancel", params(("id" = String, Path)),
     responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, description = "Already finished", body = ErrorBody)),
     security(("bearer" = [])))]
-async fn cancel_generation(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Json<JobView>> {
+async fn cancel_generation(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Json<JobView>> {
     owned_view(&state, &caller, &id)?;
     match state.jobs.can_cancel(&id) {
         CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id:?}"))),
@@ -296,7 +312,11 @@ async fn generation_image(
 #[utoipa::path(get, path = "/v1/generations/{id}/events", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/event-stream", description = "A late subscriber first gets the current state"), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn generation_events(State(state): State<Arc<AppState>>, caller: Caller, Path(id): Path<String>) -> AppResult<Response> {
+async fn generation_events(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<Response> {
     owned_view(&state, &caller, &id)?;
     let rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
     let mut response = Sse::new(event_stream(state, id, rx)).keep_alive(KeepAlive::default()).into_response();
@@ -327,7 +347,10 @@ impl EventCursor {
         match now.status {
             JobStatus::Queued => {
                 if prev.as_ref().map(|p| (p.status, p.position)) != Some((JobStatus::Queued, now.position)) {
-                    self.pending.push_back(event("queued", serde_json::json!({"id": id, "status": "queued", "queue_position": now.position})));
+                    self.pending.push_back(event(
+                        "queued",
+                        serde_json::json!({"id": id, "status": "queued", "queue_position": now.position}),
+                    ));
                 }
             }
             JobStatus::Running | JobStatus::Succeeded | JobStatus::Failed => {
@@ -335,8 +358,14 @@ impl EventCursor {
                     self.pending.push_back(event("started", serde_json::json!({"id": id, "status": "running"})));
                 }
                 let last_step = prev.as_ref().map(|p| p.step).unwrap_or(0);
-                if now.status == JobStatus::Running && now.step > 0 && (now.step != last_step || was != Some(JobStatus::Running)) {
-                    self.pending.push_back(event("progress", serde_json::json!({"id": id, "step": now.step, "total": now.total})));
+                if now.status == JobStatus::Running
+                    && now.step > 0
+                    && (now.step != last_step || was != Some(JobStatus::Running))
+                {
+                    self.pending.push_back(event(
+                        "progress",
+                        serde_json::json!({"id": id, "step": now.step, "total": now.total}),
+                    ));
                 }
             }
             JobStatus::Cancelled => {}
@@ -350,7 +379,11 @@ impl EventCursor {
     }
 }
 
-fn event_stream(state: Arc<AppState>, id: String, rx: watch::Receiver<Snapshot>) -> impl Stream<Item = Result<Event, Infallible>> {
+fn event_stream(
+    state: Arc<AppState>,
+    id: String,
+    rx: watch::Receiver<Snapshot>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     let draining = state.draining_receiver();
     let cursor = EventCursor { state, id, rx, draining, last: None, pending: Default::default(), done: false };
     stream::unfold(cursor, |mut c| async move {
@@ -396,7 +429,9 @@ async fn openai_generate(
     let url_format = match req.response_format.as_deref() {
         None | Some("b64_json") => false,
         Some("url") => true,
-        Some(other) => return Err(ApiError::validation("response_format", format!("{other:?} is not b64_json or url"))),
+        Some(other) => {
+            return Err(ApiError::validation("response_format", format!("{other:?} is not b64_json or url")))
+        }
     };
     if req.prompt.trim().is_empty() {
         return Err(ApiError::validation("prompt", "name a class, e.g. \"7\" or \"seven\""));
@@ -435,7 +470,10 @@ async fn openai_generate(
         Ok(Some(status)) => status,
         Ok(None) => return Err(ApiError::Unavailable(format!("the server is shutting down; job {id} stays queued"))),
         Err(_) => {
-            return Err(ApiError::Timeout(format!("job {id} did not finish in {}s; poll /v1/generations/{id}", deadline.as_secs())))
+            return Err(ApiError::Timeout(format!(
+                "job {id} did not finish in {}s; poll /v1/generations/{id}",
+                deadline.as_secs()
+            )))
         }
     };
     let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
@@ -445,12 +483,18 @@ async fn openai_generate(
     let mut data = Vec::with_capacity(view.n);
     for index in 0..view.n {
         if url_format {
-            data.push(OpenAiImage { b64_json: None, url: Some(format!("/v1/generations/{id}/images/{index}")), revised_prompt: None });
+            data.push(OpenAiImage {
+                b64_json: None,
+                url: Some(format!("/v1/generations/{id}/images/{index}")),
+                revised_prompt: None,
+            });
             continue;
         }
         let store = state.store.clone();
         let target = id.clone();
-        let png = blocking(move || store.image(&target, index)).await?.ok_or_else(|| ApiError::Internal(format!("image {index} of {id} missing")))?;
+        let png = blocking(move || store.image(&target, index))
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("image {index} of {id} missing")))?;
         data.push(OpenAiImage {
             b64_json: Some(base64::engine::general_purpose::STANDARD.encode(png)),
             url: None,

@@ -49,10 +49,11 @@ impl AppState {
         let jobs = Arc::new(Jobs::new(config.queue.capacity, metrics.clone()));
         jobs.restore(stored);
 
-        let limiter = match (NonZeroU32::new(config.auth.rate_limit_per_minute), NonZeroU32::new(config.auth.rate_limit_burst)) {
-            (Some(rate), Some(burst)) => Some(RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst))),
-            _ => None,
-        };
+        let limiter =
+            match (NonZeroU32::new(config.auth.rate_limit_per_minute), NonZeroU32::new(config.auth.rate_limit_burst)) {
+                (Some(rate), Some(burst)) => Some(RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst))),
+                _ => None,
+            };
         let key_hashes = config.auth.api_keys.iter().map(|k| sha256(k.trim().as_bytes())).collect();
         let state = Arc::new(AppState {
             config,
@@ -167,7 +168,10 @@ impl AppState {
             self.metrics.rejected("rate_limit");
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             ApiError::Overloaded {
-                message: format!("rate limit of {} submissions per minute exceeded", self.config.auth.rate_limit_per_minute),
+                message: format!(
+                    "rate limit of {} submissions per minute exceeded",
+                    self.config.auth.rate_limit_per_minute
+                ),
                 retry_after_s: wait.as_secs_f64().ceil() as u64,
             }
         })

@@ -85,7 +85,8 @@ impl Store {
     }
 
     pub fn insert(&self, job: &StoredJob) -> Result<()> {
-        let spec = serde_json::to_string(&job.spec).map_err(|e| ServerError::Corrupt { id: job.id.clone(), message: e.to_string() })?;
+        let spec = serde_json::to_string(&job.spec)
+            .map_err(|e| ServerError::Corrupt { id: job.id.clone(), message: e.to_string() })?;
         self.with(|c| {
             c.execute(
                 "INSERT INTO jobs (id, owner, idempotency_key, request_hash, spec, status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -111,7 +112,14 @@ impl Store {
     }
 
     /// Store the images and mark succeeded, atomically; false when the job was cancelled meanwhile.
-    pub fn finish_succeeded(&self, id: &str, finished_ms: i64, nfe: usize, inference_ms: i64, pngs: &[Vec<u8>]) -> Result<bool> {
+    pub fn finish_succeeded(
+        &self,
+        id: &str,
+        finished_ms: i64,
+        nfe: usize,
+        inference_ms: i64,
+        pngs: &[Vec<u8>],
+    ) -> Result<bool> {
         self.with(|c| {
             let tx = c.transaction()?;
             let changed = tx.execute(
@@ -196,8 +204,10 @@ impl Store {
 
     pub fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
         self.with(|c| {
-            Ok(c.query_row("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2", params![id, index as i64], |r| r.get(0))
-                .optional()?)
+            Ok(c.query_row("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2", params![id, index as i64], |r| {
+                r.get(0)
+            })
+            .optional()?)
         })
     }
 

@@ -45,7 +45,8 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -89,7 +90,8 @@ async fn wait_for(h: &Harness, id: &str, status: JobStatus) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_poll_and_fetch_png() {
     let h = harness(1, |_, _| {}).await;
-    let r = call(&h, "POST", "/v1/generations", Some(json!({"labels": [7, "three"], "seed": 40, "steps": 3})), &[]).await;
+    let r =
+        call(&h, "POST", "/v1/generations", Some(json!({"labels": [7, "three"], "seed": 40, "steps": 3})), &[]).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     let id = r.json()["id"].as_str().unwrap().to_string();
     assert_eq!(r.headers[header::LOCATION], format!("/v1/generations/{id}"));
@@ -106,7 +108,10 @@ async fn submit_poll_and_fetch_png() {
     let (image, meta) = flowgen_engine::image::Image::from_png(&png.body).unwrap();
     assert_eq!(image, h.fake.image_for(41, 3));
     assert!(meta.contains(&("seed".to_string(), "41".to_string())), "{meta:?}");
-    assert_eq!(call(&h, "GET", &format!("/v1/generations/{id}/images/2"), None, &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&h, "GET", &format!("/v1/generations/{id}/images/2"), None, &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(call(&h, "GET", "/v1/generations/gen_nope", None, &[]).await.status, StatusCode::NOT_FOUND);
     let r = call(&h, "POST", "/v1/generations/gen_nope/cancel", None, &[]).await;
     assert_eq!((r.status, r.json()["error_type"].clone()), (StatusCode::NOT_FOUND, json!("not_found")));
@@ -167,7 +172,10 @@ async fn api_keys_protect_v1_but_not_health_and_jobs_are_private() {
     let bob = [("authorization", "Bearer key-bob-4567")];
     let r = call(&h, "GET", &format!("/v1/generations/{id}"), None, &bob).await;
     assert_eq!((r.status, r.json()["error_type"].clone()), (StatusCode::FORBIDDEN, json!("forbidden")));
-    assert_eq!(call(&h, "POST", &format!("/v1/generations/{id}/cancel"), None, &bob).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        call(&h, "POST", &format!("/v1/generations/{id}/cancel"), None, &bob).await.status,
+        StatusCode::FORBIDDEN
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +230,10 @@ async fn cancel_queued_at_once_and_running_without_hurting_batch_mates() {
     let png = call(&h, "GET", &format!("/v1/generations/{mate}/images/0"), None, &[]).await;
     assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(20, 2));
     assert_eq!(h.state.jobs.view(&doomed).unwrap().status, JobStatus::Cancelled);
-    assert_eq!(call(&h, "GET", &format!("/v1/generations/{doomed}/images/0"), None, &[]).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        call(&h, "GET", &format!("/v1/generations/{doomed}/images/0"), None, &[]).await.status,
+        StatusCode::CONFLICT
+    );
     assert_eq!(h.fake.batches(), vec![vec![10, 20]], "the cancelled queued job never ran");
     let r = call(&h, "POST", &format!("/v1/generations/{mate}/cancel"), None, &[]).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "a finished job cannot be cancelled");
@@ -239,7 +250,11 @@ async fn cancel_queued_at_once_and_running_without_hurting_batch_mates() {
     wait_for(&h, &next, JobStatus::Succeeded).await;
     let stopped = h.fake.stopped_at();
     assert_eq!(stopped.len(), 1);
-    assert!(stopped[0] <= step_at_cancel + 1 && stopped[0] < 256, "stopped at step {} after a cancel at {step_at_cancel}", stopped[0]);
+    assert!(
+        stopped[0] <= step_at_cancel + 1 && stopped[0] < 256,
+        "stopped at step {} after a cancel at {step_at_cancel}",
+        stopped[0]
+    );
 }
 
 /// Read SSE events (name, data) until a final one.
@@ -257,7 +272,8 @@ async fn read_events(h: &Harness, id: &str) -> Vec<(String, Value)> {
         while let Some(end) = text.find("\n\n") {
             let block: String = text.drain(..end + 2).collect();
             let name = block.lines().find_map(|l| l.strip_prefix("event:")).map(|s| s.trim().to_string());
-            let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| serde_json::from_str(s.trim()).unwrap());
+            let data =
+                block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| serde_json::from_str(s.trim()).unwrap());
             if let (Some(name), Some(data)) = (name, data) {
                 events.push((name, data));
             }
@@ -289,7 +305,8 @@ async fn sse_reports_queued_started_progress_then_done_in_order() {
     assert_eq!(events[0].1["queue_position"], 0);
     assert_eq!(names.get(1), Some(&"started"), "{names:?}");
     assert_eq!(names.last(), Some(&"succeeded"), "{names:?}");
-    let steps: Vec<u64> = events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        events.iter().filter(|(n, _)| n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
     assert!(!steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]), "{names:?} {steps:?}");
     assert!(events.iter().filter(|(n, _)| n == "progress").all(|(_, d)| d["total"] == 6));
     assert_eq!(events.last().unwrap().1["images"].as_array().unwrap().len(), 1);
@@ -409,21 +426,29 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Journaled directly, as if accepted just before a crash.
         waiting = "gen_restored".to_string();
-        h.state.store.insert(&flowgen_server::store::StoredJob {
-            id: waiting.clone(),
-            owner: "anonymous".into(),
-            idempotency_key: None,
-            request_hash: String::new(),
-            spec: flowgen_server::api::validate(&serde_json::from_value(json!({"seed": 5, "label": 2})).unwrap(), &h.state.models, &h.state.config.limits).unwrap(),
-            status: JobStatus::Running,
-            created_ms: 0,
-            started_ms: Some(0),
-            finished_ms: None,
-            error: None,
-            nfe: None,
-            attempts: 1,
-            inference_ms: None,
-        }).unwrap();
+        h.state
+            .store
+            .insert(&flowgen_server::store::StoredJob {
+                id: waiting.clone(),
+                owner: "anonymous".into(),
+                idempotency_key: None,
+                request_hash: String::new(),
+                spec: flowgen_server::api::validate(
+                    &serde_json::from_value(json!({"seed": 5, "label": 2})).unwrap(),
+                    &h.state.models,
+                    &h.state.config.limits,
+                )
+                .unwrap(),
+                status: JobStatus::Running,
+                created_ms: 0,
+                started_ms: Some(0),
+                finished_ms: None,
+                error: None,
+                nfe: None,
+                attempts: 1,
+                inference_ms: None,
+            })
+            .unwrap();
         h.state.store.mark_running(&[waiting.clone()], 0).unwrap();
     }
     let h = harness(1, configure).await;

@@ -161,7 +161,10 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let base = format!("http://{addr}");
 
     let bar = ProgressBar::new(args.jobs as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} jobs {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} jobs {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.jobs)));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -170,8 +173,15 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let clock = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..args.clients {
-            let (next, latencies, failures, ids, agent, bar, base) =
-                (next.clone(), latencies.clone(), failures.clone(), ids.clone(), agent.clone(), bar.clone(), base.clone());
+            let (next, latencies, failures, ids, agent, bar, base) = (
+                next.clone(),
+                latencies.clone(),
+                failures.clone(),
+                ids.clone(),
+                agent.clone(),
+                bar.clone(),
+                base.clone(),
+            );
             let (sampler, steps, n, jobs) = (args.sampler.clone(), args.steps, args.n, args.jobs);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
@@ -250,10 +260,14 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     );
     println!("| server images/s | {:.2} |", report.server_images_per_s);
     println!("| server / raw | {:.3} |", report.ratio);
-    println!("| latency p50 / p90 / p99 / max (s) | {:.3} / {:.3} / {:.3} / {:.3} |", report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s);
+    println!(
+        "| latency p50 / p90 / p99 / max (s) | {:.3} / {:.3} / {:.3} / {:.3} |",
+        report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s
+    );
     println!("| succeeded / failed / lost | {} / {} / {} |", report.succeeded, report.failed, report.lost);
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     if report.failed > 0 || report.lost > 0 {
         bail!("{} jobs failed and {} were lost", report.failed, report.lost);
@@ -263,7 +277,8 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
 
 /// Submit, follow the SSE stream to the final event, fetch every PNG; returns the job id.
 fn one_job(agent: &ureq::Agent, base: &str, body: &serde_json::Value, n: usize) -> Result<String> {
-    let created: serde_json::Value = agent.post(&format!("{base}/v1/generations")).send_json(body.clone())?.into_json()?;
+    let created: serde_json::Value =
+        agent.post(&format!("{base}/v1/generations")).send_json(body.clone())?.into_json()?;
     let id = created["id"].as_str().context("no id in the 202 response")?.to_string();
     let events = agent.get(&format!("{base}/v1/generations/{id}/events")).call()?;
     let mut last_event = String::new();

@@ -6,7 +6,9 @@ use flowgen_engine::device::parse_device;
 use flowgen_engine::{Pipeline, Sampler};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
-use flowgen_train::evaluate::{plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, SWEEP_STEPS};
+use flowgen_train::evaluate::{
+    plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, SWEEP_STEPS,
+};
 use indicatif::ProgressBar;
 
 #[derive(Args)]

@@ -42,7 +42,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let pipeline = Pipeline::load(dir, &device).with_context(|| format!("loading model {}", dir.display()))?;
         engines.push(Arc::new(EngineHandle::spawn(pipeline, 2)?));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
