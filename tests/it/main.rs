@@ -430,3 +430,39 @@ fn the_shipped_default_model_loads_and_generates_digits() {
     let bright = image.pixels.iter().filter(|&&p| p > 192).count();
     assert!(dark > 784 / 2 && bright > 20, "dark {dark}, bright {bright}");
 }
+
+#[test]
+fn every_shipped_velocity_model_loads_and_generates() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(repo.join("models")).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("model.toml").exists() {
+            continue; // the autoencoder and the classifier are not velocity models
+        }
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let check = flowgen(&["model", "check", "--model", dir.to_str().unwrap()]);
+        assert!(check.status.success(), "{name}: {}", String::from_utf8_lossy(&check.stderr));
+        let out_dir = tmp.path().join(&name);
+        let out = flowgen(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--label",
+            "3",
+            "--n",
+            "1",
+            "--sampler",
+            "euler",
+            "--steps",
+            "2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out_dir.join("000.png").exists(), "{name}");
+        checked.push(name);
+    }
+    assert!(checked.iter().any(|n| n == "default"), "{checked:?}");
+}
