@@ -383,6 +383,33 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
     assert_eq!(runs, [("euler", 1), ("euler", 3), ("dopri5", 0)], "{stdout}");
     assert!(results.iter().all(|r| r.get("rmse_vs_reference").is_none()), "{stdout}");
     assert_eq!(results[1]["nfe_per_image"], 3.0);
+    // The sweep table: every fixed-step sampler at each step count, then Dormand-Prince.
+    let sweep = tmp.path().join("sweep");
+    let stdout = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--data",
+        data,
+        "--n",
+        "10",
+        "--sweep",
+        "--sweep-steps",
+        "1,2",
+        "--straightness",
+        "--out",
+        sweep.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("FD floor"), "{stdout}");
+    let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
+    let samplers: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(samplers, ["euler", "euler", "heun", "heun", "rk4", "rk4", "dopri5"], "{csv}");
+    assert!(std::fs::read_to_string(sweep.join("sweep.md")).unwrap().contains("Straightness"));
+    for plot in ["sweep_fd.png", "sweep_accuracy.png"] {
+        assert!(sweep.join(plot).exists(), "{plot}");
+    }
 }
 
 #[test]

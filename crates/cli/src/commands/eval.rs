@@ -99,7 +99,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     bar.finish_and_clear();
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("sweep.csv"), to_csv(&rows))?;
-    let md = to_markdown(&rows);
+    let mut md = to_markdown(&rows);
+    if let Some(straightness) = rows.first().and_then(|r| r.straightness) {
+        md.push_str(&format!("\nStraightness of the learned flow: {straightness:.5}\n"));
+    }
     std::fs::write(args.out.join("sweep.md"), &md)?;
     plot_sweep(&rows, &args.out).context("drawing the sweep plots")?;
     let ae_floor = ctx.fd_autoencoder_floor.map_or(String::new(), |fd| format!("; through the autoencoder: {fd:.3}"));
