@@ -328,22 +328,9 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
     let gen = tmp.path().join("gen");
     run(&["generate", "--model", model.to_str().unwrap(), "--n", "3", "--out", gen.to_str().unwrap()]);
     assert!(gen.join("002.png").exists());
-    let stdout = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--classifier",
-        clf.to_str().unwrap(),
-        "--data",
-        data,
-        "--n",
-        "20",
-        "--sampler",
-        "euler",
-        "--steps",
-        "2",
-        "--straightness",
-    ]);
+    let eval_args = ["eval", "--model", model.to_str().unwrap(), "--classifier", clf.to_str().unwrap(), "--data", data];
+    let eval = |extra: &[&str]| run(&[&eval_args[..], extra].concat());
+    let stdout = eval(&["--n", "20", "--sampler", "euler", "--steps", "2", "--straightness"]);
     let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     for key in [
         "fd",
@@ -360,22 +347,7 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
     }
     assert_eq!(result["nfe_per_image"], 2.0);
     // Lists of samplers and step counts on the same noise, without the reference solve.
-    let stdout = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--classifier",
-        clf.to_str().unwrap(),
-        "--data",
-        data,
-        "--n",
-        "10",
-        "--sampler",
-        "euler,dopri5",
-        "--steps",
-        "1,3",
-        "--no-reference",
-    ]);
+    let stdout = eval(&["--n", "10", "--sampler", "euler,dopri5", "--steps", "1,3", "--no-reference"]);
     let results: Vec<serde_json::Value> =
         serde_json::Deserializer::from_str(&stdout).into_iter().collect::<Result<_, _>>().unwrap();
     let runs: Vec<(&str, u64)> =
@@ -385,23 +357,8 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
     assert_eq!(results[1]["nfe_per_image"], 3.0);
     // The sweep table: every fixed-step sampler at each step count, then Dormand-Prince.
     let sweep = tmp.path().join("sweep");
-    let stdout = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--classifier",
-        clf.to_str().unwrap(),
-        "--data",
-        data,
-        "--n",
-        "10",
-        "--sweep",
-        "--sweep-steps",
-        "1,2",
-        "--straightness",
-        "--out",
-        sweep.to_str().unwrap(),
-    ]);
+    let stdout =
+        eval(&["--n", "10", "--sweep", "--sweep-steps", "1,2", "--straightness", "--out", sweep.to_str().unwrap()]);
     assert!(stdout.contains("FD floor"), "{stdout}");
     let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
     let samplers: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
