@@ -3,9 +3,10 @@
 //! `final_layer.*`, `pos_embed`), so SiT/DiT/LFM-DiT/FlowTurbo checkpoints load by name.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{conv2d, embedding, linear, Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder};
+use candle_nn::{conv2d, embedding, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::fused::{gated_residual, linear, modulate, Linear};
 use super::{gelu_tanh, layer_norm_no_affine};
 
 const NORM_EPS: f64 = 1e-6;
@@ -129,11 +130,6 @@ pub fn sincos_pos_embed_2d(dim: usize, grid: usize) -> Vec<f32> {
     out
 }
 
-/// x * (1 + scale) + shift with per-sample (B, D) modulation over (B, T, D) tokens.
-fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
-}
-
 #[derive(Debug, Clone)]
 struct PatchEmbed {
     proj: Conv2d,
@@ -245,9 +241,9 @@ impl SitBlock {
         let (shift_msa, scale_msa, gate_msa) = (&chunks[0], &chunks[1], &chunks[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&chunks[3], &chunks[4], &chunks[5]);
         let h = modulate(&layer_norm_no_affine(xs, NORM_EPS)?, shift_msa, scale_msa)?.apply(&self.attn)?;
-        let xs = (xs + h.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let xs = gated_residual(xs, &h, gate_msa)?;
         let h = modulate(&layer_norm_no_affine(&xs, NORM_EPS)?, shift_mlp, scale_mlp)?.apply(&self.mlp)?;
-        xs + h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
+        gated_residual(&xs, &h, gate_mlp)
     }
 }
 
