@@ -153,6 +153,24 @@ fn defaults_come_from_model_toml_and_the_default_model_env() {
     assert_eq!(manifest["images"][0]["steps"], 4);
     assert_eq!(manifest["images"][0]["nfe"], 8);
     assert_eq!(manifest["images"][1]["guidance"], 1.5);
+    assert_eq!(manifest["images"][1]["guidance_interval"], serde_json::json!([0.0, 1.0]));
+
+    // The guidance interval can be overridden per run and is recorded.
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--n",
+        "1",
+        "--guidance-interval",
+        "0.2,1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["images"][0]["guidance_interval"], serde_json::json!([0.2, 1.0]));
 }
 
 #[test]
@@ -216,6 +234,10 @@ fn bad_input_fails_with_a_clear_error() {
     );
     assert_clean_failure(&flowgen(&["generate", "--model", &model, "--schedule", "0,1", "--out", out_dir]), "schedule");
     assert_clean_failure(&flowgen(&["generate", "--model", &model, "--device", "tpu", "--out", out_dir]), "device");
+    assert_clean_failure(
+        &flowgen(&["generate", "--model", &model, "--guidance-interval", "0.8,0.2", "--out", out_dir]),
+        "guidance_interval",
+    );
 
     // A model directory without weights.
     let no_weights = tmp.path().join("no-weights");

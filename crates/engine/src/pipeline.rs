@@ -94,6 +94,15 @@ impl Pipeline {
         self.autoencoder.as_ref()
     }
 
+    /// Replace the model's guidance interval (times in s, 0 noise .. 1 data) for this pipeline.
+    pub fn set_guidance_interval(&mut self, lo: f64, hi: f64) -> Result<()> {
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi <= 1.0) {
+            return Err(Error::invalid("guidance_interval", format!("({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1")));
+        }
+        self.config.guidance.interval = (lo, hi);
+        Ok(())
+    }
+
     pub fn guidance(&self, scale: f64) -> Guidance {
         Guidance {
             scale,

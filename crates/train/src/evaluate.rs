@@ -20,6 +20,8 @@ pub struct EvalResult {
     pub sampler: String,
     pub steps: usize,
     pub guidance: f64,
+    /// Times s (0 noise, 1 data) at which guidance applies.
+    pub guidance_interval: (f64, f64),
     pub n: usize,
     pub fd: f64,
     pub fd_floor: f64,
@@ -199,6 +201,7 @@ impl EvalContext {
             sampler: sampler.name().into(),
             steps: if sampler.is_adaptive() { 0 } else { steps },
             guidance: self.guidance,
+            guidance_interval: pipeline.config().guidance.interval,
             n,
             fd,
             fd_floor: self.fd_floor,

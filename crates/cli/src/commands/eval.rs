@@ -30,6 +30,9 @@ pub struct EvalArgs {
     steps: Vec<usize>,
     #[arg(long)]
     guidance: Option<f64>,
+    /// Apply guidance only for s in [LO, HI] (0 noise, 1 data) [default: from model.toml].
+    #[arg(long, value_name = "LO,HI", value_parser = super::parse_interval)]
+    guidance_interval: Option<(f64, f64)>,
     #[arg(long, default_value_t = 1000)]
     n: usize,
     #[arg(long, default_value_t = 0)]
@@ -55,7 +58,11 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut pipeline =
+        Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some((lo, hi)) = args.guidance_interval {
+        pipeline.set_guidance_interval(lo, hi).context("--guidance-interval")?;
+    }
     let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
     let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
     let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;

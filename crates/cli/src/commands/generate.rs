@@ -34,6 +34,9 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale; 1 disables it [default: from model.toml].
     #[arg(long)]
     guidance: Option<f64>,
+    /// Apply guidance only for s in [LO, HI] (0 noise, 1 data) [default: from model.toml].
+    #[arg(long, value_name = "LO,HI", value_parser = super::parse_interval)]
+    guidance_interval: Option<(f64, f64)>,
     /// uniform, shift:X (SD3 time shift), or a file of s values from 0 to 1 [default: from model.toml].
     #[arg(long)]
     schedule: Option<String>,
@@ -66,6 +69,7 @@ struct ManifestEntry {
     steps: usize,
     nfe: usize,
     guidance: f64,
+    guidance_interval: (f64, f64),
     schedule: String,
 }
 
@@ -84,8 +88,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let device = parse_device(&args.device)?;
-    let pipeline =
+    let mut pipeline =
         Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
+    if let Some((lo, hi)) = args.guidance_interval {
+        pipeline.set_guidance_interval(lo, hi).context("--guidance-interval")?;
+    }
     let cfg = pipeline.config().clone();
 
     let mut labels = Vec::new();
@@ -115,6 +122,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, _) => cfg.defaults.steps,
     };
     let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
+    let guidance_interval = cfg.guidance.interval;
 
     let template = GenerationRequest { labels: Vec::new(), seeds: Vec::new(), sampler, steps, schedule, guidance };
     // Fail on bad options before any image is made.
@@ -168,7 +176,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         for (j, image) in generation.images.iter().enumerate() {
             let i = start + j;
             let file = format!("{i:03}.png");
-            let png = image.to_png(&generation_metadata(&cfg.name, &request, stats, j))?;
+            let mut metadata = generation_metadata(&cfg.name, &request, stats, j);
+            metadata.push(("guidance_interval", format!("{},{}", guidance_interval.0, guidance_interval.1)));
+            let png = image.to_png(&metadata)?;
             std::fs::write(args.out.join(&file), png).with_context(|| format!("writing {file}"))?;
             let nfe = stats.per_sample_nfe.get(j).copied().unwrap_or(stats.nfe);
             total_nfe += nfe;
@@ -180,6 +190,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 steps: if request.sampler.is_adaptive() { stats.steps } else { steps },
                 nfe,
                 guidance,
+                guidance_interval,
                 schedule: request.schedule.to_string(),
             });
         }

@@ -400,7 +400,13 @@ impl CustomOp2 for AddBias {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = bias.dim(0)?;
         let rows = grad.elem_count() / d;
         // Summed as one sample of `rows` tokens: a single pass over contiguous rows.
@@ -472,7 +478,12 @@ mod tests {
     }
 
     /// Value and gradient of every input, fused against candle's composition of the same formula.
-    fn check_against_reference(name: &str, inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Result<Tensor>, reference: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    fn check_against_reference(
+        name: &str,
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
         let vars_a: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let vars_b: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let ta: Vec<Tensor> = vars_a.iter().map(|v| v.as_tensor().clone()).collect();
