@@ -161,7 +161,7 @@ pub fn train(
         scaling_factor,
         final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: run.samples_per_second,
+        samples_per_second: run.mean_samples_per_second(),
         parameters,
     };
     let report_path = out.join("report.json");

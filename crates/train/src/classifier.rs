@@ -140,7 +140,7 @@ pub fn train(
         val_accuracy,
         final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: run.samples_per_second,
+        samples_per_second: run.mean_samples_per_second(),
     };
     let report_path = out.join("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report).unwrap_or_default())

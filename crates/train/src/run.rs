@@ -228,6 +228,12 @@ impl Run {
         self.seconds_before + self.started.elapsed().as_secs_f64()
     }
 
+    /// After the last step: training samples per second over the whole run (every session of a
+    /// resumed one), rather than the latest logging window's rate.
+    pub fn mean_samples_per_second(&self) -> f64 {
+        (self.opts.steps * self.opts.batch_size) as f64 / self.train_seconds().max(1e-9)
+    }
+
     /// Save a checkpoint after `steps_done` steps.
     pub fn checkpoint(&self, steps_done: usize) -> Result<()> {
         Checkpoint {

@@ -157,7 +157,7 @@ pub fn train(
         objective: cfg.objective.clone(),
         final_loss: run.last_loss,
         train_seconds: run.train_seconds(),
-        samples_per_second: run.samples_per_second,
+        samples_per_second: run.mean_samples_per_second(),
         parameters,
         steps: cfg.opts.steps,
     };
