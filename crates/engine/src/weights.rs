@@ -225,8 +225,15 @@ impl SimpleBackend for CheckingBackend {
     }
 }
 
-/// Save named tensors as safetensors (the format every shipped model uses).
+/// Save named tensors as safetensors (the format every shipped model uses), readable by all
+/// (the safetensors writer creates 0600 files, which a server running as another user cannot read).
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    candle_core::safetensors::save(tensors, path)
-        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: e.to_string() })
+    let error = |message: String| Error::Weights { path: path.to_path_buf(), message };
+    candle_core::safetensors::save(tensors, path).map_err(|e| error(e.to_string()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| error(e.to_string()))?;
+    }
+    Ok(())
 }

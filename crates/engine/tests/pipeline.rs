@@ -173,6 +173,12 @@ fn weights_that_do_not_fit_are_reported_together() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.safetensors");
     save_safetensors(&tensors, &path).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "weights must be readable by a server running as another user");
+    }
     let err = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::WeightsMismatch { .. }), "{msg}");

@@ -45,7 +45,7 @@ impl Checkpoint {
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         for (file, tensors) in [("weights", &self.weights), ("ema", &self.ema), ("optimizer", &self.optimizer)] {
             let path = tmp.join(format!("{file}.safetensors"));
-            candle_core::safetensors::save(tensors, &path).map_err(|e| ck_err(&path, e.to_string()))?;
+            flowgen_engine::weights::save_safetensors(tensors, &path).map_err(|e| ck_err(&path, e.to_string()))?;
         }
         let meta = serde_json::to_string_pretty(&self.meta).map_err(|e| ck_err(&tmp, e.to_string()))?;
         std::fs::write(tmp.join("state.json"), meta).map_err(|e| TrainError::io(&tmp, e))?;
