@@ -364,6 +364,7 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
         "seconds_per_image",
         "straightness",
         "fd_autoencoder_floor",
+        "fd_autoencoder_sampled_floor",
     ] {
         assert!(result[key].as_f64().is_some_and(f64::is_finite), "{key}: {stdout}");
     }

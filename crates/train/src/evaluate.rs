@@ -38,6 +38,10 @@ pub struct EvalResult {
     /// model can reach with this autoencoder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fd_autoencoder_floor: Option<f64>,
+    /// The same, decoding a draw from each digit's latent posterior instead of its mean: the
+    /// floor of a velocity model trained on posterior samples (as `train velocity` does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd_autoencoder_sampled_floor: Option<f64>,
 }
 
 /// What stays fixed across a sweep: labels, seeds, the val features, the real-data floor, and
@@ -49,6 +53,7 @@ pub struct EvalContext {
     val_features: Vec<Vec<f64>>,
     pub fd_floor: f64,
     pub fd_autoencoder_floor: Option<f64>,
+    pub fd_autoencoder_sampled_floor: Option<f64>,
     /// The tight Dormand-Prince solve: final states, total NFE, seconds.
     reference: Option<(Tensor, usize, f64)>,
     /// Whether results carry the RMSE against the reference (which costs one tight solve).
@@ -97,6 +102,7 @@ impl EvalContext {
             val_features,
             fd_floor,
             fd_autoencoder_floor: None,
+            fd_autoencoder_sampled_floor: None,
             reference: None,
             with_reference: true,
             batch: 100,
@@ -113,15 +119,19 @@ impl EvalContext {
     ) -> Result<Option<f64>> {
         let Some(autoencoder) = pipeline.autoencoder() else { return Ok(None) };
         let n = self.labels.len().min(train.len());
-        let mut feats = Vec::with_capacity(n);
+        let (mut from_mean, mut from_sample) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for start in (0..n).step_by(self.batch) {
             let idx: Vec<usize> = (start..(start + self.batch).min(n)).collect();
             let (x, _) = train.batch(&idx, pipeline.device())?;
-            let reconstructed = autoencoder.decode(&autoencoder.encode(&x)?.mean)?;
-            feats.extend(features(classifier, &as_delivered(&reconstructed)?)?.0);
+            let posterior = autoencoder.encode(&x)?;
+            let noise = crate::run::seeded_normal(self.seeds[0], start, 7, posterior.mean.dims(), pipeline.device())?;
+            let sample = (&posterior.mean + ((&posterior.logvar * 0.5)?.exp()? * noise)?)?;
+            from_mean.extend(features(classifier, &as_delivered(&autoencoder.decode(&posterior.mean)?)?)?.0);
+            from_sample.extend(features(classifier, &as_delivered(&autoencoder.decode(&sample)?)?)?.0);
         }
-        let fd = fd_of_features(&feats, &self.val_features)?;
+        let fd = fd_of_features(&from_mean, &self.val_features)?;
         self.fd_autoencoder_floor = Some(fd);
+        self.fd_autoencoder_sampled_floor = Some(fd_of_features(&from_sample, &self.val_features)?);
         Ok(Some(fd))
     }
 
@@ -212,6 +222,7 @@ impl EvalContext {
             seconds_per_image: seconds / n as f64,
             straightness: if straightness { Some(self.straightness(pipeline, 64)?) } else { None },
             fd_autoencoder_floor: self.fd_autoencoder_floor,
+            fd_autoencoder_sampled_floor: self.fd_autoencoder_sampled_floor,
         })
     }
 

@@ -112,7 +112,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     std::fs::write(args.out.join("sweep.md"), &md)?;
     plot_sweep(&rows, &args.out).context("drawing the sweep plots")?;
-    let ae_floor = ctx.fd_autoencoder_floor.map_or(String::new(), |fd| format!("; through the autoencoder: {fd:.3}"));
+    let ae_floor = match (ctx.fd_autoencoder_floor, ctx.fd_autoencoder_sampled_floor) {
+        (Some(mean), Some(sampled)) => {
+            format!("; through the autoencoder: {mean:.3} (posterior mean), {sampled:.3} (posterior sample)")
+        }
+        _ => String::new(),
+    };
     println!(
         "{md}\nFD floor (real train vs val, n = {}): {:.3}{ae_floor}; written to {}",
         args.n,
