@@ -83,8 +83,7 @@ fn generate_writes_pngs_grid_and_manifest() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("generated 12 images") && stdout.contains("images/s"), "{stdout}");
 
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest = read_manifest(&out_dir);
     let images = manifest["images"].as_array().unwrap();
     assert_eq!(images.len(), 12);
     let labels: Vec<u64> = images.iter().map(|e| e["label"].as_u64().unwrap()).collect();
@@ -146,8 +145,7 @@ fn defaults_come_from_model_toml_and_the_default_model_env() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest = read_manifest(&out_dir);
     // init-random writes defaults: heun, 4 steps, guidance 1.5.
     assert_eq!(manifest["images"][0]["sampler"], "heun");
     assert_eq!(manifest["images"][0]["steps"], 4);
@@ -168,8 +166,7 @@ fn defaults_come_from_model_toml_and_the_default_model_env() {
         out_dir.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest = read_manifest(&out_dir);
     assert_eq!(manifest["images"][0]["guidance_interval"], serde_json::json!([0.2, 1.0]));
 }
 
@@ -194,8 +191,7 @@ fn adaptive_sampler_and_explicit_schedule_run() {
         out_dir.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest = read_manifest(&out_dir);
     assert_eq!(manifest["images"][0]["nfe"], 4);
     let out_dir = tmp.path().join("b");
     let out = flowgen(&[
@@ -261,6 +257,10 @@ fn bad_input_fails_with_a_clear_error() {
         .contains("x_embedder.proj.weight: model expects [64, 4, 1, 1], file has [32, 4, 1, 1]"));
 
     assert_clean_failure(&flowgen(&["generate", "--model", tmp.path().join("nope").to_str().unwrap()]), "model.toml");
+}
+
+fn read_manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
 }
 
 /// Write a tiny MNIST-format data directory (IDX, gzip) of synthetic bar "digits".

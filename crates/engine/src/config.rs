@@ -73,6 +73,15 @@ pub struct GuidanceSection {
     pub interval: (f64, f64),
 }
 
+/// The times s (0 noise, 1 data) between which guidance applies must lie in [0, 1], in order.
+pub fn check_guidance_interval(lo: f64, hi: f64) -> std::result::Result<(), String> {
+    if (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo <= hi {
+        Ok(())
+    } else {
+        Err(format!("({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1"))
+    }
+}
+
 fn full_interval() -> (f64, f64) {
     (0.0, 1.0)
 }
@@ -180,9 +189,7 @@ impl ModelConfig {
             }
         }
         let (lo, hi) = self.guidance.interval;
-        if !(0.0..=1.0).contains(&lo) || !(0.0..=1.0).contains(&hi) || lo > hi {
-            return Err(format!("[guidance] interval ({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1"));
-        }
+        check_guidance_interval(lo, hi).map_err(|e| format!("[guidance] interval {e}"))?;
         if !self.label_names.is_empty() && self.label_names.len() != self.network.sit.num_classes {
             return Err(format!(
                 "label_names has {} entries but num_classes is {}",

@@ -96,9 +96,7 @@ impl Pipeline {
 
     /// Replace the model's guidance interval (times in s, 0 noise .. 1 data) for this pipeline.
     pub fn set_guidance_interval(&mut self, lo: f64, hi: f64) -> Result<()> {
-        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi <= 1.0) {
-            return Err(Error::invalid("guidance_interval", format!("({lo}, {hi}) must satisfy 0 <= lo <= hi <= 1")));
-        }
+        crate::config::check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
         self.config.guidance.interval = (lo, hi);
         Ok(())
     }

@@ -109,15 +109,15 @@ impl EvalContext {
         })
     }
 
-    /// FD of `n` train digits round-tripped through the pipeline's autoencoder (posterior mean),
-    /// against val; None for a pixel-space model.
+    /// Set the FDs of `n` train digits round-tripped through the pipeline's autoencoder (decoding
+    /// the posterior mean, and a posterior sample) against val; both stay None for a pixel model.
     pub fn measure_autoencoder_floor(
         &mut self,
         pipeline: &Pipeline,
         classifier: &Classifier,
         train: &Digits,
-    ) -> Result<Option<f64>> {
-        let Some(autoencoder) = pipeline.autoencoder() else { return Ok(None) };
+    ) -> Result<()> {
+        let Some(autoencoder) = pipeline.autoencoder() else { return Ok(()) };
         let n = self.labels.len().min(train.len());
         let (mut from_mean, mut from_sample) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for start in (0..n).step_by(self.batch) {
@@ -129,10 +129,9 @@ impl EvalContext {
             from_mean.extend(features(classifier, &as_delivered(&autoencoder.decode(&posterior.mean)?)?)?.0);
             from_sample.extend(features(classifier, &as_delivered(&autoencoder.decode(&sample)?)?)?.0);
         }
-        let fd = fd_of_features(&from_mean, &self.val_features)?;
-        self.fd_autoencoder_floor = Some(fd);
+        self.fd_autoencoder_floor = Some(fd_of_features(&from_mean, &self.val_features)?);
         self.fd_autoencoder_sampled_floor = Some(fd_of_features(&from_sample, &self.val_features)?);
-        Ok(Some(fd))
+        Ok(())
     }
 
     fn request(&self, range: std::ops::Range<usize>, sampler: Sampler, steps: usize) -> GenerationRequest {

@@ -34,12 +34,7 @@ pub fn default_model_dir() -> Result<PathBuf> {
 
 /// `LO,HI` as two numbers (the range itself is checked by the pipeline).
 pub fn parse_interval(text: &str) -> Result<(f64, f64), String> {
-    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
-    match parts.as_slice() {
-        [lo, hi] => match (lo.parse(), hi.parse()) {
-            (Ok(lo), Ok(hi)) => Ok((lo, hi)),
-            _ => Err(format!("guidance_interval {text:?}: expected two numbers LO,HI")),
-        },
-        _ => Err(format!("guidance_interval {text:?}: expected two numbers LO,HI")),
-    }
+    let err = || format!("guidance_interval {text:?}: expected two numbers LO,HI");
+    let (lo, hi) = text.split_once(',').ok_or_else(err)?;
+    Ok((lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?))
 }
