@@ -168,6 +168,8 @@ fn defaults_come_from_model_toml_and_the_default_model_env() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest = read_manifest(&out_dir);
     assert_eq!(manifest["images"][0]["guidance_interval"], serde_json::json!([0.2, 1.0]));
+    let (_, text) = Image::from_png(&std::fs::read(out_dir.join("000.png")).unwrap()).unwrap();
+    assert!(text.contains(&("guidance_interval".to_string(), "0.2,1".to_string())), "{text:?}");
 }
 
 #[test]

@@ -33,6 +33,7 @@ pub fn generation_metadata(
         ("seed", req.seeds.get(i).map(u64::to_string).unwrap_or_default()),
         ("label", req.labels.get(i).map(u32::to_string).unwrap_or_default()),
         ("guidance", req.guidance.to_string()),
+        ("guidance_interval", format!("{},{}", req.guidance_interval.0, req.guidance_interval.1)),
         ("schedule", req.schedule.to_string()),
     ]
 }

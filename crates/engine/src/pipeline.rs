@@ -29,6 +29,9 @@ pub struct GenerationRequest {
     pub steps: usize,
     pub schedule: ScheduleSpec,
     pub guidance: f64,
+    /// Times s (0 noise, 1 data) between which guidance applies; callers usually pass the
+    /// model's `[guidance] interval`.
+    pub guidance_interval: (f64, f64),
 }
 
 #[derive(Debug, Clone)]
@@ -94,19 +97,13 @@ impl Pipeline {
         self.autoencoder.as_ref()
     }
 
-    /// Replace the model's guidance interval (times in s, 0 noise .. 1 data) for this pipeline.
-    pub fn set_guidance_interval(&mut self, lo: f64, hi: f64) -> Result<()> {
-        crate::config::check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
-        self.config.guidance.interval = (lo, hi);
-        Ok(())
-    }
-
-    pub fn guidance(&self, scale: f64) -> Guidance {
+    /// Guidance with this model's null label and guided channels.
+    pub fn guidance(&self, scale: f64, interval: (f64, f64)) -> Guidance {
         Guidance {
             scale,
             null_label: self.config.null_label(),
             channels: self.config.guidance.channels.clone(),
-            interval: self.config.guidance.interval,
+            interval,
         }
     }
 
@@ -143,6 +140,8 @@ impl Pipeline {
                 "this model has no null label (trained without label dropout); use guidance 1",
             ));
         }
+        let (lo, hi) = req.guidance_interval;
+        crate::config::check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
         if let Sampler::Dopri5(opts) = &req.sampler {
             opts.validate()?;
         }
@@ -172,7 +171,7 @@ impl Pipeline {
         let field = GuidedField::new(
             self.velocity.as_ref(),
             &req.labels,
-            self.guidance(req.guidance),
+            self.guidance(req.guidance, req.guidance_interval),
             self.config.network.sit.in_channels,
             self.dtype,
             &self.device,

@@ -30,6 +30,7 @@ fn request(n: usize, sampler: Sampler, steps: usize) -> GenerationRequest {
         steps,
         schedule: ScheduleSpec::Uniform,
         guidance: 2.0,
+        guidance_interval: (0.0, 1.0),
     }
 }
 
@@ -216,6 +217,20 @@ fn bad_model_directories_fail_clearly() {
 }
 
 #[test]
+fn guidance_applies_only_inside_the_requested_interval() {
+    let (dir, _) = tiny_model_dir();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let state = |guidance: f64, guidance_interval: (f64, f64)| {
+        let req = GenerationRequest { guidance, guidance_interval, ..request(2, Sampler::Euler, 4) };
+        pipeline.sample_state(&req, &mut Unobserved).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    // Euler at 4 steps evaluates s = 0, 0.25, 0.5, 0.75: an interval [0.9, 1] never guides.
+    assert_eq!(state(3.0, (0.9, 1.0)), state(1.0, (0.0, 1.0)));
+    assert_ne!(state(3.0, (0.0, 1.0)), state(1.0, (0.0, 1.0)));
+    assert_ne!(state(3.0, (0.5, 1.0)), state(3.0, (0.0, 1.0)));
+}
+
+#[test]
 fn invalid_requests_name_the_field() {
     let (dir, _) = tiny_model_dir();
     let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
@@ -228,6 +243,8 @@ fn invalid_requests_name_the_field() {
     check(GenerationRequest { labels: vec![], seeds: vec![], ..request(1, Sampler::Euler, 1) }, "n");
     check(GenerationRequest { guidance: f64::NAN, ..request(1, Sampler::Euler, 1) }, "guidance");
     check(GenerationRequest { seeds: vec![1, 2], ..request(1, Sampler::Euler, 1) }, "seeds");
+    check(GenerationRequest { guidance_interval: (0.5, 0.2), ..request(1, Sampler::Euler, 1) }, "guidance_interval");
+    check(GenerationRequest { guidance_interval: (0.0, 1.5), ..request(1, Sampler::Euler, 1) }, "guidance_interval");
     let cfg = pipeline.config();
     assert_eq!(cfg.parse_labels("0-2,seven").unwrap(), vec![0, 1, 2, 7]);
     assert!(cfg.parse_label("11").unwrap_err().to_string().contains("out of range"));

@@ -1,5 +1,6 @@
 //! Request and response bodies, and the validation that turns a request into a `JobSpec`.
 
+use flowgen_engine::config::check_guidance_interval;
 use flowgen_engine::samplers::SAMPLER_NAMES;
 use flowgen_engine::{GenerationRequest, ModelConfig, Sampler, ScheduleSpec};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,9 @@ pub struct GenerationBody {
     pub sampler: Option<String>,
     pub steps: Option<i64>,
     pub guidance: Option<f64>,
+    /// Times s (0 noise, 1 data) between which guidance applies, as [lo, hi]; the model's
+    /// interval when absent.
+    pub guidance_interval: Option<[f64; 2]>,
     /// uniform, shift:<alpha> or an explicit list "0,0.5,1".
     pub schedule: Option<String>,
     /// high | normal | low (default normal).
@@ -77,6 +81,10 @@ pub struct JobSpec {
     pub sampler: String,
     pub steps: usize,
     pub guidance: f64,
+    /// Times s where guidance applies; None only in jobs journaled before this field existed,
+    /// which run with the model's interval.
+    #[serde(default)]
+    pub guidance_interval: Option<(f64, f64)>,
     pub schedule: String,
     pub priority: Priority,
 }
@@ -88,6 +96,7 @@ pub struct BatchKey {
     sampler: String,
     steps: usize,
     guidance_bits: u64,
+    guidance_interval_bits: Option<(u64, u64)>,
     schedule: String,
 }
 
@@ -98,6 +107,7 @@ impl JobSpec {
             sampler: self.sampler.clone(),
             steps: self.steps,
             guidance_bits: self.guidance.to_bits(),
+            guidance_interval_bits: self.guidance_interval.map(|(lo, hi)| (lo.to_bits(), hi.to_bits())),
             schedule: self.schedule.clone(),
         }
     }
@@ -107,7 +117,7 @@ impl JobSpec {
     }
 
     /// The engine request for this job alone (batches concatenate labels and seeds).
-    pub fn to_request(&self) -> flowgen_engine::Result<GenerationRequest> {
+    pub fn to_request(&self, model: &ModelConfig) -> flowgen_engine::Result<GenerationRequest> {
         Ok(GenerationRequest {
             labels: self.labels.clone(),
             seeds: self.seeds.clone(),
@@ -115,6 +125,7 @@ impl JobSpec {
             steps: self.steps,
             schedule: ScheduleSpec::parse_inline(&self.schedule)?,
             guidance: self.guidance,
+            guidance_interval: self.guidance_interval.unwrap_or(model.guidance.interval),
         })
     }
 }
@@ -213,6 +224,9 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
     if guidance != 1.0 && cfg.null_label().is_none() {
         return Err(ApiError::validation("guidance", "this model has no null label; only guidance 1 is possible"));
     }
+    let guidance_interval = body.guidance_interval.map(|[lo, hi]| (lo, hi)).unwrap_or(cfg.guidance.interval);
+    check_guidance_interval(guidance_interval.0, guidance_interval.1)
+        .map_err(|e| ApiError::validation("guidance_interval", e))?;
     let priority = match &body.priority {
         Some(p) => Priority::parse(p)?,
         None => Priority::Normal,
@@ -226,6 +240,7 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
         sampler: sampler.name().to_string(),
         steps,
         guidance,
+        guidance_interval: Some(guidance_interval),
         schedule: schedule.canonical(),
         priority,
     })
@@ -285,6 +300,8 @@ pub struct JobView {
     pub sampler: String,
     pub steps: usize,
     pub guidance: f64,
+    /// Times s where guidance applied, [lo, hi] (null for jobs journaled before it was recorded).
+    pub guidance_interval: Option<[f64; 2]>,
     pub schedule: String,
     pub priority: Priority,
     pub created_at_ms: i64,
@@ -315,6 +332,8 @@ pub struct ModelInfo {
     pub default_sampler: String,
     pub default_steps: usize,
     pub default_guidance: f64,
+    /// Times s (0 noise, 1 data) where guidance applies by default.
+    pub default_guidance_interval: [f64; 2],
     pub guidance_supported: bool,
 }
 

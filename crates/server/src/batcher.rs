@@ -80,7 +80,7 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
         state.metrics.queue_seconds.observe(job.waited.as_secs_f64());
     }
     match execute(state, &batch).await {
-        Ok((output, seconds)) => record(state, &batch, output, seconds).await,
+        Ok(solved) => record(state, &batch, solved).await,
         Err(EngineError::Cancelled) => {}
         Err(err) if batch.len() > 1 => {
             // Isolate the faulty job: run each job alone so only that one fails.
@@ -91,7 +91,7 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
                 }
                 let single = vec![job];
                 match execute(state, &single).await {
-                    Ok((output, seconds)) => record(state, &single, output, seconds).await,
+                    Ok(solved) => record(state, &single, solved).await,
                     Err(EngineError::Cancelled) => {}
                     Err(err) => fail(state, &single[0], &err).await,
                 }
@@ -101,15 +101,22 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
     }
 }
 
+/// A finished engine call: the batch's request (settings shared by its jobs), output and time.
+struct Solved {
+    request: GenerationRequest,
+    output: EngineOutput,
+    seconds: f64,
+}
+
 /// One engine call for the whole batch; stops early only when every job in it was cancelled.
-async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<(EngineOutput, f64), EngineError> {
+async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, EngineError> {
     let model = &batch[0].spec.model;
     let engine: Arc<dyn Engine> = state
         .models
         .get(model)
         .cloned()
         .ok_or_else(|| EngineError::invalid("model", format!("model {model:?} is no longer served")))?;
-    let mut request = batch[0].spec.to_request()?;
+    let mut request = batch[0].spec.to_request(engine.config())?;
     request.labels = batch.iter().flat_map(|j| j.spec.labels.iter().copied()).collect();
     request.seeds = batch.iter().flat_map(|j| j.spec.seeds.iter().copied()).collect();
     let watchers: Vec<_> = batch.iter().map(|j| (j.events.clone(), j.cancel.clone())).collect();
@@ -137,6 +144,7 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<(EngineOut
     });
     let images = request.labels.len();
     let clock = Instant::now();
+    let batch_request = request.clone();
     let outcome = tokio::task::spawn_blocking(move || engine.generate(request, progress)).await;
     let seconds = clock.elapsed().as_secs_f64();
     let output = match outcome {
@@ -152,11 +160,12 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<(EngineOut
     state.metrics.batch_size.observe(images as f64);
     state.metrics.inference_seconds.observe(seconds);
     state.jobs.record_throughput(images, seconds);
-    Ok((output, seconds))
+    Ok(Solved { request: batch_request, output, seconds })
 }
 
 /// Encode PNGs and journal each job's images together with its success.
-async fn record(state: &Arc<AppState>, batch: &[BatchJob], output: EngineOutput, seconds: f64) {
+async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
+    let Solved { request: batch_request, output, seconds } = solved;
     let store = state.store.clone();
     let jobs: Vec<BatchJob> = batch.to_vec();
     let finished = now_ms();
@@ -171,12 +180,10 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], output: EngineOutput,
             if job.cancel.load(Ordering::SeqCst) {
                 continue;
             }
-            let request = match job.spec.to_request() {
-                Ok(r) => r,
-                Err(e) => {
-                    outcomes.push((job.id.clone(), Err(e.to_string())));
-                    continue;
-                }
+            let request = GenerationRequest {
+                labels: job.spec.labels.clone(),
+                seeds: job.spec.seeds.clone(),
+                ..batch_request.clone()
             };
             let stats = job_stats(&output.stats, range.clone());
             let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or(stats.nfe);
@@ -262,6 +269,7 @@ pub fn warm_up(engine: &dyn Engine) -> flowgen_engine::Result<()> {
         steps: 1,
         schedule: flowgen_engine::ScheduleSpec::Uniform,
         guidance: if cfg.null_label().is_some() { cfg.defaults.guidance } else { 1.0 },
+        guidance_interval: cfg.guidance.interval,
     };
     engine.generate(request, Box::new(|_: &StepReport| ControlFlow::Continue(())))?;
     Ok(())

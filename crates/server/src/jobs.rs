@@ -393,6 +393,7 @@ fn view_of(e: &Entry) -> JobView {
         sampler: spec.sampler.clone(),
         steps: spec.steps,
         guidance: spec.guidance,
+        guidance_interval: spec.guidance_interval.map(|(lo, hi)| [lo, hi]),
         schedule: spec.schedule.clone(),
         priority: spec.priority,
         created_at_ms: job.created_ms,

@@ -524,6 +524,7 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
                 default_sampler: cfg.defaults.sampler.clone(),
                 default_steps: cfg.defaults.steps,
                 default_guidance: cfg.defaults.guidance,
+                default_guidance_interval: [cfg.guidance.interval.0, cfg.guidance.interval.1],
                 guidance_supported: cfg.null_label().is_some(),
             }
         })

@@ -70,7 +70,9 @@ impl AppState {
 
         let warm = state.clone();
         tokio::spawn(async move {
-            for engine in warm.models.iter().cloned() {
+            for engine in warm.models.iter() {
+                // The blocking task needs its own handle to the engine.
+                let engine = engine.clone();
                 let name = engine.config().name.clone();
                 match tokio::task::spawn_blocking(move || crate::batcher::warm_up(engine.as_ref())).await {
                     Ok(Ok(())) => tracing::info!(model = %name, "model warmed up"),

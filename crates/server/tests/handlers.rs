@@ -90,8 +90,8 @@ async fn wait_for(h: &Harness, id: &str, status: JobStatus) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_poll_and_fetch_png() {
     let h = harness(1, |_, _| {}).await;
-    let r =
-        call(&h, "POST", "/v1/generations", Some(json!({"labels": [7, "three"], "seed": 40, "steps": 3})), &[]).await;
+    let body = json!({"labels": [7, "three"], "seed": 40, "steps": 3, "guidance_interval": [0.25, 1.0]});
+    let r = call(&h, "POST", "/v1/generations", Some(body), &[]).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     let id = r.json()["id"].as_str().unwrap().to_string();
     assert_eq!(r.headers[header::LOCATION], format!("/v1/generations/{id}"));
@@ -108,6 +108,8 @@ async fn submit_poll_and_fetch_png() {
     let (image, meta) = flowgen_engine::image::Image::from_png(&png.body).unwrap();
     assert_eq!(image, h.fake.image_for(41, 3));
     assert!(meta.contains(&("seed".to_string(), "41".to_string())), "{meta:?}");
+    assert!(meta.contains(&("guidance_interval".to_string(), "0.25,1".to_string())), "{meta:?}");
+    assert_eq!(view["guidance_interval"], json!([0.25, 1.0]));
     assert_eq!(
         call(&h, "GET", &format!("/v1/generations/{id}/images/2"), None, &[]).await.status,
         StatusCode::NOT_FOUND
@@ -128,6 +130,9 @@ async fn every_invalid_field_is_named_with_its_limit() {
         (json!({"steps": 100000}), "steps", "256"),
         (json!({"guidance": -1.0}), "guidance", "between 0 and 20"),
         (json!({"guidance": 50}), "guidance", "20"),
+        (json!({"guidance_interval": [0.6, 0.2]}), "guidance_interval", "0 <= lo <= hi <= 1"),
+        (json!({"guidance_interval": [0.0, 1.5]}), "guidance_interval", "0 <= lo <= hi <= 1"),
+        (json!({"guidance_interval": [0.5]}), "guidance_interval", ""),
         (json!({"labels": [12]}), "labels[0]", "out of range"),
         (json!({"labels": ["banana"]}), "labels[0]", "banana"),
         (json!({"labels": []}), "labels", "empty"),
@@ -342,11 +347,13 @@ async fn priorities_then_fifo_and_compatible_jobs_batch_with_unchanged_seeds() {
     assert_eq!(view["queue_position"], 2);
     // Compatible with `normal`: joins its batch; two images each keep their own seeds.
     let joiner = submit(&h, json!({"steps": 3, "seed": 500, "n": 2, "labels": [4, 8]})).await;
+    // Another guidance interval is another batch.
+    let apart = submit(&h, json!({"steps": 3, "seed": 600, "guidance_interval": [0.2, 1.0]})).await;
     h.fake.resume();
-    for id in [&low, &normal, &high, &joiner] {
+    for id in [&low, &normal, &high, &joiner, &apart] {
         wait_for(&h, id, JobStatus::Succeeded).await;
     }
-    assert_eq!(h.fake.batches(), vec![vec![1000], vec![100], vec![200, 500, 501], vec![300]]);
+    assert_eq!(h.fake.batches(), vec![vec![1000], vec![100], vec![200, 500, 501], vec![600], vec![300]]);
     for (i, (seed, label)) in [(500u64, 4u32), (501, 8)].into_iter().enumerate() {
         let png = call(&h, "GET", &format!("/v1/generations/{joiner}/images/{i}"), None, &[]).await;
         assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(seed, label));
@@ -449,7 +456,7 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
                 inference_ms: None,
             })
             .unwrap();
-        h.state.store.mark_running(&[waiting.clone()], 0).unwrap();
+        h.state.store.mark_running(std::slice::from_ref(&waiting), 0).unwrap();
     }
     let h = harness(1, configure).await;
     let view = wait_for(&h, &waiting, JobStatus::Succeeded).await;
@@ -498,4 +505,15 @@ async fn cors_is_closed_unless_an_origin_is_configured() {
     let open = harness(1, |c, _| c.server.cors_origins = vec!["https://app.example.com".into()]).await;
     let resp = preflight(&open).await.unwrap();
     assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example.com");
+}
+
+#[test]
+fn jobs_journaled_before_guidance_intervals_run_with_the_model_interval() {
+    let old = json!({"model": "fake", "labels": [1], "seeds": [5], "sampler": "euler", "steps": 3,
+        "guidance": 1.5, "schedule": "uniform", "priority": "normal"});
+    let spec: flowgen_server::api::JobSpec = serde_json::from_value(old).unwrap();
+    assert_eq!(spec.guidance_interval, None);
+    let mut cfg = flowgen_engine::random_model::tiny_latent_config("fake");
+    cfg.guidance.interval = (0.1, 0.9);
+    assert_eq!(spec.to_request(&cfg).unwrap().guidance_interval, (0.1, 0.9));
 }

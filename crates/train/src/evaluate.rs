@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use flowgen_engine::samplers::{Dopri5Options, Unobserved, VelocityField};
-use flowgen_engine::{noise, GenerationRequest, GuidedField, Pipeline, Sampler, ScheduleSpec};
+use flowgen_engine::{noise, GenerationRequest, Guidance, GuidedField, Pipeline, Sampler, ScheduleSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::Classifier;
@@ -49,7 +49,8 @@ pub struct EvalResult {
 pub struct EvalContext {
     pub labels: Vec<u32>,
     pub seeds: Vec<u64>,
-    pub guidance: f64,
+    /// Classifier-free guidance of every solve (scale and interval).
+    pub guidance: Guidance,
     val_features: Vec<Vec<f64>>,
     pub fd_floor: f64,
     pub fd_autoencoder_floor: Option<f64>,
@@ -89,7 +90,7 @@ impl EvalContext {
         val: &Digits,
         n: usize,
         seed: u64,
-        guidance: f64,
+        guidance: Guidance,
         device: &Device,
     ) -> Result<Self> {
         let val_features = digit_features(classifier, val, val.len(), device)?;
@@ -141,7 +142,8 @@ impl EvalContext {
             sampler,
             steps,
             schedule: ScheduleSpec::Uniform,
-            guidance: self.guidance,
+            guidance: self.guidance.scale,
+            guidance_interval: self.guidance.interval,
         }
     }
 
@@ -209,8 +211,8 @@ impl EvalContext {
             model: pipeline.config().name.clone(),
             sampler: sampler.name().into(),
             steps: if sampler.is_adaptive() { 0 } else { steps },
-            guidance: self.guidance,
-            guidance_interval: pipeline.config().guidance.interval,
+            guidance: self.guidance.scale,
+            guidance_interval: self.guidance.interval,
             n,
             fd,
             fd_floor: self.fd_floor,
@@ -239,7 +241,7 @@ impl EvalContext {
             let field = GuidedField::new(
                 model,
                 &self.labels[start..end],
-                pipeline.guidance(self.guidance),
+                self.guidance.clone(),
                 c,
                 DType::F32,
                 pipeline.device(),

@@ -111,6 +111,7 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         steps: args.steps,
         schedule: ScheduleSpec::Uniform,
         guidance,
+        guidance_interval: cfg.guidance.interval,
     };
     let nothing = || Box::new(|_: &flowgen_engine::StepReport| std::ops::ControlFlow::Continue(()));
     engine.generate(request(0, args.max_batch.min(total_images)), nothing()).context("warm-up")?;

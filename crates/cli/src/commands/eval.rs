@@ -58,16 +58,14 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let mut pipeline =
-        Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
-    if let Some((lo, hi)) = args.guidance_interval {
-        pipeline.set_guidance_interval(lo, hi).context("--guidance-interval")?;
-    }
+    let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
     let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
     let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
     let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
     anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
-    let guidance = args.guidance.unwrap_or(pipeline.config().defaults.guidance);
+    let cfg = pipeline.config();
+    let interval = args.guidance_interval.unwrap_or(cfg.guidance.interval);
+    let guidance = pipeline.guidance(args.guidance.unwrap_or(cfg.defaults.guidance), interval);
     let mut ctx = EvalContext::new(&classifier, &train, &val, args.n, args.seed, guidance, &device)?;
     ctx.with_reference = !args.no_reference;
     ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;

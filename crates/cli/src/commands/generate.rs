@@ -88,11 +88,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let device = parse_device(&args.device)?;
-    let mut pipeline =
+    let pipeline =
         Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
-    if let Some((lo, hi)) = args.guidance_interval {
-        pipeline.set_guidance_interval(lo, hi).context("--guidance-interval")?;
-    }
     let cfg = pipeline.config().clone();
 
     let mut labels = Vec::new();
@@ -122,9 +119,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, _) => cfg.defaults.steps,
     };
     let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
-    let guidance_interval = cfg.guidance.interval;
+    let guidance_interval = args.guidance_interval.unwrap_or(cfg.guidance.interval);
 
-    let template = GenerationRequest { labels: Vec::new(), seeds: Vec::new(), sampler, steps, schedule, guidance };
+    let template = GenerationRequest {
+        labels: Vec::new(),
+        seeds: Vec::new(),
+        sampler,
+        steps,
+        schedule,
+        guidance,
+        guidance_interval,
+    };
     // Fail on bad options before any image is made.
     pipeline
         .validate(&GenerationRequest { labels: labels[..1].to_vec(), seeds: seeds[..1].to_vec(), ..template.clone() })
@@ -176,9 +181,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         for (j, image) in generation.images.iter().enumerate() {
             let i = start + j;
             let file = format!("{i:03}.png");
-            let mut metadata = generation_metadata(&cfg.name, &request, stats, j);
-            metadata.push(("guidance_interval", format!("{},{}", guidance_interval.0, guidance_interval.1)));
-            let png = image.to_png(&metadata)?;
+            let png = image.to_png(&generation_metadata(&cfg.name, &request, stats, j))?;
             std::fs::write(args.out.join(&file), png).with_context(|| format!("writing {file}"))?;
             let nfe = stats.per_sample_nfe.get(j).copied().unwrap_or(stats.nfe);
             total_nfe += nfe;

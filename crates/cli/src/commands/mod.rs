@@ -32,9 +32,11 @@ pub fn default_model_dir() -> Result<PathBuf> {
     )
 }
 
-/// `LO,HI` as two numbers (the range itself is checked by the pipeline).
+/// `LO,HI`: two times s with 0 <= LO <= HI <= 1.
 pub fn parse_interval(text: &str) -> Result<(f64, f64), String> {
     let err = || format!("guidance_interval {text:?}: expected two numbers LO,HI");
     let (lo, hi) = text.split_once(',').ok_or_else(err)?;
-    Ok((lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?))
+    let (lo, hi) = (lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?);
+    flowgen_engine::config::check_guidance_interval(lo, hi).map_err(|e| format!("guidance_interval {e}"))?;
+    Ok((lo, hi))
 }
