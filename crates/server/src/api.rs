@@ -347,6 +347,14 @@ pub struct Limits {
     pub body_limit_bytes: usize,
 }
 
+/// One page of `GET /v1/generations`, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub data: Vec<JobView>,
+    /// More jobs follow: ask again with `after` = the last id of this page.
+    pub has_more: bool,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelsResponse {
     pub object: &'static str,

@@ -158,6 +158,33 @@ impl Jobs {
         self.lock().entries.get(id).map(|e| e.job.owner.clone())
     }
 
+    /// `owner`'s jobs with one of `statuses` (all when empty), newest first, starting after the
+    /// job `after` (a cursor from the previous page); also says whether more follow. None when
+    /// `after` is not one of those jobs (expired, or filtered out).
+    pub fn list(
+        &self,
+        owner: &str,
+        statuses: &[JobStatus],
+        limit: usize,
+        after: Option<&str>,
+    ) -> Option<(Vec<JobView>, bool)> {
+        let inner = self.lock();
+        let mut mine: Vec<&Entry> = inner
+            .entries
+            .values()
+            .filter(|e| e.job.owner == owner && (statuses.is_empty() || statuses.contains(&e.job.status)))
+            .collect();
+        // Admission order breaks ties within a millisecond (ids are random).
+        mine.sort_by(|a, b| (b.job.created_ms, b.enqueued, &b.job.id).cmp(&(a.job.created_ms, a.enqueued, &a.job.id)));
+        let start = match after {
+            Some(cursor) => mine.iter().position(|e| e.job.id == cursor)? + 1,
+            None => 0,
+        };
+        let page: Vec<JobView> = mine.iter().skip(start).take(limit).map(|e| view_of(e)).collect();
+        let more = mine.len() > start + page.len();
+        Some((page, more))
+    }
+
     pub fn view(&self, id: &str) -> Option<JobView> {
         let inner = self.lock();
         inner.entries.get(id).map(view_of)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 use utoipa_scalar::{Scalar, Servable};
 
 use crate::api::{
-    self, GenerationBody, JobStatus, JobView, LabelValue, Limits, ModelInfo, ModelsResponse, OpenAiImage,
+    self, GenerationBody, JobList, JobStatus, JobView, LabelValue, Limits, ModelInfo, ModelsResponse, OpenAiImage,
     OpenAiImageRequest, OpenAiImageResponse, Priority,
 };
 use crate::error::{ApiError, ErrorBody};
@@ -38,8 +38,8 @@ type AppResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "flowgen", description = "Flow-matching image generation: queued jobs, progress, cancellation."),
-    paths(create_generation, get_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
-    components(schemas(GenerationBody, LabelValue, JobView, JobStatus, Priority, ErrorBody, ModelsResponse, ModelInfo, Limits, OpenAiImageRequest, OpenAiImageResponse, OpenAiImage)),
+    paths(create_generation, list_generations, get_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
+    components(schemas(GenerationBody, LabelValue, JobView, JobList, JobStatus, Priority, ErrorBody, ModelsResponse, ModelInfo, Limits, OpenAiImageRequest, OpenAiImageResponse, OpenAiImage)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -63,7 +63,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let timeout = Duration::from_secs(cfg.request_timeout_s);
     // Everything but the synchronous endpoint (it has its own deadline) and SSE (it streams).
     let bounded = Router::new()
-        .route("/v1/generations", post(create_generation))
+        .route("/v1/generations", post(create_generation).get(list_generations))
         .route("/v1/generations/{id}", get(get_generation))
         .route("/v1/generations/{id}/cancel", post(cancel_generation))
         .route("/v1/generations/{id}/images/{index}", get(generation_image))
@@ -232,6 +232,54 @@ async fn create_generation(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// Most jobs one page of `GET /v1/generations` returns.
+const MAX_LIST_LIMIT: usize = 500;
+
+/// The caller's jobs (those not yet expired), newest first, optionally filtered by status.
+#[utoipa::path(get, path = "/v1/generations",
+    params(
+        ("status" = Option<String>, Query, description = "Comma-separated statuses to keep, e.g. queued,running"),
+        ("limit" = Option<usize>, Query, description = "Jobs per page, 1..=500 (default 50)"),
+        ("after" = Option<String>, Query, description = "Cursor: the last id of the previous page"),
+    ),
+    responses((status = 200, body = JobList), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn list_generations(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+) -> AppResult<Json<JobList>> {
+    if let Some(unknown) = params.keys().find(|k| !matches!(k.as_str(), "status" | "limit" | "after")) {
+        return Err(ApiError::validation(unknown, "unknown query parameter; use status, limit or after"));
+    }
+    let mut statuses = Vec::new();
+    for name in params.get("status").map(|s| s.split(',')).into_iter().flatten().filter(|s| !s.is_empty()) {
+        statuses.push(JobStatus::parse(name.trim()).ok_or_else(|| {
+            ApiError::validation(
+                "status",
+                format!("{name:?} is not one of queued, running, succeeded, failed, cancelled"),
+            )
+        })?);
+    }
+    let limit = match params.get("limit") {
+        None => 50,
+        Some(text) => match text.parse::<usize>() {
+            Ok(k) if (1..=MAX_LIST_LIMIT).contains(&k) => k,
+            _ => {
+                return Err(ApiError::validation(
+                    "limit",
+                    format!("must be between 1 and {MAX_LIST_LIMIT}, got {text:?}"),
+                ))
+            }
+        },
+    };
+    let after = params.get("after").map(String::as_str);
+    let (data, has_more) = state.jobs.list(&caller.0, &statuses, limit, after).ok_or_else(|| {
+        ApiError::validation("after", format!("{:?} is not one of your listed jobs (expired?)", after.unwrap_or("")))
+    })?;
+    Ok(Json(JobList { data, has_more }))
 }
 
 /// A job's status, progress, timings, seeds and image URLs.

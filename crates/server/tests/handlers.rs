@@ -517,3 +517,69 @@ fn jobs_journaled_before_guidance_intervals_run_with_the_model_interval() {
     cfg.guidance.interval = (0.1, 0.9);
     assert_eq!(spec.to_request(&cfg).unwrap().guidance_interval, (0.1, 0.9));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_shows_only_the_callers_jobs_newest_first_by_status_and_in_pages() {
+    let h = harness(1, |c, _| c.auth.api_keys = vec!["key-alice-123".into(), "key-bob-4567".into()]).await;
+    let (alice, bob) = ([("authorization", "Bearer key-alice-123")], [("authorization", "Bearer key-bob-4567")]);
+    h.fake.pause();
+    let mut ids = Vec::new();
+    // Different step counts: no two of these share a batch.
+    for seed in 0..5 {
+        let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": seed, "steps": 2 + seed})), &alice).await;
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": 9})), &bob).await;
+    let bobs = r.json()["id"].as_str().unwrap().to_string();
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    let list = |r: &Reply| -> Vec<String> {
+        r.json()["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
+    };
+
+    let r = call(&h, "GET", "/v1/generations", None, &alice).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(list(&r), newest_first);
+    assert_eq!(r.json()["has_more"], false);
+    assert_eq!(list(&call(&h, "GET", "/v1/generations", None, &bob).await), vec![bobs.clone()]);
+
+    // Pages of two, following the cursor.
+    let mut seen = Vec::new();
+    let mut uri = "/v1/generations?limit=2".to_string();
+    loop {
+        let r = call(&h, "GET", &uri, None, &alice).await;
+        let page = list(&r);
+        assert!(page.len() <= 2);
+        seen.extend(page.clone());
+        if r.json()["has_more"] == false {
+            break;
+        }
+        uri = format!("/v1/generations?limit=2&after={}", page.last().unwrap());
+    }
+    assert_eq!(seen, newest_first);
+
+    // The first job runs (the fake engine is paused), the rest wait; cancel one of them.
+    wait_for(&h, &ids[0], JobStatus::Running).await;
+    assert_eq!(
+        call(&h, "POST", &format!("/v1/generations/{}/cancel", ids[4]), None, &alice).await.status,
+        StatusCode::OK
+    );
+    let queued = list(&call(&h, "GET", "/v1/generations?status=queued", None, &alice).await);
+    assert_eq!(queued, vec![ids[3].clone(), ids[2].clone(), ids[1].clone()]);
+    let r = call(&h, "GET", "/v1/generations?status=running,cancelled", None, &alice).await;
+    assert_eq!(list(&r), vec![ids[4].clone(), ids[0].clone()]);
+
+    for (uri, field, needle) in [
+        ("/v1/generations?status=done", "status", "queued, running"),
+        ("/v1/generations?limit=0", "limit", "between 1 and 500"),
+        ("/v1/generations?limit=many", "limit", "between 1 and 500"),
+        ("/v1/generations?after=gen_nope", "after", "gen_nope"),
+        (&format!("/v1/generations?after={bobs}"), "after", "not one of your"),
+        ("/v1/generations?sort=asc", "sort", "unknown query parameter"),
+    ] {
+        let r = call(&h, "GET", uri, None, &alice).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{uri}");
+        assert_eq!(r.json()["field"], field, "{uri}");
+        assert!(r.json()["error"].as_str().unwrap().contains(needle), "{uri}: {}", r.json());
+    }
+    h.fake.resume();
+}
