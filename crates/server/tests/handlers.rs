@@ -404,6 +404,9 @@ async fn openai_compatible_endpoint_models_and_docs() {
     for path in ["/v1/generations", "/v1/generations/{id}/events", "/v1/images/generations", "/metrics"] {
         assert!(spec["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
     }
+    for method in ["get", "post"] {
+        assert!(spec["paths"]["/v1/generations"].get(method).is_some(), "{method} /v1/generations undocumented");
+    }
     let docs = call(&h, "GET", "/docs", None, &[]).await;
     assert_eq!(docs.status, StatusCode::OK);
 }
