@@ -257,6 +257,9 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
+
     pub fn is_final(self) -> bool {
         matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
     }
@@ -272,14 +275,7 @@ impl JobStatus {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        Some(match text {
-            "queued" => JobStatus::Queued,
-            "running" => JobStatus::Running,
-            "succeeded" => JobStatus::Succeeded,
-            "failed" => JobStatus::Failed,
-            "cancelled" => JobStatus::Cancelled,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
     }
 }
 

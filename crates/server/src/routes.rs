@@ -259,7 +259,7 @@ async fn list_generations(
         statuses.push(JobStatus::parse(name.trim()).ok_or_else(|| {
             ApiError::validation(
                 "status",
-                format!("{name:?} is not one of queued, running, succeeded, failed, cancelled"),
+                format!("{name:?} is not one of {}", JobStatus::ALL.map(JobStatus::as_str).join(", ")),
             )
         })?);
     }

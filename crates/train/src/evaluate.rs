@@ -83,16 +83,21 @@ fn as_delivered(pixels: &Tensor) -> Result<Tensor> {
     Ok(((((pixels.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()? / 127.5)? - 1.0)?)
 }
 
+/// What an evaluation compares against and how it draws: the classifier whose features FD uses,
+/// the train digits for the real-data floor, the val digits as the reference, and the `n` labels
+/// (0-9 in turn) and seeds (`seed + i`) every sampler run shares.
+pub struct EvalSetup<'a> {
+    pub classifier: &'a Classifier,
+    pub train: &'a Digits,
+    pub val: &'a Digits,
+    pub n: usize,
+    pub seed: u64,
+    pub guidance: Guidance,
+}
+
 impl EvalContext {
-    pub fn new(
-        classifier: &Classifier,
-        train: &Digits,
-        val: &Digits,
-        n: usize,
-        seed: u64,
-        guidance: Guidance,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(setup: EvalSetup<'_>, device: &Device) -> Result<Self> {
+        let EvalSetup { classifier, train, val, n, seed, guidance } = setup;
         let val_features = digit_features(classifier, val, val.len(), device)?;
         let floor_features = digit_features(classifier, train, n, device)?;
         let fd_floor = fd_of_features(&floor_features, &val_features)?;

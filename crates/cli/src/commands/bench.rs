@@ -22,6 +22,7 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct ServeBenchArgs {
+    /// Model directory [default: the shipped default model].
     #[arg(long)]
     model: Option<PathBuf>,
     /// Concurrent clients, each submitting, following SSE to the end, then fetching its PNGs.
@@ -33,14 +34,19 @@ pub struct ServeBenchArgs {
     /// Images per job.
     #[arg(long, default_value_t = 2)]
     n: usize,
+    /// Sampler of every job.
     #[arg(long, default_value = "euler")]
     sampler: String,
+    /// Steps of every job.
     #[arg(long, default_value_t = 8)]
     steps: usize,
+    /// The server's batcher limit, in images (the raw engine runs batches of this size too).
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
+    /// How long the batcher waits for compatible jobs to fill a batch.
     #[arg(long, default_value_t = 20)]
     max_wait_ms: u64,
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also write the figures as JSON here.

@@ -7,7 +7,7 @@ use flowgen_engine::{Pipeline, Sampler};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{
-    plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, SWEEP_STEPS,
+    plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, EvalSetup, SWEEP_STEPS,
 };
 use indicatif::ProgressBar;
 
@@ -28,13 +28,16 @@ pub struct EvalArgs {
     /// Step count, or a comma-separated list: every fixed-step sampler runs at each (same noise).
     #[arg(long, value_delimiter = ',', default_values_t = [8])]
     steps: Vec<usize>,
+    /// Classifier-free guidance scale (1 = none) [default: from model.toml].
     #[arg(long)]
     guidance: Option<f64>,
     /// Apply guidance only for s in [LO, HI] (0 noise, 1 data) [default: from model.toml].
     #[arg(long, value_name = "LO,HI", value_parser = super::parse_interval)]
     guidance_interval: Option<(f64, f64)>,
+    /// Images generated per sampler run (labels 0-9 in turn); also the number of real train digits in the floor.
     #[arg(long, default_value_t = 1000)]
     n: usize,
+    /// Image i is drawn from seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also measure the straightness of the learned flow.
@@ -52,6 +55,7 @@ pub struct EvalArgs {
     /// Where --sweep writes sweep.csv and sweep.md.
     #[arg(long, default_value = "eval")]
     out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -66,7 +70,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let cfg = pipeline.config();
     let interval = args.guidance_interval.unwrap_or(cfg.guidance.interval);
     let guidance = pipeline.guidance(args.guidance.unwrap_or(cfg.defaults.guidance), interval);
-    let mut ctx = EvalContext::new(&classifier, &train, &val, args.n, args.seed, guidance, &device)?;
+    let setup = EvalSetup { classifier: &classifier, train: &train, val: &val, n: args.n, seed: args.seed, guidance };
+    let mut ctx = EvalContext::new(setup, &device)?;
     ctx.with_reference = !args.no_reference;
     ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;
     if !args.sweep {

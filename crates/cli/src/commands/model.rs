@@ -10,15 +10,19 @@ pub enum ModelCommand {
     /// Write a tiny MNIST-shaped latent model with seeded random weights (for tests and demos:
     /// it runs the whole pipeline but draws noise-like images, not digits).
     InitRandom {
+        /// Directory to create (model.toml, velocity and autoencoder weights).
         #[arg(long)]
         out: PathBuf,
+        /// Seeds the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Name written into model.toml.
         #[arg(long, default_value = "random-tiny-latent")]
         name: String,
     },
     /// Load a model directory, check its weights, and print its configuration.
     Check {
+        /// Model directory (model.toml and its weights).
         #[arg(long)]
         model: PathBuf,
     },

@@ -72,12 +72,16 @@ pub struct VelocityArgs {
     /// W-CFM pair cost: euclidean or squared.
     #[arg(long, default_value = "euclidean")]
     cost: String,
+    /// Transformer width.
     #[arg(long, default_value_t = 128)]
     hidden: usize,
+    /// Transformer blocks.
     #[arg(long, default_value_t = 4)]
     depth: usize,
+    /// Attention heads (must divide --hidden).
     #[arg(long, default_value_t = 4)]
     heads: usize,
+    /// Patch size over the latent (1: one token per latent pixel, 49 tokens for 7x7).
     #[arg(long, default_value_t = 1)]
     patch: usize,
     /// Probability of replacing a label by the null label (needed for guidance).
@@ -96,24 +100,34 @@ pub struct CommonArgs {
     /// Run directory: checkpoints, loss.csv, and the trained weights.
     #[arg(long)]
     out: PathBuf,
+    /// Optimiser steps in total (a resumed run continues to this count).
     #[arg(long, default_value_t = 3000)]
     steps: usize,
+    /// Training samples per step.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Peak AdamW learning rate, reached after --warmup steps, then cosine decay to 0.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
+    /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// Clip the global gradient norm to this (0 disables).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
+    /// Decay of the weight EMA that is saved as the model (warmed up over the first steps).
     #[arg(long, default_value_t = 0.999)]
     ema_decay: f64,
+    /// Seeds initialisation, batch order and noise: a run is reproducible from it.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Save a resumable checkpoint every N steps (and at the end or on Ctrl-C).
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
+    /// Append a loss.csv row every N steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
     /// Use only the first N training digits (quick runs).
@@ -122,6 +136,7 @@ pub struct CommonArgs {
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
