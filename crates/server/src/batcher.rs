@@ -101,9 +101,10 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
     }
 }
 
-/// A finished engine call: the batch's request (settings shared by its jobs), output and time.
+/// A finished engine call: the settings its jobs share (a request without labels and seeds),
+/// output and time.
 struct Solved {
-    request: GenerationRequest,
+    settings: GenerationRequest,
     output: EngineOutput,
     seconds: f64,
 }
@@ -116,9 +117,13 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
         .get(model)
         .cloned()
         .ok_or_else(|| EngineError::invalid("model", format!("model {model:?} is no longer served")))?;
-    let mut request = batch[0].spec.to_request(engine.config())?;
-    request.labels = batch.iter().flat_map(|j| j.spec.labels.iter().copied()).collect();
-    request.seeds = batch.iter().flat_map(|j| j.spec.seeds.iter().copied()).collect();
+    let settings =
+        GenerationRequest { labels: Vec::new(), seeds: Vec::new(), ..batch[0].spec.to_request(engine.config())? };
+    let request = GenerationRequest {
+        labels: batch.iter().flat_map(|j| j.spec.labels.iter().copied()).collect(),
+        seeds: batch.iter().flat_map(|j| j.spec.seeds.iter().copied()).collect(),
+        ..settings.clone()
+    };
     let watchers: Vec<_> = batch.iter().map(|j| (j.events.clone(), j.cancel.clone())).collect();
     let progress = Box::new(move |report: &StepReport| {
         let mut live = false;
@@ -144,7 +149,6 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
     });
     let images = request.labels.len();
     let clock = Instant::now();
-    let batch_request = request.clone();
     let outcome = tokio::task::spawn_blocking(move || engine.generate(request, progress)).await;
     let seconds = clock.elapsed().as_secs_f64();
     let output = match outcome {
@@ -160,12 +164,12 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
     state.metrics.batch_size.observe(images as f64);
     state.metrics.inference_seconds.observe(seconds);
     state.jobs.record_throughput(images, seconds);
-    Ok(Solved { request: batch_request, output, seconds })
+    Ok(Solved { settings, output, seconds })
 }
 
 /// Encode PNGs and journal each job's images together with its success.
 async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
-    let Solved { request: batch_request, output, seconds } = solved;
+    let Solved { settings, output, seconds } = solved;
     let store = state.store.clone();
     let jobs: Vec<BatchJob> = batch.to_vec();
     let finished = now_ms();
@@ -183,7 +187,7 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             let request = GenerationRequest {
                 labels: job.spec.labels.clone(),
                 seeds: job.spec.seeds.clone(),
-                ..batch_request.clone()
+                ..settings.clone()
             };
             let stats = job_stats(&output.stats, range.clone());
             let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or(stats.nfe);
