@@ -230,7 +230,10 @@ fn bad_input_fails_with_a_clear_error() {
         &flowgen(&["generate", "--model", &model, "--label", "eleven", "--out", out_dir]),
         "\"eleven\"",
     );
-    assert_clean_failure(&flowgen(&["generate", "--model", &model, "--schedule", "0,1", "--out", out_dir]), "schedule");
+    assert_clean_failure(
+        &flowgen(&["generate", "--model", &model, "--schedule", "0,0.7,0.3,1", "--out", out_dir]),
+        "schedule",
+    );
     assert_clean_failure(&flowgen(&["generate", "--model", &model, "--device", "tpu", "--out", out_dir]), "device");
     assert_clean_failure(
         &flowgen(&["generate", "--model", &model, "--guidance-interval", "0.8,0.2", "--out", out_dir]),
@@ -377,7 +380,8 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
         serde_json::Deserializer::from_str(&stdout).into_iter().collect::<Result<_, _>>().unwrap();
     let runs: Vec<(&str, u64)> =
         results.iter().map(|r| (r["sampler"].as_str().unwrap(), r["steps"].as_u64().unwrap())).collect();
-    assert_eq!(runs, [("euler", 1), ("euler", 3), ("dopri5", 0)], "{stdout}");
+    // Samplers are echoed in canonical form, parameters and all.
+    assert_eq!(runs, [("euler", 1), ("euler", 3), ("dopri5:rtol=1e-5,atol=1e-5,max_nfe=5000", 0)], "{stdout}");
     assert!(results.iter().all(|r| r.get("rmse_vs_reference").is_none()), "{stdout}");
     assert_eq!(results[1]["nfe_per_image"], 3.0);
     // The sweep table: every fixed-step sampler at each step count, then Dormand-Prince.
@@ -386,8 +390,10 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
         eval(&["--n", "10", "--sweep", "--sweep-steps", "1,2", "--straightness", "--out", sweep.to_str().unwrap()]);
     assert!(stdout.contains("FD floor"), "{stdout}");
     let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
-    let samplers: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    let samplers: Vec<&str> =
+        csv.lines().skip(1).map(|l| l.trim_start_matches('"').split([',', ':']).next().unwrap()).collect();
     assert_eq!(samplers, ["euler", "euler", "heun", "heun", "rk4", "rk4", "dopri5"], "{csv}");
+    assert!(csv.contains("\"dopri5:rtol=1e-5,atol=1e-5,max_nfe=5000\","), "{csv}");
     assert!(std::fs::read_to_string(sweep.join("sweep.md")).unwrap().contains("Straightness"));
     for plot in ["sweep_fd.png", "sweep_accuracy.png"] {
         assert!(sweep.join(plot).exists(), "{plot}");

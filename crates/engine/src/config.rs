@@ -1,12 +1,15 @@
 //! `model.toml`: everything the engine needs to know about a model directory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::autoencoder::AutoencoderConfig;
-use crate::models::sit::SitConfig;
+use crate::network::NetworkArch;
+use crate::samplers::{Sampler, MAIN_NETWORK};
+use crate::schedule::{ScheduleAccess, ScheduleSpec};
 
 /// How a network's own time and velocity relate to the engine frame (s = 0 noise, s = 1 data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -38,15 +41,45 @@ impl TimeConvention {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// One network of a model directory: its weights, time convention and architecture. In
+/// model.toml the architecture is chosen by `kind` (`sit` when absent, as in older files).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NetworkSection {
     /// Weights file relative to the model directory (.safetensors, .pt or .pth).
     pub weights: String,
-    #[serde(default)]
     pub convention: TimeConvention,
     #[serde(flatten)]
-    pub sit: SitConfig,
+    pub arch: NetworkArch,
+}
+
+impl<'de> Deserialize<'de> for NetworkSection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let weights = match table.remove("weights") {
+            Some(toml::Value::String(w)) => w,
+            Some(other) => return Err(D::Error::custom(format!("weights must be a file name, got {other}"))),
+            None => return Err(D::Error::missing_field("weights")),
+        };
+        let convention = match table.remove("convention") {
+            Some(value) => TimeConvention::deserialize(value).map_err(D::Error::custom)?,
+            None => TimeConvention::default(),
+        };
+        let kind = match table.get("kind") {
+            None => NetworkArch::DEFAULT_KIND.to_string(),
+            Some(toml::Value::String(k)) => k.clone(),
+            Some(other) => return Err(D::Error::custom(format!("kind must be a string, got {other}"))),
+        };
+        if !NetworkArch::KINDS.contains(&kind.as_str()) {
+            return Err(D::Error::custom(format!(
+                "unknown network kind {kind:?}; known kinds: {}",
+                NetworkArch::KINDS.join(", ")
+            )));
+        }
+        table.insert("kind".into(), toml::Value::String(kind));
+        let arch = NetworkArch::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(NetworkSection { weights, convention, arch })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +104,10 @@ pub struct GuidanceSection {
     /// Guidance is applied only for s in [interval.0, interval.1].
     #[serde(default = "full_interval")]
     pub interval: (f64, f64),
+    /// The unconditional label row; when absent, inferred from the network (SiT: num_classes
+    /// when trained with label dropout), so inference-only configs need not fake a dropout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub null_label: Option<u32>,
 }
 
 /// The times s (0 noise, 1 data) between which guidance applies must lie in [0, 1], in order.
@@ -88,7 +125,7 @@ fn full_interval() -> (f64, f64) {
 
 impl Default for GuidanceSection {
     fn default() -> Self {
-        GuidanceSection { channels: None, interval: full_interval() }
+        GuidanceSection { channels: None, interval: full_interval(), null_label: None }
     }
 }
 
@@ -103,6 +140,25 @@ pub struct Defaults {
     pub guidance: f64,
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// A preset of `[presets]` applied over these defaults (request fields still win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+}
+
+/// A named set of solve settings (`[presets.NAME]`); absent fields fall back to `[defaults]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<(f64, f64)>,
 }
 
 fn default_sampler() -> String {
@@ -125,6 +181,7 @@ impl Default for Defaults {
             steps: default_steps(),
             guidance: default_guidance(),
             schedule: default_schedule(),
+            preset: None,
         }
     }
 }
@@ -145,6 +202,32 @@ pub struct ModelConfig {
     pub guidance: GuidanceSection,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Networks beside the main one (`[networks.refiner]`), by the name samplers ask for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub networks: BTreeMap<String, NetworkSection>,
+    /// Named solve settings, e.g. `[presets.fast]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub presets: BTreeMap<String, Preset>,
+    /// Named schedules stored in the model directory (`schedules/NAME.json` or `.txt`), loaded
+    /// by `ModelConfig::load`.
+    #[serde(skip)]
+    pub schedules: BTreeMap<String, Vec<f64>>,
+}
+
+/// Directory of a model's stored schedules.
+pub const SCHEDULES_DIR: &str = "schedules";
+
+/// Asset names are plain words, so a name can never be read as a path.
+pub fn check_asset_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid name (1-64 of a-z, 0-9, '-', '_', '.', not starting with '.')"))
+    }
 }
 
 impl ModelConfig {
@@ -155,10 +238,67 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Read `model.toml` and the schedules stored beside it, and check that the defaults and
+    /// presets name samplers and schedules that exist, so a typo fails here, not per request.
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("model.toml");
         let text = std::fs::read_to_string(&path).map_err(|error| Error::Io { path: path.clone(), error })?;
-        Self::from_toml_str(&text, &path)
+        let mut cfg = Self::from_toml_str(&text, &path)?;
+        cfg.schedules = load_schedules(&model_dir.join(SCHEDULES_DIR))?;
+        cfg.validate_settings().map_err(|message| Error::Config { path: path.clone(), message })?;
+        Ok(cfg)
+    }
+
+    /// The defaults and every preset resolve to valid solve settings.
+    pub fn validate_settings(&self) -> std::result::Result<(), String> {
+        let check = |what: &str, sampler: &str, schedule: &str| -> std::result::Result<(), String> {
+            Sampler::parse(sampler).map_err(|e| format!("{what}: sampler {sampler:?}: {e}"))?;
+            ScheduleSpec::resolve(schedule, &self.schedules, ScheduleAccess::Named)
+                .map_err(|e| format!("{what}: schedule {schedule:?}: {e}"))?;
+            Ok(())
+        };
+        check("[defaults]", &self.defaults.sampler, &self.defaults.schedule)?;
+        if let Some(name) = &self.defaults.preset {
+            if !self.presets.contains_key(name) {
+                return Err(format!("[defaults] preset {name:?} is not one of [presets]: {}", self.preset_names()));
+            }
+        }
+        for (name, preset) in &self.presets {
+            check_asset_name(name).map_err(|e| format!("[presets] {e}"))?;
+            let what = format!("[presets.{name}]");
+            check(
+                &what,
+                preset.sampler.as_deref().unwrap_or(&self.defaults.sampler),
+                preset.schedule.as_deref().unwrap_or(&self.defaults.schedule),
+            )?;
+            if preset.steps == Some(0) {
+                return Err(format!("{what} steps must be at least 1"));
+            }
+            if let Some((lo, hi)) = preset.guidance_interval {
+                check_guidance_interval(lo, hi).map_err(|e| format!("{what} guidance_interval {e}"))?;
+            }
+            if let Some(g) = preset.guidance {
+                if !(g.is_finite() && g >= 0.0) {
+                    return Err(format!("{what} guidance must be a finite number >= 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn preset_names(&self) -> String {
+        if self.presets.is_empty() {
+            "(none)".into()
+        } else {
+            self.presets.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+
+    /// The preset called `name`, or an error listing the model's presets.
+    pub fn preset(&self, name: &str) -> Result<&Preset> {
+        self.presets.get(name).ok_or_else(|| {
+            Error::invalid("preset", format!("unknown preset {name:?}; this model has: {}", self.preset_names()))
+        })
     }
 
     pub fn to_toml_string(&self) -> String {
@@ -167,35 +307,46 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        self.network.sit.validate().map_err(|e| format!("[network] {e}"))?;
+        self.network.arch.validate().map_err(|e| format!("[network] {e}"))?;
+        for (name, section) in &self.networks {
+            if name == MAIN_NETWORK {
+                return Err(format!("[networks.{name}]: {MAIN_NETWORK:?} is the name of [network]"));
+            }
+            check_asset_name(name).map_err(|e| format!("[networks] {e}"))?;
+            section.arch.validate().map_err(|e| format!("[networks.{name}] {e}"))?;
+        }
+        let channels = self.network.arch.in_channels();
         if let Some(ae) = &self.autoencoder {
             ae.arch.validate().map_err(|e| format!("[autoencoder] {e}"))?;
-            if ae.arch.latent_channels != self.network.sit.in_channels {
+            if ae.arch.latent_channels != channels {
                 return Err(format!(
-                    "[autoencoder] latent_channels {} differs from [network] in_channels {}",
-                    ae.arch.latent_channels, self.network.sit.in_channels
+                    "[autoencoder] latent_channels {} differs from [network] in_channels {channels}",
+                    ae.arch.latent_channels
                 ));
             }
             if !(ae.scaling_factor.is_finite() && ae.scaling_factor > 0.0) {
                 return Err("[autoencoder] scaling_factor must be a positive number".into());
             }
         }
-        if let Some(ch) = &self.guidance.channels {
-            if let Some(bad) = ch.iter().find(|&&c| c >= self.network.sit.in_channels) {
-                return Err(format!(
-                    "[guidance] channels: {bad} is not below in_channels {}",
-                    self.network.sit.in_channels
-                ));
+        if let Some(list) = &self.guidance.channels {
+            if let Some(bad) = list.iter().find(|&&c| c >= channels) {
+                return Err(format!("[guidance] channels: {bad} is not below in_channels {channels}"));
             }
+            if let Some(dup) = list.iter().enumerate().find(|(i, c)| list[..*i].contains(c)).map(|(_, c)| c) {
+                return Err(format!("[guidance] channels: {dup} is listed twice"));
+            }
+            if list.is_empty() {
+                return Err("[guidance] channels: an empty list guides nothing; leave it out to guide all".into());
+            }
+        }
+        if let Some(null) = self.guidance.null_label {
+            self.network.arch.check_null_label(null).map_err(|e| format!("[guidance] null_label: {e}"))?;
         }
         let (lo, hi) = self.guidance.interval;
         check_guidance_interval(lo, hi).map_err(|e| format!("[guidance] interval {e}"))?;
-        if !self.label_names.is_empty() && self.label_names.len() != self.network.sit.num_classes {
-            return Err(format!(
-                "label_names has {} entries but num_classes is {}",
-                self.label_names.len(),
-                self.network.sit.num_classes
-            ));
+        let classes = self.num_classes();
+        if !self.label_names.is_empty() && self.label_names.len() != classes {
+            return Err(format!("label_names has {} entries but num_classes is {classes}", self.label_names.len()));
         }
         if self.defaults.steps == 0 {
             return Err("[defaults] steps must be at least 1".into());
@@ -203,15 +354,21 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Index of the null (unconditional) label row, if the model was trained with label dropout.
+    /// Index of the null (unconditional) label row: declared in `[guidance]`, else inferred
+    /// from the network; None when the model cannot be guided.
     pub fn null_label(&self) -> Option<u32> {
-        self.network.sit.null_label()
+        self.guidance.null_label.or_else(|| self.network.arch.inferred_null_label())
+    }
+
+    /// Number of classes the main network is conditioned on.
+    pub fn num_classes(&self) -> usize {
+        self.network.arch.num_classes()
     }
 
     /// Parse "7", or a label name such as "seven", into a class index.
     pub fn parse_label(&self, text: &str) -> Result<u32> {
         let text = text.trim();
-        let n = self.network.sit.num_classes;
+        let n = self.num_classes();
         let idx = match text.parse::<u32>() {
             Ok(i) => i,
             Err(_) => self
@@ -257,19 +414,42 @@ impl ModelConfig {
 
     /// (channels, height, width) of the images this model produces.
     pub fn image_shape(&self) -> (usize, usize, usize) {
+        let (c, h, w) = self.state_shape();
         match &self.autoencoder {
             Some(ae) => {
                 let f = ae.arch.downsample_factor();
-                let s = self.network.sit.input_size * f;
-                (ae.arch.out_channels, s, s)
+                (ae.arch.out_channels, h * f, w * f)
             }
-            None => (self.network.sit.in_channels, self.network.sit.input_size, self.network.sit.input_size),
+            None => (c, h, w),
         }
     }
 
     /// Shape of the state the sampler integrates (latent or pixel), without the batch.
     pub fn state_shape(&self) -> (usize, usize, usize) {
-        let s = &self.network.sit;
-        (s.in_channels, s.input_size, s.input_size)
+        self.network.arch.state_shape()
     }
+}
+
+/// Every `NAME.json` / `NAME.txt` in `dir` (absent: none), validated as schedules.
+fn load_schedules(dir: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
+    let mut schedules = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(schedules),
+        Err(error) => return Err(Error::Io { path: dir.to_path_buf(), error }),
+    };
+    for entry in entries {
+        let path = entry.map_err(|error| Error::Io { path: dir.to_path_buf(), error })?.path();
+        let (Some(stem), Some(ext)) = (path.file_stem().and_then(|s| s.to_str()), path.extension()) else { continue };
+        if ext != "json" && ext != "txt" {
+            continue;
+        }
+        let config_error = |message: String| Error::Config { path: path.clone(), message };
+        check_asset_name(stem).map_err(|e| config_error(format!("schedule file name: {e}")))?;
+        let points = ScheduleSpec::read_file(&path).map_err(|e| config_error(e.to_string()))?;
+        if schedules.insert(stem.to_string(), points).is_some() {
+            return Err(config_error(format!("schedule {stem:?} is stored twice (.json and .txt)")));
+        }
+    }
+    Ok(schedules)
 }

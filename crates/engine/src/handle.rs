@@ -8,8 +8,9 @@ use std::thread::JoinHandle;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::pipeline::{Generation, GenerationRequest, Pipeline};
+use crate::pipeline::{Generation, Pipeline};
 use crate::samplers::StepReport;
+use crate::settings::GenerationRequest;
 
 /// Per-step callback of a job; returning `Break` cancels it between steps.
 pub type Progress = Box<dyn FnMut(&StepReport) -> ControlFlow<()> + Send>;
@@ -83,7 +84,9 @@ impl Drop for EngineHandle {
 
 fn run(pipeline: Pipeline, jobs: Receiver<Job>) {
     for mut job in jobs {
-        let outcome = catch_unwind(AssertUnwindSafe(|| pipeline.generate(&job.request, &mut job.progress)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            pipeline.generate(&job.request.settings, &job.request.inputs, &mut job.progress)
+        }));
         let result = outcome.unwrap_or_else(|panic| {
             let msg = panic
                 .downcast_ref::<&str>()

@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::pipeline::GenerationRequest;
-use crate::samplers::SolveStats;
+use crate::samplers::{SolveStats, MAIN_NETWORK};
+use crate::settings::{ImageInputs, SolveSettings};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
@@ -16,26 +16,38 @@ pub struct Image {
     pub pixels: Vec<u8>,
 }
 
-/// PNG text metadata for image `i` of a generation (the CLI and the server write the same).
+/// Text metadata for image `i` of a generation (the CLI and the server write the same): the
+/// canonical sampler and schedule, so the text parses back into the settings that made it.
 pub fn generation_metadata(
     model: &str,
-    req: &GenerationRequest,
+    settings: &SolveSettings,
+    inputs: &ImageInputs,
     stats: &SolveStats,
     i: usize,
 ) -> Vec<(&'static str, String)> {
-    let steps = if req.sampler.is_adaptive() { stats.steps } else { req.steps.max(stats.steps) };
-    vec![
+    let steps = if settings.sampler.is_adaptive() { stats.steps } else { settings.steps.max(stats.steps) };
+    let mut fields = vec![
         ("Software", format!("flowgen {}", env!("CARGO_PKG_VERSION"))),
         ("model", model.to_string()),
-        ("sampler", req.sampler.name().to_string()),
+        ("sampler", settings.sampler.canonical()),
         ("steps", steps.to_string()),
-        ("nfe", stats.per_sample_nfe.get(i).copied().unwrap_or(stats.nfe).to_string()),
-        ("seed", req.seeds.get(i).map(u64::to_string).unwrap_or_default()),
-        ("label", req.labels.get(i).map(u32::to_string).unwrap_or_default()),
-        ("guidance", req.guidance.to_string()),
-        ("guidance_interval", format!("{},{}", req.guidance_interval.0, req.guidance_interval.1)),
-        ("schedule", req.schedule.to_string()),
-    ]
+        ("nfe", stats.sample_nfe(i).to_string()),
+        ("seed", inputs.seeds.get(i).map(u64::to_string).unwrap_or_default()),
+        ("label", inputs.labels.get(i).map(u32::to_string).unwrap_or_default()),
+        ("guidance", settings.guidance.to_string()),
+        ("guidance_interval", format!("{},{}", settings.guidance_interval.0, settings.guidance_interval.1)),
+        ("schedule", settings.schedule.canonical()),
+    ];
+    let auxiliary: Vec<String> = stats
+        .evaluations
+        .iter()
+        .filter(|(name, _)| name.as_str() != MAIN_NETWORK)
+        .map(|(name, count)| format!("{name}={count}"))
+        .collect();
+    if !auxiliary.is_empty() {
+        fields.push(("auxiliary_nfe", auxiliary.join(",")));
+    }
+    fields
 }
 
 /// (B, C, H, W) in [-1, 1] -> one `Image` per row.

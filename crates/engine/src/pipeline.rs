@@ -1,5 +1,6 @@
 //! noise -> sampler -> optional latent decode -> u8 pixels, for one model directory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -8,43 +9,37 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::image::{to_images, Image};
 use crate::models::autoencoder::AutoencoderKl;
-use crate::models::sit::Sit;
 use crate::noise;
-use crate::samplers::{Sampler, SolveStats, StepObserver};
-use crate::schedule::ScheduleSpec;
-use crate::velocity::{Guidance, GuidedField, SitVelocity, VelocityModel};
-use crate::weights::Checkpoint;
+use crate::samplers::{SolveStats, StepObserver};
+use crate::schedule::Schedule;
+use crate::settings::{ImageInputs, SolveSettings};
+use crate::velocity::{Guidance, GuidedField, VelocityModel};
+use crate::weights::WeightsFile;
 
 /// Largest batch the engine accepts in one call; bigger requests are split by the caller.
 pub const MAX_BATCH: usize = 1024;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    /// One label per image.
-    pub labels: Vec<u32>,
-    /// One seed per image; image i's noise depends on `seeds[i]` only.
-    pub seeds: Vec<u64>,
-    pub sampler: Sampler,
-    /// Steps of a fixed-step sampler (ignored by adaptive ones; 0 lets an explicit schedule decide).
-    pub steps: usize,
-    pub schedule: ScheduleSpec,
-    pub guidance: f64,
-    /// Times s (0 noise, 1 data) between which guidance applies; callers usually pass the
-    /// model's `[guidance] interval`.
-    pub guidance_interval: (f64, f64),
-}
-
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// One image per input; those of `stats.failures` are where their solve stopped.
     pub images: Vec<Image>,
     /// The final sampler state (latents for latent models), (B, C, H, W).
     pub state: Tensor,
     pub stats: SolveStats,
 }
 
+impl Generation {
+    /// Err naming every image the solver gave up on, for callers that need all of them.
+    pub fn require_all(&self) -> Result<()> {
+        self.stats.require_all()
+    }
+}
+
 pub struct Pipeline {
     config: ModelConfig,
     velocity: Box<dyn VelocityModel>,
+    /// Networks beside the main one (`[networks.NAME]`), for samplers that use them.
+    auxiliary: BTreeMap<String, Box<dyn VelocityModel>>,
     autoencoder: Option<AutoencoderKl>,
     device: Device,
     dtype: DType,
@@ -55,21 +50,23 @@ impl Pipeline {
     pub fn load(model_dir: &Path, device: &Device) -> Result<Self> {
         let config = ModelConfig::load(model_dir)?;
         let dtype = DType::F32;
-        let net_cfg = config.network.sit.clone();
-        let net = Checkpoint::open(&model_dir.join(&config.network.weights))?
-            .build(dtype, device, |vb| Sit::new(&net_cfg, vb))?;
-        let velocity = Box::new(SitVelocity { net, convention: config.network.convention });
+        let null_label = config.null_label();
+        let velocity = config.network.load(model_dir, null_label, dtype, device)?;
+        let mut auxiliary = BTreeMap::new();
+        for (name, section) in &config.networks {
+            auxiliary.insert(name.clone(), section.load(model_dir, null_label, dtype, device)?);
+        }
         let autoencoder = match &config.autoencoder {
             Some(ae) => {
                 let arch = ae.arch.clone();
                 Some(
-                    Checkpoint::open(&model_dir.join(&ae.weights))?
+                    WeightsFile::open(&model_dir.join(&ae.weights))?
                         .build(dtype, device, |vb| AutoencoderKl::new(&arch, vb))?,
                 )
             }
             None => None,
         };
-        Ok(Self { config, velocity, autoencoder, device: device.clone(), dtype })
+        Ok(Self { config, velocity, auxiliary, autoencoder, device: device.clone(), dtype })
     }
 
     pub fn from_parts(
@@ -78,7 +75,8 @@ impl Pipeline {
         autoencoder: Option<AutoencoderKl>,
         device: &Device,
     ) -> Self {
-        Self { config, velocity, autoencoder, device: device.clone(), dtype: DType::F32 }
+        let auxiliary = BTreeMap::new();
+        Self { config, velocity, auxiliary, autoencoder, device: device.clone(), dtype: DType::F32 }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -91,6 +89,11 @@ impl Pipeline {
 
     pub fn velocity_model(&self) -> &dyn VelocityModel {
         self.velocity.as_ref()
+    }
+
+    /// An auxiliary network by its `[networks.NAME]` name.
+    pub fn network(&self, name: &str) -> Option<&dyn VelocityModel> {
+        self.auxiliary.get(name).map(|n| n.as_ref())
     }
 
     pub fn autoencoder(&self) -> Option<&AutoencoderKl> {
@@ -108,75 +111,76 @@ impl Pipeline {
     }
 
     /// Check a request against this model before any work is done.
-    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
-        if req.labels.is_empty() {
+    pub fn validate(&self, settings: &SolveSettings, inputs: &ImageInputs) -> Result<()> {
+        if inputs.is_empty() {
             return Err(Error::invalid("n", "at least one image is required"));
         }
-        if req.labels.len() != req.seeds.len() {
-            return Err(Error::invalid("seeds", format!("{} seeds for {} images", req.seeds.len(), req.labels.len())));
-        }
-        if req.labels.len() > MAX_BATCH {
+        if inputs.labels.len() != inputs.seeds.len() {
             return Err(Error::invalid(
-                "n",
-                format!("{} images in one batch exceeds the limit {MAX_BATCH}", req.labels.len()),
+                "seeds",
+                format!("{} seeds for {} images", inputs.seeds.len(), inputs.labels.len()),
             ));
         }
-        let classes = self.config.network.sit.num_classes;
-        if let Some(bad) = req.labels.iter().find(|&&l| l as usize >= classes) {
+        if inputs.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "n",
+                format!("{} images in one batch exceeds the limit {MAX_BATCH}", inputs.len()),
+            ));
+        }
+        let classes = self.config.num_classes();
+        if let Some(bad) = inputs.labels.iter().find(|&&l| l as usize >= classes) {
             return Err(Error::invalid(
                 "label",
                 format!("{bad} is out of range: this model has classes 0..{}", classes - 1),
             ));
         }
-        if !req.sampler.is_adaptive() && req.steps == 0 && !matches!(req.schedule, ScheduleSpec::Explicit(_)) {
+        if !settings.sampler.is_adaptive() && settings.steps == 0 && settings.schedule.own_steps().is_none() {
             return Err(Error::invalid("steps", "must be at least 1"));
         }
-        if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {}", req.guidance)));
+        if !settings.guidance.is_finite() || settings.guidance < 0.0 {
+            return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {}", settings.guidance)));
         }
-        if req.guidance != 1.0 && self.config.null_label().is_none() {
+        if settings.guidance != 1.0 && self.config.null_label().is_none() {
             return Err(Error::invalid(
                 "guidance",
                 "this model has no null label (trained without label dropout); use guidance 1",
             ));
         }
-        let (lo, hi) = req.guidance_interval;
+        let (lo, hi) = settings.guidance_interval;
         crate::config::check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
-        if let Sampler::Dopri5(opts) = &req.sampler {
-            opts.validate()?;
-        }
-        Ok(())
+        settings.sampler.validate()
     }
 
     /// Solve from each image's own noise to s = 1 and return the final state.
     pub fn sample_state(
         &self,
-        req: &GenerationRequest,
+        settings: &SolveSettings,
+        inputs: &ImageInputs,
         observer: &mut dyn StepObserver,
     ) -> Result<(Tensor, SolveStats)> {
-        self.validate(req)?;
+        self.validate(settings, inputs)?;
         let (c, h, w) = self.config.state_shape();
-        let x0 = noise::batch(&req.seeds, &[c, h, w], &self.device)?.to_dtype(self.dtype)?;
-        self.solve_from(x0, req, observer)
+        let x0 = noise::batch(&inputs.seeds, &[c, h, w], &self.device)?.to_dtype(self.dtype)?;
+        self.solve_from(x0, settings, &inputs.labels, observer)
     }
 
     /// Solve from a given initial state (for references and evaluation on shared noise).
     pub fn solve_from(
         &self,
         x0: Tensor,
-        req: &GenerationRequest,
+        settings: &SolveSettings,
+        labels: &[u32],
         observer: &mut dyn StepObserver,
     ) -> Result<(Tensor, SolveStats)> {
-        let schedule = req.schedule.build(if req.sampler.is_adaptive() { 1 } else { req.steps })?;
-        let field = GuidedField::new(
-            self.velocity.as_ref(),
-            &req.labels,
-            self.guidance(req.guidance, req.guidance_interval),
-            self.config.network.sit.in_channels,
-            self.dtype,
-            &self.device,
-        )?;
-        req.sampler.solve(&field, x0, &schedule, observer)
+        // An adaptive sampler takes no grid; it is handed the trivial one.
+        let schedule = if settings.sampler.is_adaptive() {
+            Schedule::uniform(1)?
+        } else {
+            settings.schedule.build(settings.steps)?
+        };
+        let guidance = self.guidance(settings.guidance, settings.guidance_interval);
+        let field = GuidedField::new(self.velocity.as_ref(), labels, guidance, &self.device)?;
+        settings.sampler.solve(&field, x0, &schedule, observer)
     }
 
     /// Sampler state -> pixels in [-1, 1] (latent decode when the model has an autoencoder).
@@ -190,10 +194,15 @@ impl Pipeline {
         }
     }
 
-    pub fn generate(&self, req: &GenerationRequest, observer: &mut dyn StepObserver) -> Result<Generation> {
-        let span = tracing::debug_span!("generate", images = req.labels.len(), sampler = req.sampler.name());
+    pub fn generate(
+        &self,
+        settings: &SolveSettings,
+        inputs: &ImageInputs,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Generation> {
+        let span = tracing::debug_span!("generate", images = inputs.len(), sampler = %settings.sampler);
         let _enter = span.enter();
-        let (state, stats) = self.sample_state(req, observer)?;
+        let (state, stats) = self.sample_state(settings, inputs, observer)?;
         let images = to_images(&self.decode(&state)?)?;
         Ok(Generation { images, state, stats })
     }

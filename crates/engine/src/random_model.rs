@@ -16,6 +16,7 @@ use crate::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, 
 use crate::error::{Error, Result};
 use crate::models::autoencoder::{AutoencoderConfig, AutoencoderKl};
 use crate::models::sit::{Sit, SitConfig};
+use crate::network::NetworkArch;
 use crate::weights::save_safetensors;
 
 /// A VarBuilder backend creating seeded random tensors and remembering them for saving.
@@ -77,7 +78,7 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
         network: NetworkSection {
             weights: "velocity.safetensors".into(),
             convention: TimeConvention::Sit,
-            sit: SitConfig {
+            arch: NetworkArch::Sit(SitConfig {
                 input_size: 7,
                 in_channels: 4,
                 patch_size: 1,
@@ -88,7 +89,7 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
                 num_classes: 10,
                 class_dropout_prob: 0.1,
                 learn_sigma: false,
-            },
+            }),
         },
         autoencoder: Some(AutoencoderSection {
             weights: "autoencoder.safetensors".into(),
@@ -107,7 +108,10 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
             },
         }),
         guidance: GuidanceSection::default(),
-        defaults: Defaults { sampler: "heun".into(), steps: 4, guidance: 1.5, schedule: "uniform".into() },
+        defaults: Defaults { steps: 4, guidance: 1.5, ..Defaults::default() },
+        networks: Default::default(),
+        presets: Default::default(),
+        schedules: Default::default(),
     }
 }
 
@@ -123,9 +127,10 @@ pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result
     std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
     let device = Device::Cpu;
     let (vb, created) = random_var_builder(seed, &device);
-    Sit::new(&config.network.sit, vb)?;
+    let NetworkArch::Sit(sit) = &config.network.arch;
+    Sit::new(sit, vb)?;
     let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
-    save_sit_weights(&config.network.sit, &tensors, &dir.join(&config.network.weights))?;
+    save_sit_weights(sit, &tensors, &dir.join(&config.network.weights))?;
     if let Some(ae) = &config.autoencoder {
         let (vb, created) = random_var_builder(seed.wrapping_add(1), &device);
         AutoencoderKl::new(&ae.arch, vb)?;

@@ -1,5 +1,6 @@
 //! Time grids in the engine frame: s_0 = 0 (noise) < s_1 < ... < s_K = 1 (data).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -13,6 +14,20 @@ pub enum ScheduleSpec {
     /// The SD3/Flux time shift: noise level sigma = 1 - s is mapped to shift*sigma / (1 + (shift-1)*sigma).
     Shift(f64),
     Explicit(Vec<f64>),
+    /// A schedule stored in the model directory, referred to by its name.
+    Named {
+        name: String,
+        points: Vec<f64>,
+    },
+}
+
+/// Where a schedule's text may come from besides "uniform", "shift:X" and inline lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleAccess {
+    /// Names of the model's stored schedules (what untrusted clients get).
+    Named,
+    /// Names, and files on this machine (the CLI).
+    NamedAndFiles,
 }
 
 impl ScheduleSpec {
@@ -34,16 +49,56 @@ impl ScheduleSpec {
         }
         let path = Path::new(text);
         if path.is_file() {
-            let content =
-                std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
-            let values = parse_list(&content)?;
-            validate_explicit(&values)?;
-            return Ok(ScheduleSpec::Explicit(values));
+            return Ok(ScheduleSpec::Explicit(Self::read_file(path)?));
         }
         Err(Error::invalid(
             "schedule",
             format!("{text:?} is not \"uniform\", \"shift:X\" or an existing file of s values"),
         ))
+    }
+
+    /// Resolve `text`: "uniform", "shift:X", an inline list "0,0.3,1", the name of one of
+    /// `stored` (the model's schedules), or with `NamedAndFiles` a file of s values.
+    pub fn resolve(text: &str, stored: &BTreeMap<String, Vec<f64>>, access: ScheduleAccess) -> Result<Self> {
+        let text = text.trim();
+        if let Some(points) = stored.get(text) {
+            return Ok(ScheduleSpec::Named { name: text.to_string(), points: points.clone() });
+        }
+        let looks_inline = text.eq_ignore_ascii_case("uniform")
+            || text.starts_with("shift:")
+            || text.starts_with(|c: char| c == '[' || c.is_ascii_digit() || c == '.');
+        if looks_inline && !(access == ScheduleAccess::NamedAndFiles && Path::new(text).is_file()) {
+            return Self::parse_inline(text);
+        }
+        if access == ScheduleAccess::NamedAndFiles && Path::new(text).is_file() {
+            return Ok(ScheduleSpec::Explicit(Self::read_file(Path::new(text))?));
+        }
+        let names = if stored.is_empty() {
+            "this model stores no schedules".to_string()
+        } else {
+            format!("this model stores {}", stored.keys().cloned().collect::<Vec<_>>().join(", "))
+        };
+        let files = if access == ScheduleAccess::NamedAndFiles { ", an existing file" } else { "" };
+        Err(Error::invalid(
+            "schedule",
+            format!("{text:?} is not \"uniform\", \"shift:X\", a list like \"0,0.5,1\"{files} or a stored schedule ({names})"),
+        ))
+    }
+
+    /// The validated s values of a schedule file (JSON array, or whitespace/comma separated).
+    pub fn read_file(path: &Path) -> Result<Vec<f64>> {
+        let content = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
+        let values = parse_list(&content)?;
+        validate_explicit(&values)?;
+        Ok(values)
+    }
+
+    /// Steps this schedule fixes by itself (explicit and stored lists).
+    pub fn own_steps(&self) -> Option<usize> {
+        match self {
+            ScheduleSpec::Explicit(points) | ScheduleSpec::Named { points, .. } => Some(points.len() - 1),
+            ScheduleSpec::Uniform | ScheduleSpec::Shift(_) => None,
+        }
     }
 
     /// Like `parse`, but never reads a file: "uniform", "shift:X" or an inline list "0,0.3,1" /
@@ -61,10 +116,11 @@ impl ScheduleSpec {
         Err(Error::invalid("schedule", format!("{text:?} is not \"uniform\", \"shift:X\" or a list like \"0,0.5,1\"")))
     }
 
-    /// Text that `parse_inline` turns back into this schedule.
+    /// Text that `resolve` (with the same model's schedules) turns back into this schedule.
     pub fn canonical(&self) -> String {
         match self {
             ScheduleSpec::Explicit(values) => values.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
+            ScheduleSpec::Named { name, .. } => name.clone(),
             other => other.to_string(),
         }
     }
@@ -86,7 +142,7 @@ impl ScheduleSpec {
                     .collect();
                 Schedule::explicit(s)
             }
-            ScheduleSpec::Explicit(values) => {
+            ScheduleSpec::Explicit(values) | ScheduleSpec::Named { points: values, .. } => {
                 if steps != 0 && steps != values.len() - 1 {
                     return Err(Error::invalid(
                         "steps",
@@ -112,6 +168,7 @@ impl fmt::Display for ScheduleSpec {
             ScheduleSpec::Uniform => write!(f, "uniform"),
             ScheduleSpec::Shift(x) => write!(f, "shift:{x}"),
             ScheduleSpec::Explicit(v) => write!(f, "explicit:{}", v.len().saturating_sub(1)),
+            ScheduleSpec::Named { name, .. } => f.write_str(name),
         }
     }
 }
@@ -223,6 +280,30 @@ mod tests {
         assert!(ScheduleSpec::parse("shift:-1").unwrap_err().to_string().contains("positive"));
         assert!(ScheduleSpec::parse("cosine").unwrap_err().to_string().contains("schedule"));
         assert!(ScheduleSpec::Uniform.build(0).unwrap_err().to_string().contains("steps"));
+    }
+
+    #[test]
+    fn stored_schedules_resolve_by_name_and_files_only_when_allowed() {
+        let stored = BTreeMap::from([("boss-2".to_string(), vec![0.0, 0.3, 1.0])]);
+        let named = ScheduleSpec::resolve("boss-2", &stored, ScheduleAccess::Named).unwrap();
+        assert_eq!(named, ScheduleSpec::Named { name: "boss-2".into(), points: vec![0.0, 0.3, 1.0] });
+        assert_eq!(named.canonical(), "boss-2");
+        assert_eq!(ScheduleSpec::resolve(&named.canonical(), &stored, ScheduleAccess::Named).unwrap(), named);
+        assert_eq!(named.build(0).unwrap().points(), &[0.0, 0.3, 1.0]);
+        assert_eq!(named.own_steps(), Some(2));
+        for text in ["uniform", "shift:3", "0,0.25,1"] {
+            let spec = ScheduleSpec::resolve(text, &stored, ScheduleAccess::Named).unwrap();
+            assert_eq!(ScheduleSpec::resolve(&spec.canonical(), &stored, ScheduleAccess::Named).unwrap(), spec);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.json");
+        std::fs::write(&file, "[0, 0.5, 1]").unwrap();
+        let path = file.to_str().unwrap();
+        let err = ScheduleSpec::resolve(path, &stored, ScheduleAccess::Named).unwrap_err().to_string();
+        assert!(err.contains("boss-2") && err.contains("schedule"), "{err}");
+        let from_file = ScheduleSpec::resolve(path, &stored, ScheduleAccess::NamedAndFiles).unwrap();
+        assert_eq!(from_file, ScheduleSpec::Explicit(vec![0.0, 0.5, 1.0]));
+        assert!(ScheduleSpec::resolve("../etc/passwd", &stored, ScheduleAccess::Named).is_err());
     }
 
     #[test]

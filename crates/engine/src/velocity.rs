@@ -1,7 +1,7 @@
 //! The adapter between networks and samplers: maps the engine time s to the network's own
 //! time, fixes the velocity sign, and applies classifier-free guidance in one batched forward.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::TimeConvention;
 use crate::error::{Error, Result};
@@ -57,20 +57,10 @@ pub struct GuidedField<'a> {
     labels: Tensor,
     null_labels: Option<Tensor>,
     guidance: Guidance,
-    /// (1, C, 1, 1) 0/1 mask of guided channels; None when all channels are guided.
-    channel_mask: Option<Tensor>,
-    dtype: DType,
 }
 
 impl<'a> GuidedField<'a> {
-    pub fn new(
-        model: &'a dyn VelocityModel,
-        labels: &[u32],
-        guidance: Guidance,
-        channels: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(model: &'a dyn VelocityModel, labels: &[u32], guidance: Guidance, device: &Device) -> Result<Self> {
         if !guidance.scale.is_finite() {
             return Err(Error::invalid("guidance", "must be a finite number"));
         }
@@ -85,48 +75,71 @@ impl<'a> GuidedField<'a> {
         } else {
             None
         };
-        let channel_mask = match &guidance.channels {
-            Some(list) if list.len() < channels => {
-                let mut mask = vec![0f32; channels];
-                for &c in list {
-                    if c >= channels {
-                        return Err(Error::invalid("guidance channels", format!("{c} is not below {channels}")));
-                    }
-                    mask[c] = 1.0;
-                }
-                Some(Tensor::from_vec(mask, (1, channels, 1, 1), device)?.to_dtype(dtype)?)
-            }
-            _ => None,
-        };
         let labels = Tensor::from_vec(labels.to_vec(), labels.len(), device)?;
-        Ok(Self { model, labels, null_labels, guidance, channel_mask, dtype })
+        Ok(Self { model, labels, null_labels, guidance })
     }
 
+    /// Network times, kept in f32 whatever the model dtype (bf16 would round them coarsely).
     fn times(&self, s: &[f64], device: &Device) -> Result<Tensor> {
         let conv = self.model.convention();
         let t: Vec<f32> = s.iter().map(|&si| conv.network_time(si) as f32).collect();
-        Ok(Tensor::from_vec(t, s.len(), device)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(t, s.len(), device)?)
+    }
+
+    /// (1, C, 1, 1) 0/1 mask of the guided channels; None when every channel is guided.
+    fn channel_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let channels = x.dim(1)?;
+        let Some(list) = &self.guidance.channels else { return Ok(None) };
+        let mut mask = vec![0f32; channels];
+        for &c in list {
+            if c >= channels {
+                return Err(Error::invalid("guidance channels", format!("{c} is not below {channels}")));
+            }
+            mask[c] = 1.0;
+        }
+        if mask.iter().all(|&m| m == 1.0) {
+            return Ok(None);
+        }
+        let mut shape = vec![1, channels];
+        shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+        Ok(Some(Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?))
     }
 }
 
 impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
+        self.guided(x, s, &self.labels, self.null_labels.as_ref())
+    }
+
+    fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
+        if rows.len() == self.labels.dim(0)? {
+            return self.velocity(x, s);
+        }
+        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), x.device())?;
+        let labels = self.labels.index_select(&index, 0)?;
+        let null = self.null_labels.as_ref().map(|n| n.index_select(&index, 0)).transpose()?;
+        self.guided(x, s, &labels, null.as_ref())
+    }
+}
+
+impl GuidedField<'_> {
+    fn guided(&self, x: &Tensor, s: &[f64], labels: &Tensor, null_labels: Option<&Tensor>) -> Result<Tensor> {
         let b = x.dim(0)?;
-        if s.len() != b || self.labels.dim(0)? != b {
+        if s.len() != b || labels.dim(0)? != b {
             return Err(Error::invalid(
                 "batch",
-                format!("{} labels and {} times for a batch of {b}", self.labels.dim(0)?, s.len()),
+                format!("{} labels and {} times for a batch of {b}", labels.dim(0)?, s.len()),
             ));
         }
         let t = self.times(s, x.device())?;
         let weights: Vec<f64> =
             s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
-        let v = match &self.null_labels {
+        let v = match null_labels {
             Some(null) if weights.iter().any(|&w| w != 1.0) => {
                 // Conditional and unconditional halves in one forward.
                 let xx = Tensor::cat(&[x, x], 0)?;
                 let tt = Tensor::cat(&[&t, &t], 0)?;
-                let yy = Tensor::cat(&[&self.labels, null], 0)?;
+                let yy = Tensor::cat(&[labels, null], 0)?;
                 let out = self.model.forward(&xx, &tt, &yy)?;
                 let cond = out.narrow(0, 0, b)?;
                 let uncond = out.narrow(0, b, b)?;
@@ -137,12 +150,12 @@ impl VelocityField for GuidedField<'_> {
                 let w: Vec<f32> = weights.iter().map(|&w| (w - 1.0) as f32).collect();
                 let w = Tensor::from_vec(w, shape, x.device())?.to_dtype(delta.dtype())?;
                 delta = delta.broadcast_mul(&w)?;
-                if let Some(mask) = &self.channel_mask {
-                    delta = delta.broadcast_mul(mask)?;
+                if let Some(mask) = self.channel_mask(x)? {
+                    delta = delta.broadcast_mul(&mask)?;
                 }
                 (cond + delta)?
             }
-            _ => self.model.forward(x, &t, &self.labels)?,
+            _ => self.model.forward(x, &t, labels)?,
         };
         let sign = self.model.convention().velocity_sign();
         Ok(if sign < 0.0 { v.neg()? } else { v })

@@ -1,4 +1,4 @@
-//! Checkpoint loading: memory-mapped safetensors and PyTorch pickles (`.pt`/`.pth`, flat or
+//! WeightsFile loading: memory-mapped safetensors and PyTorch pickles (`.pt`/`.pth`, flat or
 //! nested under `ema`/`model`/`state_dict`, with `module.`/`_orig_mod.` prefixes stripped).
 //! Every load is checked as a whole: one error lists missing, unexpected and mis-shaped tensors.
 
@@ -24,7 +24,7 @@ enum Store {
 }
 
 /// An opened weights file, indexed by normalised tensor name.
-pub struct Checkpoint {
+pub struct WeightsFile {
     path: PathBuf,
     store: Store,
     /// normalised name -> (name in the file, shape)
@@ -41,7 +41,7 @@ fn normalise(name: &str) -> String {
     }
 }
 
-impl Checkpoint {
+impl WeightsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let weights_err = |message: String| Error::Weights { path: path.to_path_buf(), message };
         if !path.exists() {
@@ -176,7 +176,7 @@ impl LoadReport {
 /// Records every tensor the model asks for instead of failing at the first miss, so the
 /// user sees the whole mismatch at once. Misses are filled with broadcast zeros (no allocation).
 struct CheckingBackend {
-    checkpoint: Arc<Checkpoint>,
+    checkpoint: Arc<WeightsFile>,
     report: Arc<Mutex<LoadReport>>,
 }
 

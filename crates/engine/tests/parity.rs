@@ -8,7 +8,7 @@ use flowgen_engine::models::autoencoder::{AutoencoderConfig, AutoencoderKl};
 use flowgen_engine::models::sit::{Sit, SitConfig};
 use flowgen_engine::samplers::VelocityField;
 use flowgen_engine::velocity::{Guidance, GuidedField, SitVelocity};
-use flowgen_engine::weights::Checkpoint;
+use flowgen_engine::weights::WeightsFile;
 use flowgen_engine::TimeConvention;
 
 fn fixture(name: &str) -> PathBuf {
@@ -40,7 +40,7 @@ fn sit_config() -> SitConfig {
 
 fn load_sit(file: &str) -> Sit {
     let cfg = sit_config();
-    Checkpoint::open(&fixture(file)).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap()
+    WeightsFile::open(&fixture(file)).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap()
 }
 
 #[test]
@@ -63,7 +63,7 @@ fn sit_guidance_matches_forward_with_cfg_on_channels_0_to_2() {
     let labels: Vec<u32> = io["y"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
     let s: Vec<f64> = io["t"].to_vec1::<f32>().unwrap().iter().map(|&t| t as f64).collect();
     let guidance = Guidance { scale: 3.0, null_label: Some(10), channels: Some(vec![0, 1, 2]), interval: (0.0, 1.0) };
-    let field = GuidedField::new(&model, &labels, guidance, 4, DType::F32, &Device::Cpu).unwrap();
+    let field = GuidedField::new(&model, &labels, guidance, &Device::Cpu).unwrap();
     let v = field.velocity(&io["x"], &s).unwrap();
     let diff = max_abs_diff(&v, &io["out_cfg"]);
     assert!(diff < 1e-4, "max |diff| = {diff}");
@@ -74,7 +74,7 @@ fn sit_guidance_matches_forward_with_cfg_on_channels_0_to_2() {
 
 #[test]
 fn fixed_pos_embed_matches_the_checkpoint_table() {
-    let ckpt = Checkpoint::open(&fixture("sit_tiny.safetensors")).unwrap();
+    let ckpt = WeightsFile::open(&fixture("sit_tiny.safetensors")).unwrap();
     let stored = ckpt.load("pos_embed", DType::F32, &Device::Cpu).unwrap();
     let ours = Sit::fixed_pos_embed(&sit_config(), &Device::Cpu).unwrap();
     let diff = max_abs_diff(&stored, &ours);
@@ -99,7 +99,7 @@ fn vae_config() -> AutoencoderConfig {
 fn autoencoder_matches_diffusers() {
     let io = io("vae_tiny_io.safetensors");
     let cfg = vae_config();
-    let vae = Checkpoint::open(&fixture("vae_tiny.safetensors"))
+    let vae = WeightsFile::open(&fixture("vae_tiny.safetensors"))
         .unwrap()
         .build(DType::F32, &Device::Cpu, |vb| AutoencoderKl::new(&cfg, vb))
         .unwrap();
@@ -135,7 +135,7 @@ fn autoencoder_loads_legacy_attention_names() {
     candle_core::safetensors::save(&renamed, &path).unwrap();
     let cfg = vae_config();
     let vae =
-        Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| AutoencoderKl::new(&cfg, vb)).unwrap();
+        WeightsFile::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| AutoencoderKl::new(&cfg, vb)).unwrap();
     let io = io("vae_tiny_io.safetensors");
     let diff = max_abs_diff(&vae.decode(&io["z"]).unwrap(), &io["decoded"]);
     assert!(diff < 1e-4, "{diff}");

@@ -9,10 +9,10 @@ use flowgen_engine::models::sit::{Sit, SitConfig};
 use flowgen_engine::random_model::{random_var_builder, tiny_latent_config, write_random_model};
 use flowgen_engine::samplers::{Dopri5Options, Unobserved};
 use flowgen_engine::velocity::SitVelocity;
-use flowgen_engine::weights::{save_safetensors, Checkpoint};
+use flowgen_engine::weights::{save_safetensors, WeightsFile};
 use flowgen_engine::{
-    EngineHandle, Error, GenerationRequest, ModelConfig, Pipeline, Result, Sampler, ScheduleSpec, StepReport,
-    TimeConvention, VelocityModel,
+    EngineHandle, Error, GenerationRequest, ImageInputs, ModelConfig, NetworkArch, Pipeline, Result, Sampler,
+    ScheduleSpec, SolveSettings, StepReport, TimeConvention, VelocityModel,
 };
 
 fn tiny_model_dir() -> (tempfile::TempDir, ModelConfig) {
@@ -22,16 +22,17 @@ fn tiny_model_dir() -> (tempfile::TempDir, ModelConfig) {
     (dir, cfg)
 }
 
-fn request(n: usize, sampler: Sampler, steps: usize) -> GenerationRequest {
-    GenerationRequest {
-        labels: (0..n as u32).map(|i| i % 10).collect(),
-        seeds: (0..n as u64).map(|i| 100 + i).collect(),
-        sampler,
-        steps,
-        schedule: ScheduleSpec::Uniform,
-        guidance: 2.0,
-        guidance_interval: (0.0, 1.0),
-    }
+fn settings(sampler: Sampler, steps: usize) -> SolveSettings {
+    SolveSettings { sampler, steps, schedule: ScheduleSpec::Uniform, guidance: 2.0, guidance_interval: (0.0, 1.0) }
+}
+
+fn inputs(n: usize) -> ImageInputs {
+    ImageInputs { labels: (0..n as u32).map(|i| i % 10).collect(), seeds: (0..n as u64).map(|i| 100 + i).collect() }
+}
+
+fn sit_of(cfg: &ModelConfig) -> SitConfig {
+    let NetworkArch::Sit(sit) = &cfg.network.arch;
+    sit.clone()
 }
 
 #[test]
@@ -72,13 +73,13 @@ fn autoencoder_shapes_28_to_7() {
 
 #[test]
 fn save_load_round_trip_gives_the_same_network() {
-    let cfg = tiny_latent_config("t").network.sit;
+    let cfg = sit_of(&tiny_latent_config("t"));
     let (vb, created) = random_var_builder(3, &Device::Cpu);
     let original = Sit::new(&cfg, vb).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.safetensors");
     flowgen_engine::random_model::save_sit_weights(&cfg, &created.lock().unwrap(), &path).unwrap();
-    let loaded = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap();
+    let loaded = WeightsFile::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap();
     let x = Tensor::randn(0f32, 1., (2, 4, 7, 7), &Device::Cpu).unwrap();
     let t = Tensor::new(&[0.1f32, 0.9], &Device::Cpu).unwrap();
     let y = Tensor::new(&[1u32, 7], &Device::Cpu).unwrap();
@@ -92,12 +93,10 @@ fn an_image_does_not_depend_on_its_batch() {
     let (dir, _) = tiny_model_dir();
     let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
     for sampler in [Sampler::Heun, Sampler::Dopri5(Dopri5Options { rtol: 1e-4, atol: 1e-4, max_nfe: 2000 })] {
-        let batch = request(16, sampler.clone(), 4);
-        let all = pipeline.generate(&batch, &mut Unobserved).unwrap();
+        let (shared, batch) = (settings(sampler.clone(), 4), inputs(16));
+        let all = pipeline.generate(&shared, &batch, &mut Unobserved).unwrap();
         for i in [0usize, 7, 15] {
-            let single =
-                GenerationRequest { labels: vec![batch.labels[i]], seeds: vec![batch.seeds[i]], ..batch.clone() };
-            let one = pipeline.generate(&single, &mut Unobserved).unwrap();
+            let one = pipeline.generate(&shared, &batch.slice(i..i + 1), &mut Unobserved).unwrap();
             let a = one.state.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let b = all.state.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
@@ -119,14 +118,15 @@ fn an_image_does_not_depend_on_its_batch() {
 fn generation_is_deterministic_and_seed_dependent() {
     let (dir, _) = tiny_model_dir();
     let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
-    let req = request(3, Sampler::Euler, 3);
-    let a = pipeline.generate(&req, &mut Unobserved).unwrap();
-    let b = pipeline.generate(&req, &mut Unobserved).unwrap();
+    let (shared, images) = (settings(Sampler::Euler, 3), inputs(3));
+    let a = pipeline.generate(&shared, &images, &mut Unobserved).unwrap();
+    let b = pipeline.generate(&shared, &images, &mut Unobserved).unwrap();
     assert_eq!(a.images, b.images);
     assert_ne!(a.images[0].pixels, a.images[1].pixels);
     assert_eq!((a.images[0].width, a.images[0].height, a.images[0].channels), (28, 28, 1));
     // Guidance doubles the batch inside one forward; NFE counts forwards.
-    assert_eq!(a.stats.nfe, 3);
+    assert_eq!(a.stats.nfe(), 3);
+    assert_eq!(a.stats.evaluations.len(), 1);
 }
 
 /// The SiT-convention network seen through LFM's convention: v_lfm(x, t) = -v_sit(x, 1 - t).
@@ -147,14 +147,14 @@ fn lfm_and_sit_conventions_give_the_same_sample() {
     let cfg = tiny_latent_config("t");
     let build = |convention| {
         let (vb, _) = random_var_builder(9, &Device::Cpu);
-        SitVelocity { net: Sit::new(&cfg.network.sit, vb).unwrap(), convention }
+        SitVelocity { net: Sit::new(&sit_of(&cfg), vb).unwrap(), convention }
     };
     let sit = Pipeline::from_parts(cfg.clone(), Box::new(build(TimeConvention::Sit)), None, &Device::Cpu);
     let lfm = Pipeline::from_parts(cfg.clone(), Box::new(AsLfm(build(TimeConvention::Sit))), None, &Device::Cpu);
     for sampler in [Sampler::Euler, Sampler::Rk4] {
-        let req = request(4, sampler, 5);
-        let (a, _) = sit.sample_state(&req, &mut Unobserved).unwrap();
-        let (b, _) = lfm.sample_state(&req, &mut Unobserved).unwrap();
+        let (shared, images) = (settings(sampler, 5), inputs(4));
+        let (a, _) = sit.sample_state(&shared, &images, &mut Unobserved).unwrap();
+        let (b, _) = lfm.sample_state(&shared, &images, &mut Unobserved).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "{diff}");
     }
@@ -164,7 +164,7 @@ fn lfm_and_sit_conventions_give_the_same_sample() {
 
 #[test]
 fn weights_that_do_not_fit_are_reported_together() {
-    let cfg = tiny_latent_config("t").network.sit;
+    let cfg = sit_of(&tiny_latent_config("t"));
     let (vb, created) = random_var_builder(0, &Device::Cpu);
     Sit::new(&cfg, vb).unwrap();
     let mut tensors: HashMap<String, Tensor> = created.lock().unwrap().clone();
@@ -180,7 +180,7 @@ fn weights_that_do_not_fit_are_reported_together() {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644, "weights must be readable by a server running as another user");
     }
-    let err = Checkpoint::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap_err();
+    let err = WeightsFile::open(&path).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::WeightsMismatch { .. }), "{msg}");
     assert!(msg.contains("missing (1)") && msg.contains("blocks.1.attn.qkv.weight [96, 32]"), "{msg}");
@@ -221,8 +221,15 @@ fn guidance_applies_only_inside_the_requested_interval() {
     let (dir, _) = tiny_model_dir();
     let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
     let state = |guidance: f64, guidance_interval: (f64, f64)| {
-        let req = GenerationRequest { guidance, guidance_interval, ..request(2, Sampler::Euler, 4) };
-        pipeline.sample_state(&req, &mut Unobserved).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        let shared = SolveSettings { guidance, guidance_interval, ..settings(Sampler::Euler, 4) };
+        pipeline
+            .sample_state(&shared, &inputs(2), &mut Unobserved)
+            .unwrap()
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     // Euler at 4 steps evaluates s = 0, 0.25, 0.5, 0.75: an interval [0.9, 1] never guides.
     assert_eq!(state(3.0, (0.9, 1.0)), state(1.0, (0.0, 1.0)));
@@ -234,17 +241,18 @@ fn guidance_applies_only_inside_the_requested_interval() {
 fn invalid_requests_name_the_field() {
     let (dir, _) = tiny_model_dir();
     let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
-    let check = |req: GenerationRequest, field: &str| {
-        let err = pipeline.generate(&req, &mut Unobserved).unwrap_err();
+    let check = |shared: SolveSettings, images: ImageInputs, field: &str| {
+        let err = pipeline.generate(&shared, &images, &mut Unobserved).unwrap_err();
         assert!(matches!(&err, Error::Invalid { field: f, .. } if *f == field), "{field}: {err}");
     };
-    check(GenerationRequest { steps: 0, ..request(1, Sampler::Euler, 1) }, "steps");
-    check(GenerationRequest { labels: vec![10], ..request(1, Sampler::Euler, 1) }, "label");
-    check(GenerationRequest { labels: vec![], seeds: vec![], ..request(1, Sampler::Euler, 1) }, "n");
-    check(GenerationRequest { guidance: f64::NAN, ..request(1, Sampler::Euler, 1) }, "guidance");
-    check(GenerationRequest { seeds: vec![1, 2], ..request(1, Sampler::Euler, 1) }, "seeds");
-    check(GenerationRequest { guidance_interval: (0.5, 0.2), ..request(1, Sampler::Euler, 1) }, "guidance_interval");
-    check(GenerationRequest { guidance_interval: (0.0, 1.5), ..request(1, Sampler::Euler, 1) }, "guidance_interval");
+    let euler = || settings(Sampler::Euler, 1);
+    check(SolveSettings { steps: 0, ..euler() }, inputs(1), "steps");
+    check(euler(), ImageInputs { labels: vec![10], ..inputs(1) }, "label");
+    check(euler(), ImageInputs::default(), "n");
+    check(SolveSettings { guidance: f64::NAN, ..euler() }, inputs(1), "guidance");
+    check(euler(), ImageInputs { seeds: vec![1, 2], ..inputs(1) }, "seeds");
+    check(SolveSettings { guidance_interval: (0.5, 0.2), ..euler() }, inputs(1), "guidance_interval");
+    check(SolveSettings { guidance_interval: (0.0, 1.5), ..euler() }, inputs(1), "guidance_interval");
     let cfg = pipeline.config();
     assert_eq!(cfg.parse_labels("0-2,seven").unwrap(), vec![0, 1, 2, 7]);
     assert!(cfg.parse_label("11").unwrap_err().to_string().contains("out of range"));
@@ -269,18 +277,21 @@ impl VelocityModel for Exploding {
 fn engine_thread_survives_a_panicking_job_and_reports_progress() {
     let mut cfg = tiny_latent_config("t");
     cfg.autoencoder = None;
-    cfg.network.sit.in_channels = 1;
+    let NetworkArch::Sit(sit) = &mut cfg.network.arch;
+    sit.in_channels = 1;
     let pipeline = Pipeline::from_parts(cfg, Box::new(Exploding), None, &Device::Cpu);
     let engine = EngineHandle::spawn(pipeline, 4).unwrap();
     let quiet = || Box::new(|_: &StepReport| ControlFlow::Continue(())) as flowgen_engine::handle::Progress;
-    let bad = GenerationRequest { labels: vec![3], seeds: vec![0], guidance: 1.0, ..request(1, Sampler::Euler, 2) };
+    let unguided = |steps| SolveSettings { guidance: 1.0, ..settings(Sampler::Euler, steps) };
+    let one = |label| ImageInputs { labels: vec![label], seeds: vec![0] };
+    let bad = GenerationRequest { settings: unguided(2), inputs: one(3) };
     assert!(matches!(engine.generate(bad, quiet()), Err(Error::EnginePanicked(m)) if m.contains("boom")));
     let (tx, rx) = std::sync::mpsc::channel();
     let progress = Box::new(move |r: &StepReport| {
         let _ = tx.send(r.step);
         ControlFlow::Continue(())
     });
-    let good = GenerationRequest { labels: vec![1], seeds: vec![0], guidance: 1.0, ..request(1, Sampler::Euler, 3) };
+    let good = GenerationRequest { settings: unguided(3), inputs: one(1) };
     let out = engine.generate(good.clone(), progress).unwrap();
     assert_eq!(out.images.len(), 1);
     assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![1, 2, 3]);

@@ -13,7 +13,12 @@ struct Growth {
 
 impl VelocityField for Growth {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
-        let coef: Vec<f64> = s.iter().zip(&self.rates).map(|(&si, &c)| c * si.cos()).collect();
+        let rows: Vec<usize> = (0..s.len()).collect();
+        self.velocity_of_rows(x, s, &rows)
+    }
+
+    fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
+        let coef: Vec<f64> = s.iter().zip(rows).map(|(&si, &r)| self.rates[r] * si.cos()).collect();
         let coef = Tensor::from_vec(coef, (s.len(), 1), x.device())?;
         Ok(x.broadcast_mul(&coef)?)
     }
@@ -33,7 +38,7 @@ fn error_of(sampler: &Sampler, field: &dyn VelocityField, exact: &Tensor, steps:
     let err =
         (x1 - exact).unwrap().abs().unwrap().max_keepdim(1).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
             [0];
-    (err, stats.nfe)
+    (err, stats.nfe())
 }
 
 /// Least-squares slope of log(error) against log(step size).
@@ -120,9 +125,9 @@ fn dopri5_meets_tolerance_with_fewer_nfe_than_rk4() {
                 (e <= err).then_some(nfe)
             })
             .unwrap();
-        eprintln!("tol {tol:e}: dopri5 {} NFE, rk4 {rk4_nfe} NFE at error {err:.2e}", stats.nfe);
-        assert!(stats.nfe < rk4_nfe, "tol {tol}: dopri5 {} NFE vs rk4 {rk4_nfe} NFE at error {err:e}", stats.nfe);
-        assert_eq!(stats.per_sample_nfe, vec![stats.nfe]);
+        eprintln!("tol {tol:e}: dopri5 {} NFE, rk4 {rk4_nfe} NFE at error {err:.2e}", stats.nfe());
+        assert!(stats.nfe() < rk4_nfe, "tol {tol}: dopri5 {} NFE vs rk4 {rk4_nfe} NFE at error {err:e}", stats.nfe());
+        assert_eq!(stats.per_sample_nfe, vec![stats.nfe()]);
     }
 }
 
@@ -139,19 +144,61 @@ fn dopri5_rows_follow_their_own_steps() {
         let (alone, alone_stats) = sampler.solve(&Growth { rates: vec![rate] }, one, &grid, &mut Unobserved).unwrap();
         let alone = alone.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0];
         assert_eq!(batched[i].to_bits(), alone.to_bits(), "row {i} differs from its solo solve");
-        assert_eq!(stats.per_sample_nfe[i], alone_stats.nfe, "row {i}");
+        assert_eq!(stats.per_sample_nfe[i], alone_stats.nfe(), "row {i}");
     }
     // The stiffer row needs more evaluations than the gentle one.
     assert!(stats.per_sample_nfe[1] > stats.per_sample_nfe[0], "{:?}", stats.per_sample_nfe);
-    assert_eq!(stats.nfe, *stats.per_sample_nfe.iter().max().unwrap());
+    assert_eq!(stats.nfe(), *stats.per_sample_nfe.iter().max().unwrap());
 }
 
 #[test]
 fn dopri5_nfe_cap_fails_clearly() {
     let sampler = Sampler::Dopri5(Dopri5Options { rtol: 1e-12, atol: 1e-12, max_nfe: 20 });
-    let err = sampler.solve(&riccati, x0(), &Schedule::uniform(1).unwrap(), &mut Unobserved).unwrap_err();
+    let (_, stats) = sampler.solve(&riccati, x0(), &Schedule::uniform(1).unwrap(), &mut Unobserved).unwrap();
+    let err = stats.require_all().unwrap_err();
     assert!(matches!(err, Error::Solver(_)), "{err}");
-    assert!(err.to_string().contains("20 evaluations"), "{err}");
+    assert!(err.to_string().contains("image 0") && err.to_string().contains("20 evaluations"), "{err}");
+}
+
+/// Counts the rows each evaluation computes, to see what a batch really costs.
+struct CountingRows<'a> {
+    inner: &'a Growth,
+    rows_evaluated: std::cell::Cell<usize>,
+}
+
+impl VelocityField for CountingRows<'_> {
+    fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
+        let rows: Vec<usize> = (0..s.len()).collect();
+        self.velocity_of_rows(x, s, &rows)
+    }
+
+    fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
+        self.rows_evaluated.set(self.rows_evaluated.get() + rows.len());
+        self.inner.velocity_of_rows(x, s, rows)
+    }
+}
+
+#[test]
+fn dopri5_drops_finished_rows_and_fails_images_one_by_one() {
+    let sampler = Sampler::Dopri5(Dopri5Options { rtol: 1e-6, atol: 1e-6, max_nfe: 300 });
+    let grid = Schedule::uniform(1).unwrap();
+    // Row 1 blows up (x grows like exp(400 sin s)) and runs into the cap; rows 0 and 2 are gentle.
+    let growth = Growth { rates: vec![0.5, 400.0, 1.0] };
+    let field = CountingRows { inner: &growth, rows_evaluated: Default::default() };
+    let xs = Tensor::from_vec(vec![1.0f64, 1.0, 1.0], (3, 1), &Device::Cpu).unwrap();
+    let (x1, stats) = sampler.solve(&field, xs.clone(), &grid, &mut Unobserved).unwrap();
+    assert_eq!(stats.failures.keys().copied().collect::<Vec<_>>(), vec![1], "{:?}", stats.failures);
+    let x1: Vec<f64> = x1.flatten_all().unwrap().to_vec1().unwrap();
+    for i in [0usize, 2] {
+        let alone = Growth { rates: vec![growth.rates[i]] };
+        let (one, one_stats) = sampler.solve(&alone, xs.narrow(0, i, 1).unwrap(), &grid, &mut Unobserved).unwrap();
+        assert_eq!(x1[i].to_bits(), one.flatten_all().unwrap().to_vec1::<f64>().unwrap()[0].to_bits(), "row {i}");
+        assert_eq!(stats.per_sample_nfe[i], one_stats.nfe());
+    }
+    // Rows that finished early were not evaluated again: the rows computed are the sum of what
+    // each row needed, far below batch size times the slowest row's evaluations.
+    assert_eq!(field.rows_evaluated.get(), stats.per_sample_nfe.iter().sum::<usize>());
+    assert!(field.rows_evaluated.get() < 3 * stats.nfe());
 }
 
 #[test]
@@ -197,12 +244,12 @@ fn explicit_schedules_drive_fixed_step_solvers() {
     let (uniform, _) = Sampler::Heun.solve(&riccati, x0(), &Schedule::uniform(8).unwrap(), &mut Unobserved).unwrap();
     assert_ne!(max_err(x1.clone()), max_err(uniform), "the explicit grid was not used");
     assert!(max_err(x1) < 2e-2);
-    assert_eq!(stats.nfe, 16);
+    assert_eq!(stats.nfe(), 16);
 }
 
 #[test]
 fn sampler_names_parse_and_unknown_is_rejected() {
-    for name in flowgen_engine::samplers::SAMPLER_NAMES {
+    for name in flowgen_engine::samplers::sampler_names() {
         assert_eq!(Sampler::parse(name).unwrap().name(), name);
     }
     let err = Sampler::parse("ddim").unwrap_err().to_string();

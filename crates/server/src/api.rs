@@ -1,8 +1,9 @@
 //! Request and response bodies, and the validation that turns a request into a `JobSpec`.
 
-use flowgen_engine::config::check_guidance_interval;
-use flowgen_engine::samplers::SAMPLER_NAMES;
-use flowgen_engine::{GenerationRequest, ModelConfig, Sampler, ScheduleSpec};
+use flowgen_engine::{
+    Error as EngineError, ImageInputs, ModelConfig, Sampler, ScheduleAccess, ScheduleSpec, SettingsRequest,
+    SolveSettings,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -60,24 +61,38 @@ pub struct GenerationBody {
     pub n: Option<i64>,
     /// Image i uses seed + i; random when absent. The seeds used are returned.
     pub seed: Option<u64>,
+    /// A named set of settings of the model (GET /v1/models lists them); fields given here win.
+    pub preset: Option<String>,
+    /// A sampler plan, e.g. "heun" or "dopri5:rtol=1e-4,atol=1e-4,max_nfe=500".
     pub sampler: Option<String>,
     pub steps: Option<i64>,
     pub guidance: Option<f64>,
     /// Times s (0 noise, 1 data) between which guidance applies, as [lo, hi]; the model's
     /// interval when absent.
     pub guidance_interval: Option<[f64; 2]>,
-    /// uniform, shift:<alpha> or an explicit list "0,0.5,1".
+    /// uniform, shift:<alpha>, an explicit list "0,0.5,1", or the name of a schedule the model
+    /// stores (never a file path).
     pub schedule: Option<String>,
     /// high | normal | low (default normal).
     pub priority: Option<String>,
 }
 
-/// A validated job: everything needed to run it again after a restart.
+/// A validated job: everything needed to run it again after a restart. The journal stores it as
+/// JSON with the settings' fields at the top level, as earlier releases wrote it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSpec {
     pub model: String,
     pub labels: Vec<u32>,
     pub seeds: Vec<u64>,
+    #[serde(flatten)]
+    pub settings: JobSettings,
+    pub priority: Priority,
+}
+
+/// The solve settings a job's images share, in canonical text (what is journaled and shown).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSettings {
+    /// Canonical sampler plan (`Sampler::canonical`).
     pub sampler: String,
     pub steps: usize,
     pub guidance: f64,
@@ -85,8 +100,48 @@ pub struct JobSpec {
     /// which run with the model's interval.
     #[serde(default)]
     pub guidance_interval: Option<(f64, f64)>,
+    /// Canonical schedule (`ScheduleSpec::canonical`): resolved against the model's stored ones.
     pub schedule: String,
-    pub priority: Priority,
+}
+
+impl JobSettings {
+    pub fn of(settings: &SolveSettings) -> Self {
+        JobSettings {
+            sampler: settings.sampler.canonical(),
+            steps: settings.steps,
+            guidance: settings.guidance,
+            guidance_interval: Some(settings.guidance_interval),
+            schedule: settings.schedule.canonical(),
+        }
+    }
+
+    /// The engine settings again (journaled text is parsed, never read as a path).
+    pub fn to_settings(&self, model: &ModelConfig) -> flowgen_engine::Result<SolveSettings> {
+        let sampler = Sampler::parse(&self.sampler)?;
+        let adaptive = sampler.is_adaptive();
+        Ok(SolveSettings {
+            steps: if adaptive { 0 } else { self.steps },
+            schedule: if adaptive {
+                ScheduleSpec::Uniform
+            } else {
+                ScheduleSpec::resolve(&self.schedule, &model.schedules, ScheduleAccess::Named)?
+            },
+            sampler,
+            guidance: self.guidance,
+            guidance_interval: self.guidance_interval.unwrap_or(model.guidance.interval),
+        })
+    }
+
+    /// Rewrite a job journaled by an earlier release in today's canonical form (e.g. "dopri5"
+    /// -> "dopri5:rtol=1e-5,atol=1e-5,max_nfe=2000"), so it batches with new jobs.
+    pub fn canonicalise(&mut self) {
+        if let Ok(sampler) = Sampler::parse(&self.sampler) {
+            if sampler.is_adaptive() {
+                self.steps = 0;
+            }
+            self.sampler = sampler.canonical();
+        }
+    }
 }
 
 /// Jobs with equal keys can share one engine batch.
@@ -102,13 +157,14 @@ pub struct BatchKey {
 
 impl JobSpec {
     pub fn batch_key(&self) -> BatchKey {
+        let s = &self.settings;
         BatchKey {
             model: self.model.clone(),
-            sampler: self.sampler.clone(),
-            steps: self.steps,
-            guidance_bits: self.guidance.to_bits(),
-            guidance_interval_bits: self.guidance_interval.map(|(lo, hi)| (lo.to_bits(), hi.to_bits())),
-            schedule: self.schedule.clone(),
+            sampler: s.sampler.clone(),
+            steps: s.steps,
+            guidance_bits: s.guidance.to_bits(),
+            guidance_interval_bits: s.guidance_interval.map(|(lo, hi)| (lo.to_bits(), hi.to_bits())),
+            schedule: s.schedule.clone(),
         }
     }
 
@@ -116,22 +172,21 @@ impl JobSpec {
         self.labels.len()
     }
 
-    /// The engine request for this job alone (batches concatenate labels and seeds).
-    pub fn to_request(&self, model: &ModelConfig) -> flowgen_engine::Result<GenerationRequest> {
-        Ok(GenerationRequest {
-            labels: self.labels.clone(),
-            seeds: self.seeds.clone(),
-            sampler: Sampler::parse(&self.sampler)?,
-            steps: self.steps,
-            schedule: ScheduleSpec::parse_inline(&self.schedule)?,
-            guidance: self.guidance,
-            guidance_interval: self.guidance_interval.unwrap_or(model.guidance.interval),
-        })
+    pub fn inputs(&self) -> ImageInputs {
+        ImageInputs { labels: self.labels.clone(), seeds: self.seeds.clone() }
+    }
+}
+
+/// An engine error about a request, as the 422 naming its field.
+fn engine_validation(err: EngineError) -> ApiError {
+    match err {
+        EngineError::Invalid { field, message } => ApiError::validation(field, message),
+        other => ApiError::validation("body", other.to_string()),
     }
 }
 
 fn label(cfg: &ModelConfig, field: &str, value: &LabelValue) -> Result<u32, ApiError> {
-    let classes = cfg.network.sit.num_classes;
+    let classes = cfg.num_classes();
     let index = match value {
         LabelValue::Index(i) if *i >= 0 && (*i as usize) < classes => *i as u32,
         LabelValue::Index(i) => {
@@ -155,11 +210,23 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
         ApiError::validation("model", format!("unknown model {model:?}; served: {}", models.names().join(", ")))
     })?;
     let cfg = engine.config();
+    let labels = validate_labels(body, cfg, limits)?;
+    let settings = validate_settings(body, cfg, limits)?;
+    let priority = match &body.priority {
+        Some(p) => Priority::parse(p)?,
+        None => Priority::Normal,
+    };
+    let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let inputs = ImageInputs::cycle(&labels, labels.len(), seed);
+    Ok(JobSpec { model, labels: inputs.labels, seeds: inputs.seeds, settings: JobSettings::of(&settings), priority })
+}
 
-    let mut labels = Vec::new();
+/// One label per image (`n` of them, cycling over the given ones; all classes when none).
+fn validate_labels(body: &GenerationBody, cfg: &ModelConfig, limits: &LimitsSection) -> Result<Vec<u32>, ApiError> {
     if let (Some(_), Some(_)) = (&body.labels, &body.label) {
         return Err(ApiError::validation("labels", "give `labels` or `label`, not both"));
     }
+    let mut labels = Vec::new();
     if let Some(list) = &body.labels {
         if list.is_empty() {
             return Err(ApiError::validation("labels", "must not be empty"));
@@ -185,65 +252,54 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
         None => labels.len().max(1),
     };
     if labels.is_empty() {
-        labels = (0..cfg.network.sit.num_classes as u32).collect();
+        labels = (0..cfg.num_classes() as u32).collect();
     }
-    let labels: Vec<u32> = labels.iter().cycle().take(n).copied().collect();
+    Ok(labels.iter().cycle().take(n).copied().collect())
+}
 
-    let sampler_name = body.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
-    let sampler = Sampler::parse(&sampler_name).map_err(|_| {
-        ApiError::validation(
-            "sampler",
-            format!("unknown sampler {sampler_name:?}; choose one of {}", SAMPLER_NAMES.join(", ")),
-        )
-    })?;
-    let schedule_text = body.schedule.clone().unwrap_or_else(|| cfg.defaults.schedule.clone());
-    let schedule =
-        ScheduleSpec::parse_inline(&schedule_text).map_err(|e| ApiError::validation("schedule", e.to_string()))?;
-    let steps = match (body.steps, &schedule) {
-        (Some(k), _) if k < 1 || k as usize > limits.max_steps => {
+/// The shared solve settings, filled from the model like the CLI's, within the server's limits.
+fn validate_settings(
+    body: &GenerationBody,
+    cfg: &ModelConfig,
+    limits: &LimitsSection,
+) -> Result<SolveSettings, ApiError> {
+    let steps = match body.steps {
+        Some(k) if k < 1 || k as usize > limits.max_steps => {
             return Err(ApiError::validation("steps", format!("must be between 1 and {}, got {k}", limits.max_steps)))
         }
-        (Some(k), _) => k as usize,
-        (None, ScheduleSpec::Explicit(points)) => points.len().saturating_sub(1),
-        (None, _) => cfg.defaults.steps,
+        Some(k) => Some(k as usize),
+        None => None,
     };
-    if steps > limits.max_steps {
-        return Err(ApiError::validation("schedule", format!("{steps} steps exceed the limit {}", limits.max_steps)));
+    if let Some(g) = body.guidance {
+        if !g.is_finite() || g < 0.0 || g > limits.max_guidance {
+            return Err(ApiError::validation(
+                "guidance",
+                format!("must be between 0 and {}, got {g}", limits.max_guidance),
+            ));
+        }
     }
-    schedule
-        .build(if sampler.is_adaptive() { 1 } else { steps })
-        .map_err(|e| ApiError::validation("schedule", e.to_string()))?;
-
-    let guidance = body.guidance.unwrap_or(cfg.defaults.guidance);
-    if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {
+    let request = SettingsRequest {
+        preset: body.preset.clone(),
+        sampler: body.sampler.clone(),
+        steps,
+        schedule: body.schedule.clone(),
+        guidance: body.guidance,
+        guidance_interval: body.guidance_interval.map(|[lo, hi]| (lo, hi)),
+    };
+    let settings = cfg.solve_settings(&request, ScheduleAccess::Named).map_err(engine_validation)?;
+    if settings.steps > limits.max_steps {
         return Err(ApiError::validation(
-            "guidance",
-            format!("must be between 0 and {}, got {guidance}", limits.max_guidance),
+            "schedule",
+            format!("{} steps exceed the limit {}", settings.steps, limits.max_steps),
         ));
     }
-    if guidance != 1.0 && cfg.null_label().is_none() {
-        return Err(ApiError::validation("guidance", "this model has no null label; only guidance 1 is possible"));
+    if settings.guidance > limits.max_guidance {
+        return Err(ApiError::validation(
+            "guidance",
+            format!("must be between 0 and {}, got {}", limits.max_guidance, settings.guidance),
+        ));
     }
-    let guidance_interval = body.guidance_interval.map(|[lo, hi]| (lo, hi)).unwrap_or(cfg.guidance.interval);
-    check_guidance_interval(guidance_interval.0, guidance_interval.1)
-        .map_err(|e| ApiError::validation("guidance_interval", e))?;
-    let priority = match &body.priority {
-        Some(p) => Priority::parse(p)?,
-        None => Priority::Normal,
-    };
-    let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let seeds = (0..n as u64).map(|i| seed.wrapping_add(i)).collect();
-    Ok(JobSpec {
-        model,
-        labels,
-        seeds,
-        sampler: sampler.name().to_string(),
-        steps,
-        guidance,
-        guidance_interval: Some(guidance_interval),
-        schedule: schedule.canonical(),
-        priority,
-    })
+    Ok(settings)
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
@@ -325,8 +381,14 @@ pub struct ModelInfo {
     pub label_names: Vec<String>,
     /// Output images: channels, height, width.
     pub image_shape: [usize; 3],
+    /// Canonical sampler plan and steps used when a request names none.
     pub default_sampler: String,
     pub default_steps: usize,
+    pub default_schedule: String,
+    /// Presets a request may name in `preset`.
+    pub presets: Vec<String>,
+    /// Schedules the model stores, usable by name in `schedule`.
+    pub schedules: Vec<String>,
     pub default_guidance: f64,
     /// Times s (0 noise, 1 data) where guidance applies by default.
     pub default_guidance_interval: [f64; 2],
@@ -355,7 +417,8 @@ pub struct JobList {
 pub struct ModelsResponse {
     pub object: &'static str,
     pub data: Vec<ModelInfo>,
-    pub samplers: Vec<&'static str>,
+    /// Sampler families with their parameters, e.g. "dopri5[:rtol=R,atol=A,max_nfe=M]".
+    pub samplers: Vec<String>,
     pub schedules: Vec<&'static str>,
     pub limits: Limits,
 }

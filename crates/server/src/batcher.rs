@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgen_engine::image::generation_metadata;
-use flowgen_engine::{Error as EngineError, GenerationRequest, SolveStats, StepReport};
+use flowgen_engine::{Error as EngineError, GenerationRequest, ImageInputs, SolveSettings, StepReport};
 use tracing::Instrument;
 
 use crate::api::JobStatus;
@@ -101,10 +101,9 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
     }
 }
 
-/// A finished engine call: the settings its jobs share (a request without labels and seeds),
-/// output and time.
+/// A finished engine call: the settings its jobs share, output and time.
 struct Solved {
-    settings: GenerationRequest,
+    settings: SolveSettings,
     output: EngineOutput,
     seconds: f64,
 }
@@ -117,13 +116,12 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
         .get(model)
         .cloned()
         .ok_or_else(|| EngineError::invalid("model", format!("model {model:?} is no longer served")))?;
-    let settings =
-        GenerationRequest { labels: Vec::new(), seeds: Vec::new(), ..batch[0].spec.to_request(engine.config())? };
-    let request = GenerationRequest {
-        labels: batch.iter().flat_map(|j| j.spec.labels.iter().copied()).collect(),
-        seeds: batch.iter().flat_map(|j| j.spec.seeds.iter().copied()).collect(),
-        ..settings.clone()
-    };
+    let settings = batch[0].spec.settings.to_settings(engine.config())?;
+    let mut inputs = ImageInputs::default();
+    for job in batch {
+        inputs.extend(&job.spec.inputs());
+    }
+    let request = GenerationRequest { settings: settings.clone(), inputs };
     let watchers: Vec<_> = batch.iter().map(|j| (j.events.clone(), j.cancel.clone())).collect();
     let progress = Box::new(move |report: &StepReport| {
         let mut live = false;
@@ -147,7 +145,7 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
             ControlFlow::Break(())
         }
     });
-    let images = request.labels.len();
+    let images = request.inputs.len();
     let clock = Instant::now();
     let outcome = tokio::task::spawn_blocking(move || engine.generate(request, progress)).await;
     let seconds = clock.elapsed().as_secs_f64();
@@ -184,25 +182,28 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             if job.cancel.load(Ordering::SeqCst) {
                 continue;
             }
-            let request = GenerationRequest {
-                labels: job.spec.labels.clone(),
-                seeds: job.spec.seeds.clone(),
-                ..settings.clone()
-            };
-            let stats = job_stats(&output.stats, range.clone());
-            let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or(stats.nfe);
+            let inputs = job.spec.inputs();
+            let stats = output.stats.for_samples(range.clone());
+            let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or_else(|| stats.nfe());
+            if let Err(unsolved) = stats.require_all() {
+                // The solver gave up on one of this job's images; its batch-mates are unaffected.
+                outcomes.push((job.id.clone(), Err(JobFailure::Engine(unsolved.to_string()))));
+                continue;
+            }
             let pngs: Result<Vec<Vec<u8>>, String> = output.images[range]
                 .iter()
                 .enumerate()
                 .map(|(i, image)| {
-                    image.to_png(&generation_metadata(&job.spec.model, &request, &stats, i)).map_err(|e| e.to_string())
+                    image
+                        .to_png(&generation_metadata(&job.spec.model, &settings, &inputs, &stats, i))
+                        .map_err(|e| e.to_string())
                 })
                 .collect();
-            let outcome = pngs.and_then(|pngs| {
+            let outcome = pngs.map_err(JobFailure::Internal).and_then(|pngs| {
                 store
                     .finish_succeeded(&job.id, finished, nfe, inference_ms, &pngs)
                     .map(|ok| (ok, nfe))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| JobFailure::Internal(e.to_string()))
             });
             outcomes.push((job.id.clone(), outcome));
         }
@@ -228,15 +229,18 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             }
             // Cancelled while the batch ran: the journal already says so.
             Ok((false, _)) => {}
-            Err(err) => fail_with(state, &id, "internal", &err).await,
+            Err(JobFailure::Engine(err)) => fail_with(state, &id, "engine", &err).await,
+            Err(JobFailure::Internal(err)) => fail_with(state, &id, "internal", &err).await,
         }
     }
 }
 
-/// The part of a batch's solver statistics that belongs to one job.
-fn job_stats(stats: &SolveStats, range: std::ops::Range<usize>) -> SolveStats {
-    let per_sample_nfe = stats.per_sample_nfe.get(range.clone()).map(<[usize]>::to_vec).unwrap_or_default();
-    SolveStats { per_sample_nfe, ..stats.clone() }
+/// Why one job of a solved batch did not succeed.
+enum JobFailure {
+    /// The solver gave up on some of its images.
+    Engine(String),
+    /// Encoding or storing its results failed.
+    Internal(String),
 }
 
 async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) {
@@ -266,15 +270,14 @@ async fn fail_with(state: &Arc<AppState>, id: &str, kind: &str, message: &str) {
 /// One tiny generation per model so the first request does not pay for lazy set-up.
 pub fn warm_up(engine: &dyn Engine) -> flowgen_engine::Result<()> {
     let cfg = engine.config();
-    let request = GenerationRequest {
-        labels: vec![0],
-        seeds: vec![0],
+    let settings = SolveSettings {
         sampler: flowgen_engine::Sampler::Euler,
         steps: 1,
         schedule: flowgen_engine::ScheduleSpec::Uniform,
         guidance: if cfg.null_label().is_some() { cfg.defaults.guidance } else { 1.0 },
         guidance_interval: cfg.guidance.interval,
     };
-    engine.generate(request, Box::new(|_: &StepReport| ControlFlow::Continue(())))?;
+    let inputs = ImageInputs { labels: vec![0], seeds: vec![0] };
+    engine.generate(GenerationRequest { settings, inputs }, Box::new(|_: &StepReport| ControlFlow::Continue(())))?;
     Ok(())
 }

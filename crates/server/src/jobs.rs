@@ -86,7 +86,8 @@ impl Jobs {
     /// Load the journal at start-up; queued jobs keep their acceptance order.
     pub fn restore(&self, jobs: Vec<StoredJob>) {
         let mut inner = self.lock();
-        for job in jobs {
+        for mut job in jobs {
+            job.spec.settings.canonicalise();
             let queued = job.status == JobStatus::Queued;
             let id = job.id.clone();
             insert(&mut inner, job);
@@ -417,11 +418,11 @@ fn view_of(e: &Entry) -> JobView {
         n: spec.n(),
         labels: spec.labels.clone(),
         seeds: spec.seeds.clone(),
-        sampler: spec.sampler.clone(),
-        steps: spec.steps,
-        guidance: spec.guidance,
-        guidance_interval: spec.guidance_interval.map(|(lo, hi)| [lo, hi]),
-        schedule: spec.schedule.clone(),
+        sampler: spec.settings.sampler.clone(),
+        steps: spec.settings.steps,
+        guidance: spec.settings.guidance,
+        guidance_interval: spec.settings.guidance_interval.map(|(lo, hi)| [lo, hi]),
+        schedule: spec.settings.schedule.clone(),
         priority: spec.priority,
         created_at_ms: job.created_ms,
         started_at_ms: job.started_ms,

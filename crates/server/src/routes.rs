@@ -177,7 +177,7 @@ async fn submit(
             let record = job.clone();
             match blocking(move || store.insert(&record)).await {
                 Ok(()) => {
-                    tracing::info!(job = %id, images = job.spec.n(), sampler = %job.spec.sampler, steps = job.spec.steps, "job accepted");
+                    tracing::info!(job = %id, images = job.spec.n(), sampler = %job.spec.settings.sampler, steps = job.spec.settings.steps, "job accepted");
                     state.jobs.enqueue(job);
                     Ok((id, true))
                 }
@@ -561,16 +561,21 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
         .map(|engine| {
             let cfg = engine.config();
             let (c, h, w) = cfg.image_shape();
+            // Checked when the model loaded, so this is the settings a bare request gets.
+            let defaults = cfg.solve_settings(&Default::default(), flowgen_engine::ScheduleAccess::Named).ok();
             ModelInfo {
                 id: cfg.name.clone(),
                 object: "model",
                 owned_by: "local",
                 description: cfg.description.clone(),
-                classes: cfg.network.sit.num_classes,
+                classes: cfg.num_classes(),
                 label_names: cfg.label_names.clone(),
                 image_shape: [c, h, w],
-                default_sampler: cfg.defaults.sampler.clone(),
-                default_steps: cfg.defaults.steps,
+                default_sampler: defaults.as_ref().map(|d| d.sampler.canonical()).unwrap_or_default(),
+                default_steps: defaults.as_ref().map(|d| d.steps).unwrap_or(cfg.defaults.steps),
+                default_schedule: defaults.as_ref().map(|d| d.schedule.canonical()).unwrap_or_default(),
+                presets: cfg.presets.keys().cloned().collect(),
+                schedules: cfg.schedules.keys().cloned().collect(),
                 default_guidance: cfg.defaults.guidance,
                 default_guidance_interval: [cfg.guidance.interval.0, cfg.guidance.interval.1],
                 guidance_supported: cfg.null_label().is_some(),
@@ -581,8 +586,8 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
     Json(ModelsResponse {
         object: "list",
         data,
-        samplers: flowgen_engine::samplers::SAMPLER_NAMES.to_vec(),
-        schedules: vec!["uniform", "shift:<alpha>", "<s0>,<s1>,...,1"],
+        samplers: flowgen_engine::samplers::sampler_syntax(),
+        schedules: vec!["uniform", "shift:<alpha>", "<s0>,<s1>,...,1", "<name of a schedule the model stores>"],
         limits: Limits {
             max_n: c.limits.max_n,
             max_steps: c.limits.max_steps,

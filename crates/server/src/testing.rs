@@ -90,15 +90,16 @@ impl Engine for FakeEngine {
     }
 
     fn generate(&self, request: GenerationRequest, mut progress: Progress) -> flowgen_engine::Result<EngineOutput> {
-        self.batches.lock().unwrap_or_else(|p| p.into_inner()).push(request.seeds.clone());
-        if self.panic_label.is_some_and(|l| request.labels.contains(&l)) {
+        let GenerationRequest { settings, inputs } = request;
+        self.batches.lock().unwrap_or_else(|p| p.into_inner()).push(inputs.seeds.clone());
+        if self.panic_label.is_some_and(|l| inputs.labels.contains(&l)) {
             panic!("fake engine panics on label {:?}", self.panic_label);
         }
-        if self.fail_label.is_some_and(|l| request.labels.contains(&l)) {
+        if self.fail_label.is_some_and(|l| inputs.labels.contains(&l)) {
             return Err(Error::invalid("label", "the fake engine fails on this label"));
         }
-        let steps = if request.sampler.is_adaptive() { 5 } else { request.steps.max(1) };
-        let total = (!request.sampler.is_adaptive()).then_some(steps);
+        let steps = if settings.sampler.is_adaptive() { 5 } else { settings.steps.max(1) };
+        let total = (!settings.sampler.is_adaptive()).then_some(steps);
         for step in 1..=steps {
             let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
             while *paused {
@@ -113,11 +114,8 @@ impl Engine for FakeEngine {
                 return Err(Error::Cancelled);
             }
         }
-        let images = request.seeds.iter().zip(&request.labels).map(|(&s, &l)| self.image_for(s, l)).collect();
-        let n = request.seeds.len();
-        Ok(EngineOutput {
-            images,
-            stats: SolveStats { nfe: steps, steps, accepted: steps, rejected: 0, per_sample_nfe: vec![steps; n] },
-        })
+        let images = inputs.seeds.iter().zip(&inputs.labels).map(|(&s, &l)| self.image_for(s, l)).collect();
+        let n = inputs.len();
+        Ok(EngineOutput { images, stats: SolveStats::main_only(steps, steps, steps, 0, vec![steps; n]) })
     }
 }

@@ -515,10 +515,10 @@ fn jobs_journaled_before_guidance_intervals_run_with_the_model_interval() {
     let old = json!({"model": "fake", "labels": [1], "seeds": [5], "sampler": "euler", "steps": 3,
         "guidance": 1.5, "schedule": "uniform", "priority": "normal"});
     let spec: flowgen_server::api::JobSpec = serde_json::from_value(old).unwrap();
-    assert_eq!(spec.guidance_interval, None);
+    assert_eq!(spec.settings.guidance_interval, None);
     let mut cfg = flowgen_engine::random_model::tiny_latent_config("fake");
     cfg.guidance.interval = (0.1, 0.9);
-    assert_eq!(spec.to_request(&cfg).unwrap().guidance_interval, (0.1, 0.9));
+    assert_eq!(spec.settings.to_settings(&cfg).unwrap().guidance_interval, (0.1, 0.9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,7 @@ impl Classifier {
         let cfg: ClassifierConfig = serde_json::from_str(&text)
             .map_err(|e| TrainError::Data { path: cfg_path.clone(), message: e.to_string() })?;
         let weights = dir.join("classifier.safetensors");
-        Ok(flowgen_engine::weights::Checkpoint::open(&weights)?
+        Ok(flowgen_engine::weights::WeightsFile::open(&weights)?
             .build(DType::F32, device, |vb| Classifier::new(&cfg, vb))?)
     }
 }

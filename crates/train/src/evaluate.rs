@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use flowgen_engine::samplers::{Dopri5Options, Unobserved, VelocityField};
-use flowgen_engine::{noise, GenerationRequest, Guidance, GuidedField, Pipeline, Sampler, ScheduleSpec};
+use flowgen_engine::{noise, Guidance, GuidedField, ImageInputs, Pipeline, Sampler, ScheduleSpec, SolveSettings};
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::Classifier;
@@ -140,10 +140,8 @@ impl EvalContext {
         Ok(())
     }
 
-    fn request(&self, range: std::ops::Range<usize>, sampler: Sampler, steps: usize) -> GenerationRequest {
-        GenerationRequest {
-            labels: self.labels[range.clone()].to_vec(),
-            seeds: self.seeds[range].to_vec(),
+    fn settings(&self, sampler: Sampler, steps: usize) -> SolveSettings {
+        SolveSettings {
             sampler,
             steps,
             schedule: ScheduleSpec::Uniform,
@@ -156,10 +154,13 @@ impl EvalContext {
     fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<(Tensor, usize, f64)> {
         let started = Instant::now();
         let (mut states, mut nfe) = (Vec::new(), 0usize);
+        let settings = self.settings(sampler.clone(), steps);
         for start in (0..self.labels.len()).step_by(self.batch) {
             let end = (start + self.batch).min(self.labels.len());
-            let (state, stats) =
-                pipeline.sample_state(&self.request(start..end, sampler.clone(), steps), &mut Unobserved)?;
+            let inputs =
+                ImageInputs { labels: self.labels[start..end].to_vec(), seeds: self.seeds[start..end].to_vec() };
+            let (state, stats) = pipeline.sample_state(&settings, &inputs, &mut Unobserved)?;
+            stats.require_all()?;
             nfe += stats.per_sample_nfe.iter().sum::<usize>();
             states.push(state);
         }
@@ -214,7 +215,7 @@ impl EvalContext {
         let n = self.labels.len();
         Ok(EvalResult {
             model: pipeline.config().name.clone(),
-            sampler: sampler.name().into(),
+            sampler: sampler.canonical(),
             steps: if sampler.is_adaptive() { 0 } else { steps },
             guidance: self.guidance.scale,
             guidance_interval: self.guidance.interval,
@@ -243,14 +244,7 @@ impl EvalContext {
         let mut count = 0usize;
         for start in (0..images).step_by(self.batch) {
             let end = (start + self.batch).min(images);
-            let field = GuidedField::new(
-                model,
-                &self.labels[start..end],
-                self.guidance.clone(),
-                c,
-                DType::F32,
-                pipeline.device(),
-            )?;
+            let field = GuidedField::new(model, &self.labels[start..end], self.guidance.clone(), pipeline.device())?;
             let x0 = noise::batch(&self.seeds[start..end], &[c, h, w], pipeline.device())?;
             let mut x = x0.clone();
             let mut velocities = Vec::with_capacity(steps);
@@ -318,7 +312,8 @@ pub fn to_csv(rows: &[EvalResult]) -> String {
     for r in rows {
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{},{}\n",
-            r.sampler,
+            // A parameterised plan has commas of its own ("dopri5:rtol=1e-5,atol=...").
+            if r.sampler.contains(',') { format!("\"{}\"", r.sampler) } else { r.sampler.clone() },
             r.steps,
             r.nfe_per_image,
             r.fd,

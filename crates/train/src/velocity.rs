@@ -9,7 +9,7 @@ use flowgen_engine::config::{AutoencoderSection, Defaults, GuidanceSection, Mode
 use flowgen_engine::models::autoencoder::AutoencoderKl;
 use flowgen_engine::models::sit::{Sit, SitConfig};
 use flowgen_engine::random_model::{save_sit_weights, DIGIT_NAMES};
-use flowgen_engine::TimeConvention;
+use flowgen_engine::{NetworkArch, TimeConvention};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -164,32 +164,41 @@ pub fn train(
     Ok((report, run.ema.shadow.clone()))
 }
 
+/// What a servable model directory is made of, for `write_model_dir`.
+pub struct ModelDirParts<'a> {
+    pub name: &'a str,
+    pub sit: &'a SitConfig,
+    /// The EMA velocity weights.
+    pub ema: &'a std::collections::HashMap<String, Tensor>,
+    pub autoencoder: &'a AutoencoderSection,
+    pub autoencoder_weights: &'a Path,
+    pub defaults: Defaults,
+}
+
 /// Write a servable model directory: model.toml, EMA velocity weights, and the autoencoder.
-pub fn write_model_dir(
-    dir: &Path,
-    name: &str,
-    sit: &SitConfig,
-    ema: &std::collections::HashMap<String, Tensor>,
-    autoencoder: &AutoencoderSection,
-    autoencoder_weights: &Path,
-    defaults: Defaults,
-) -> Result<()> {
+pub fn write_model_dir(dir: &Path, parts: ModelDirParts) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    save_sit_weights(sit, ema, &dir.join("velocity.safetensors"))?;
+    save_sit_weights(parts.sit, parts.ema, &dir.join("velocity.safetensors"))?;
     let ae_target = dir.join("autoencoder.safetensors");
-    std::fs::copy(autoencoder_weights, &ae_target).map_err(|e| TrainError::io(autoencoder_weights, e))?;
+    std::fs::copy(parts.autoencoder_weights, &ae_target).map_err(|e| TrainError::io(parts.autoencoder_weights, e))?;
     let config = ModelConfig {
-        name: name.to_string(),
+        name: parts.name.to_string(),
         description: "class-conditional latent flow model trained on MNIST by flowgen".into(),
         label_names: DIGIT_NAMES.iter().map(|s| s.to_string()).collect(),
         network: NetworkSection {
             weights: "velocity.safetensors".into(),
             convention: TimeConvention::Sit,
-            sit: sit.clone(),
+            arch: NetworkArch::Sit(parts.sit.clone()),
         },
-        autoencoder: Some(AutoencoderSection { weights: "autoencoder.safetensors".into(), ..autoencoder.clone() }),
+        autoencoder: Some(AutoencoderSection {
+            weights: "autoencoder.safetensors".into(),
+            ..parts.autoencoder.clone()
+        }),
         guidance: GuidanceSection::default(),
-        defaults,
+        defaults: parts.defaults,
+        networks: Default::default(),
+        presets: Default::default(),
+        schedules: Default::default(),
     };
     let path = dir.join("model.toml");
     std::fs::write(&path, config.to_toml_string()).map_err(|e| TrainError::io(&path, e))?;

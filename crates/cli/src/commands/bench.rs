@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use flowgen_engine::{device::parse_device, EngineHandle, GenerationRequest, Pipeline, Sampler, ScheduleSpec};
+use flowgen_engine::{
+    device::parse_device, EngineHandle, GenerationRequest, ImageInputs, Pipeline, ScheduleAccess, SettingsRequest,
+};
 use flowgen_server::{AppState, Engine, Models, Overrides, ServerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -103,21 +105,25 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let pipeline = Pipeline::load(&model_dir, &device).with_context(|| format!("loading {}", model_dir.display()))?;
     let cfg = pipeline.config().clone();
-    let sampler = Sampler::parse(&args.sampler).context("--sampler")?;
+    // The same settings a server job with this sampler and these steps gets.
+    let wanted = SettingsRequest {
+        sampler: Some(args.sampler.clone()),
+        steps: Some(args.steps),
+        schedule: Some("uniform".into()),
+        ..Default::default()
+    };
+    let settings = cfg.solve_settings(&wanted, ScheduleAccess::Named).context("--sampler/--steps")?;
     let engine: Arc<dyn Engine> = Arc::new(EngineHandle::spawn(pipeline, 2)?);
-    let classes = cfg.network.sit.num_classes as u32;
-    let guidance = cfg.defaults.guidance;
+    let classes = cfg.num_classes() as u32;
     let total_images = args.jobs * args.n;
 
     // Raw engine: the same images in full batches, straight through the handle.
     let request = |start: usize, count: usize| GenerationRequest {
-        labels: (start..start + count).map(|i| i as u32 % classes).collect(),
-        seeds: (start..start + count).map(|i| i as u64).collect(),
-        sampler: sampler.clone(),
-        steps: args.steps,
-        schedule: ScheduleSpec::Uniform,
-        guidance,
-        guidance_interval: cfg.guidance.interval,
+        settings: settings.clone(),
+        inputs: ImageInputs {
+            labels: (start..start + count).map(|i| i as u32 % classes).collect(),
+            seeds: (start..start + count).map(|i| i as u64).collect(),
+        },
     };
     let nothing = || Box::new(|_: &flowgen_engine::StepReport| std::ops::ControlFlow::Continue(()));
     engine.generate(request(0, args.max_batch.min(total_images)), nothing()).context("warm-up")?;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
-use flowgen_engine::{Pipeline, Sampler};
+use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{
@@ -68,8 +68,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
     anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
     let cfg = pipeline.config();
-    let interval = args.guidance_interval.unwrap_or(cfg.guidance.interval);
-    let guidance = pipeline.guidance(args.guidance.unwrap_or(cfg.defaults.guidance), interval);
+    // Guidance as generate and the server fill it; samplers and steps are the evaluation's own.
+    let wanted = SettingsRequest {
+        guidance: args.guidance,
+        guidance_interval: args.guidance_interval,
+        sampler: Some("euler".into()),
+        schedule: Some("uniform".into()),
+        ..Default::default()
+    };
+    let defaults = cfg.solve_settings(&wanted, ScheduleAccess::Named).context("--guidance/--guidance-interval")?;
+    let guidance = pipeline.guidance(defaults.guidance, defaults.guidance_interval);
     let setup = EvalSetup { classifier: &classifier, train: &train, val: &val, n: args.n, seed: args.seed, guidance };
     let mut ctx = EvalContext::new(setup, &device)?;
     ctx.with_reference = !args.no_reference;
@@ -80,8 +88,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         for name in args.sampler.split(',') {
             let sampler = Sampler::parse(name.trim())?;
             if sampler.is_adaptive() {
-                // An adaptive solver ignores --steps: one run, at the reference tolerance.
-                runs.push((reference_sampler(), 0));
+                // An adaptive solver ignores --steps: one run, at the reference tolerance unless
+                // the plan names its own ("dopri5:rtol=1e-3").
+                runs.push((if name.contains(':') { sampler } else { reference_sampler() }, 0));
             } else {
                 runs.extend(args.steps.iter().map(|&k| (sampler.clone(), k)));
             }

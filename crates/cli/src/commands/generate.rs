@@ -6,9 +6,13 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use flowgen_engine::image::{generation_metadata, Image};
 use flowgen_engine::samplers::Dopri5Options;
-use flowgen_engine::{device::parse_device, EngineHandle, GenerationRequest, Pipeline, Sampler, ScheduleSpec};
+use flowgen_engine::{
+    device::parse_device, EngineHandle, Generation, GenerationRequest, ImageInputs, ModelConfig, Pipeline, Sampler,
+    ScheduleAccess, SettingsRequest, SolveSettings,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -25,9 +29,13 @@ pub struct GenerateArgs {
     /// Seed of image 0; image i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Sampler [default: from model.toml]. One of euler, midpoint, heun, rk4, pseudo-corrector, dopri5.
+    /// Sampler plan [default: from model.toml]: euler, midpoint, heun, rk4, pseudo-corrector, or
+    /// dopri5[:rtol=R,atol=A,max_nfe=M].
     #[arg(long)]
     sampler: Option<String>,
+    /// A preset stored in the model's model.toml ([presets.NAME]); other flags override its fields.
+    #[arg(long)]
+    preset: Option<String>,
     /// Steps of a fixed-step sampler [default: from model.toml].
     #[arg(long)]
     steps: Option<usize>,
@@ -37,18 +45,19 @@ pub struct GenerateArgs {
     /// Apply guidance only for s in [LO, HI] (0 noise, 1 data) [default: from model.toml].
     #[arg(long, value_name = "LO,HI", value_parser = super::parse_interval)]
     guidance_interval: Option<(f64, f64)>,
-    /// uniform, shift:X (SD3 time shift), or a file of s values from 0 to 1 [default: from model.toml].
+    /// uniform, shift:X (SD3 time shift), a list "0,0.4,1", a schedule the model stores (its
+    /// schedules/NAME.json), or a file of s values from 0 to 1 [default: from model.toml].
     #[arg(long)]
     schedule: Option<String>,
-    /// Relative tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    rtol: f64,
-    /// Absolute tolerance of dopri5.
-    #[arg(long, default_value_t = 1e-5)]
-    atol: f64,
-    /// Evaluations one image may use under dopri5 before the run fails.
-    #[arg(long, default_value_t = 2000)]
-    max_nfe: usize,
+    /// Relative tolerance of dopri5 (same as dopri5:rtol=R).
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Absolute tolerance of dopri5 (same as dopri5:atol=A).
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Evaluations one image may use under dopri5 before it fails (same as dopri5:max_nfe=M).
+    #[arg(long)]
+    max_nfe: Option<usize>,
     /// Images per engine batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -65,9 +74,13 @@ struct ManifestEntry {
     file: String,
     label: u32,
     seed: u64,
+    /// Canonical sampler plan: `flowgen generate --sampler` takes it back.
     sampler: String,
     steps: usize,
+    /// Main-network evaluations of this image.
     nfe: usize,
+    /// Batched evaluations of every network of its batch, by network.
+    evaluations: BTreeMap<String, usize>,
     guidance: f64,
     guidance_interval: (f64, f64),
     schedule: String,
@@ -77,6 +90,91 @@ struct ManifestEntry {
 struct Manifest {
     model: String,
     images: Vec<ManifestEntry>,
+}
+
+/// The solve settings of this run: flags over the preset over model.toml's defaults.
+fn solve_settings(args: &GenerateArgs, cfg: &ModelConfig) -> Result<SolveSettings> {
+    let request = SettingsRequest {
+        preset: args.preset.clone(),
+        sampler: args.sampler.clone(),
+        steps: args.steps,
+        schedule: args.schedule.clone(),
+        guidance: args.guidance,
+        guidance_interval: args.guidance_interval,
+    };
+    let mut settings =
+        cfg.solve_settings(&request, ScheduleAccess::NamedAndFiles).context("invalid generation options")?;
+    let tolerances = (args.rtol, args.atol, args.max_nfe);
+    match &mut settings.sampler {
+        Sampler::Dopri5(opts) => {
+            *opts = Dopri5Options {
+                rtol: args.rtol.unwrap_or(opts.rtol),
+                atol: args.atol.unwrap_or(opts.atol),
+                max_nfe: args.max_nfe.unwrap_or(opts.max_nfe),
+            };
+            opts.validate().context("invalid generation options")?;
+        }
+        other if tolerances != (None, None, None) => {
+            bail!("--rtol, --atol and --max-nfe apply to dopri5 only, not {}", other.name())
+        }
+        _ => {}
+    }
+    Ok(settings)
+}
+
+/// Labels and seeds of the n images.
+fn image_inputs(args: &GenerateArgs, cfg: &ModelConfig) -> Result<ImageInputs> {
+    let mut labels = Vec::new();
+    for spec in &args.labels {
+        labels.extend(cfg.parse_labels(spec).with_context(|| format!("--label {spec}"))?);
+    }
+    let n = args.n.unwrap_or(if labels.is_empty() { 16 } else { labels.len() });
+    if n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if labels.is_empty() {
+        labels = (0..cfg.num_classes() as u32).collect();
+    }
+    Ok(ImageInputs::cycle(&labels, n, args.seed))
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Write one chunk's PNGs and add their manifest entries.
+fn write_chunk(
+    args: &GenerateArgs,
+    model: &str,
+    (start, request): (usize, &GenerationRequest),
+    generation: &Generation,
+    manifest: &mut Manifest,
+) -> Result<()> {
+    let GenerationRequest { settings, inputs } = request;
+    let stats = &generation.stats;
+    for (j, image) in generation.images.iter().enumerate() {
+        let file = format!("{:03}.png", start + j);
+        let png = image.to_png(&generation_metadata(model, settings, inputs, stats, j))?;
+        std::fs::write(args.out.join(&file), png).with_context(|| format!("writing {file}"))?;
+        manifest.images.push(ManifestEntry {
+            file,
+            label: inputs.labels[j],
+            seed: inputs.seeds[j],
+            sampler: settings.sampler.canonical(),
+            steps: if settings.sampler.is_adaptive() { stats.steps } else { settings.steps },
+            nfe: stats.sample_nfe(j),
+            evaluations: stats.evaluations.clone(),
+            guidance: settings.guidance,
+            guidance_interval: settings.guidance_interval,
+            schedule: settings.schedule.canonical(),
+        });
+    }
+    Ok(())
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -91,112 +189,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let pipeline =
         Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
     let cfg = pipeline.config().clone();
-
-    let mut labels = Vec::new();
-    for spec in &args.labels {
-        labels.extend(cfg.parse_labels(spec).with_context(|| format!("--label {spec}"))?);
-    }
-    let n = args.n.unwrap_or(if labels.is_empty() { 16 } else { labels.len() });
-    if n == 0 {
-        bail!("--n must be at least 1");
-    }
-    if labels.is_empty() {
-        labels = (0..cfg.network.sit.num_classes as u32).collect();
-    }
-    let labels: Vec<u32> = labels.iter().cycle().take(n).copied().collect();
-    let seeds: Vec<u64> = (0..n as u64).map(|i| args.seed.wrapping_add(i)).collect();
-
-    let sampler_name = args.sampler.clone().unwrap_or_else(|| cfg.defaults.sampler.clone());
-    let mut sampler = Sampler::parse(&sampler_name).context("--sampler")?;
-    if let Sampler::Dopri5(_) = sampler {
-        sampler = Sampler::Dopri5(Dopri5Options { rtol: args.rtol, atol: args.atol, max_nfe: args.max_nfe });
-    }
-    let schedule_text = args.schedule.clone().unwrap_or_else(|| cfg.defaults.schedule.clone());
-    let schedule = ScheduleSpec::parse(&schedule_text).context("--schedule")?;
-    let steps = match (args.steps, &schedule) {
-        (Some(k), _) => k,
-        (None, ScheduleSpec::Explicit(points)) => points.len() - 1,
-        (None, _) => cfg.defaults.steps,
-    };
-    let guidance = args.guidance.unwrap_or(cfg.defaults.guidance);
-    let guidance_interval = args.guidance_interval.unwrap_or(cfg.guidance.interval);
-
-    let template = GenerationRequest {
-        labels: Vec::new(),
-        seeds: Vec::new(),
-        sampler,
-        steps,
-        schedule,
-        guidance,
-        guidance_interval,
-    };
+    let settings = solve_settings(&args, &cfg)?;
+    let inputs = image_inputs(&args, &cfg)?;
+    let n = inputs.len();
     // Fail on bad options before any image is made.
-    pipeline
-        .validate(&GenerationRequest { labels: labels[..1].to_vec(), seeds: seeds[..1].to_vec(), ..template.clone() })
-        .context("invalid generation options")?;
-
+    pipeline.validate(&settings, &inputs.slice(0..1)).context("invalid generation options")?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let chunks: Vec<(usize, usize)> =
-        (0..n).step_by(args.batch_size).map(|start| (start, (start + args.batch_size).min(n))).collect();
-    // Progress in sampler steps for fixed-step solvers, in thousandths of s for adaptive ones.
-    let units_per_chunk =
-        if template.sampler.is_adaptive() { 1000 } else { template.schedule.build(steps)?.steps() as u64 };
-    let bar = ProgressBar::new(units_per_chunk * chunks.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let engine = EngineHandle::spawn(pipeline, 2)?;
 
+    let chunks: Vec<usize> = (0..n).step_by(args.batch_size).collect();
+    // Progress in sampler steps for fixed-step solvers, in thousandths of s for adaptive ones.
+    let adaptive = settings.sampler.is_adaptive();
+    let units_per_chunk = if adaptive { 1000 } else { settings.schedule.build(settings.steps)?.steps() as u64 };
+    let bar = progress_bar(units_per_chunk * chunks.len() as u64);
+    let engine = EngineHandle::spawn(pipeline, 2)?;
     let started = Instant::now();
-    let mut manifest = Manifest { model: cfg.name.clone(), images: Vec::with_capacity(n) };
-    let mut all_images: Vec<Image> = Vec::with_capacity(n);
-    let mut total_nfe = 0usize;
     // Submit every chunk up front so the engine never waits on PNG writing.
-    let chunk_count = chunks.len();
     let mut pending = Vec::new();
-    for (chunk_index, &(start, end)) in chunks.iter().enumerate() {
-        let request = GenerationRequest {
-            labels: labels[start..end].to_vec(),
-            seeds: seeds[start..end].to_vec(),
-            ..template.clone()
-        };
-        let progress_bar = bar.clone();
-        let adaptive = template.sampler.is_adaptive();
-        let base = chunk_index as u64 * units_per_chunk;
+    for (index, &start) in chunks.iter().enumerate() {
+        let chunk = inputs.slice(start..(start + args.batch_size).min(n));
+        let request = GenerationRequest { settings: settings.clone(), inputs: chunk };
+        let (progress_bar, base, count) = (bar.clone(), index as u64 * units_per_chunk, chunks.len());
         let progress = Box::new(move |r: &flowgen_engine::StepReport| {
-            let done = if adaptive { (r.s * 1000.0) as u64 } else { r.step as u64 };
-            progress_bar.set_position(base + done);
-            progress_bar.set_message(format!("batch {}/{} nfe {}", chunk_index + 1, chunk_count, r.nfe));
+            progress_bar.set_position(base + if adaptive { (r.s * 1000.0) as u64 } else { r.step as u64 });
+            progress_bar.set_message(format!("batch {}/{count} nfe {}", index + 1, r.nfe));
             ControlFlow::Continue(())
         });
         pending.push((start, request.clone(), engine.submit(request, progress)?));
     }
+    let mut manifest = Manifest { model: cfg.name.clone(), images: Vec::with_capacity(n) };
+    let mut all_images: Vec<Image> = Vec::with_capacity(n);
     for (start, request, reply) in pending {
-        let generation = reply
-            .recv()
-            .context("engine stopped")?
-            .with_context(|| format!("generating images {start}..{}", start + request.labels.len()))?;
-        let stats = &generation.stats;
-        for (j, image) in generation.images.iter().enumerate() {
-            let i = start + j;
-            let file = format!("{i:03}.png");
-            let png = image.to_png(&generation_metadata(&cfg.name, &request, stats, j))?;
-            std::fs::write(args.out.join(&file), png).with_context(|| format!("writing {file}"))?;
-            let nfe = stats.per_sample_nfe.get(j).copied().unwrap_or(stats.nfe);
-            total_nfe += nfe;
-            manifest.images.push(ManifestEntry {
-                file,
-                label: request.labels[j],
-                seed: request.seeds[j],
-                sampler: request.sampler.name().to_string(),
-                steps: if request.sampler.is_adaptive() { stats.steps } else { steps },
-                nfe,
-                guidance,
-                guidance_interval,
-                schedule: request.schedule.to_string(),
-            });
-        }
+        let images = start..start + request.inputs.len();
+        let generation =
+            reply.recv().context("engine stopped")?.with_context(|| format!("generating images {images:?}"))?;
+        generation.require_all().with_context(|| format!("generating images {images:?}"))?;
+        write_chunk(&args, &cfg.name, (start, &request), &generation, &mut manifest)?;
         all_images.extend(generation.images);
     }
     bar.finish_and_clear();
@@ -205,11 +232,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let grid = Image::grid(&all_images)?;
     std::fs::write(args.out.join("grid.png"), grid.to_png(&[("Software", "flowgen".into())])?)
         .context("writing grid.png")?;
-    let manifest_json = serde_json::to_string_pretty(&manifest)?;
-    std::fs::write(args.out.join("manifest.json"), manifest_json).context("writing manifest.json")?;
+    std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)
+        .context("writing manifest.json")?;
+    let total_nfe: usize = manifest.images.iter().map(|m| m.nfe).sum();
     println!(
         "generated {n} images with {} in {seconds:.2} s ({:.2} images/s, {:.1} NFE/image) -> {}",
-        template.sampler.name(),
+        settings.sampler,
         n as f64 / seconds,
         total_nfe as f64 / n as f64,
         args.out.display()

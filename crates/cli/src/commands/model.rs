@@ -41,7 +41,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 Pipeline::load(&model, &Device::Cpu).with_context(|| format!("loading {}", model.display()))?;
             let cfg = pipeline.config();
             let (c, h, w) = cfg.image_shape();
-            println!("{}: ok ({}x{}x{} images, {} classes)", cfg.name, c, h, w, cfg.network.sit.num_classes);
+            println!("{}: ok ({}x{}x{} images, {} classes)", cfg.name, c, h, w, cfg.num_classes());
             print!("{}", cfg.to_toml_string());
             Ok(())
         }

@@ -10,7 +10,7 @@ use flowgen_engine::config::{AutoencoderSection, Defaults};
 use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
 use flowgen_engine::models::sit::SitConfig;
-use flowgen_engine::weights::Checkpoint;
+use flowgen_engine::weights::WeightsFile;
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
 use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
@@ -322,7 +322,7 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
         toml::from_str(&text).with_context(|| format!("parsing {}", section_path.display()))?;
     let ae_weights = args.autoencoder.join(&section.weights);
     let arch = section.arch.clone();
-    let ae = Checkpoint::open(&ae_weights)?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
+    let ae = WeightsFile::open(&ae_weights)?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
     eprintln!("encoding {} training digits", train.len());
     let latents = Latents::encode(&ae, &section, &train, &device)?;
     let (objective, curve) = parse_objective(&args, &latents)?;
@@ -356,8 +356,16 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
     bar.finish_and_clear();
     let name = args.name.clone().unwrap_or_else(|| format!("mnist-latent-{}", objective.name()));
     let model_dir = common.out.join("model");
-    let defaults = Defaults { sampler: "heun".into(), steps: 8, guidance: 2.0, schedule: "uniform".into() };
-    velocity::write_model_dir(&model_dir, &name, &sit, &ema, &section, &ae_weights, defaults)?;
+    let defaults = Defaults { sampler: "heun".into(), steps: 8, guidance: 2.0, ..Defaults::default() };
+    let parts = velocity::ModelDirParts {
+        name: &name,
+        sit: &sit,
+        ema: &ema,
+        autoencoder: &section,
+        autoencoder_weights: &ae_weights,
+        defaults,
+    };
+    velocity::write_model_dir(&model_dir, parts)?;
     std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     println!(
         "velocity ({}): final loss {:.4}, {} parameters, {:.0} s, {:.1} samples/s -> {}",

@@ -154,19 +154,22 @@ impl Module for PatchEmbed {
 struct TimestepEmbedder {
     linear_1: Linear,
     linear_2: Linear,
+    /// The weights' dtype: times arrive in f32 (bf16 would round them coarsely) and the
+    /// embedding is cast only after the sinusoids.
+    dtype: DType,
 }
 
 impl TimestepEmbedder {
     fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let linear_1 = linear(FREQUENCY_EMBEDDING_SIZE, hidden, vb.pp("mlp.0"))?;
         let linear_2 = linear(hidden, hidden, vb.pp("mlp.2"))?;
-        Ok(Self { linear_1, linear_2 })
+        Ok(Self { linear_1, linear_2, dtype: vb.dtype() })
     }
 }
 
 impl Module for TimestepEmbedder {
     fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        let freq = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0)?;
+        let freq = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0)?.to_dtype(self.dtype)?;
         freq.apply(&self.linear_1)?.silu()?.apply(&self.linear_2)
     }
 }
@@ -281,9 +284,14 @@ pub struct Sit {
 
 impl Sit {
     pub fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_label_rows(cfg, cfg.label_rows(), vb)
+    }
+
+    /// Like `new` with an explicit label-table size (a declared null label adds the last row).
+    pub fn with_label_rows(cfg: &SitConfig, label_rows: usize, vb: VarBuilder) -> Result<Self> {
         let x_embedder = PatchEmbed::new(cfg, vb.pp("x_embedder"))?;
         let t_embedder = TimestepEmbedder::new(cfg.hidden_size, vb.pp("t_embedder"))?;
-        let y_embedder = embedding(cfg.label_rows(), cfg.hidden_size, vb.pp("y_embedder.embedding_table"))?;
+        let y_embedder = embedding(label_rows, cfg.hidden_size, vb.pp("y_embedder.embedding_table"))?;
         let pos_shape = (1, cfg.num_tokens(), cfg.hidden_size);
         // Official checkpoints store the frozen table; our own weights may omit it (it is fixed).
         let pos_embed = if vb.contains_tensor("pos_embed") {

@@ -1,12 +1,12 @@
 //! Adaptive Dormand-Prince 5(4) with error control per sample: every batch row keeps its own
 //! time and step size, so an image follows exactly the steps it would take if solved alone.
 
-use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Tensor};
 
-use super::{SolveStats, StepObserver, StepReport, VelocityField};
+use super::{Parameters, Sampler, SolveStats, StepObserver, StepReport, VelocityField};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +25,23 @@ impl Default for Dopri5Options {
 }
 
 impl Dopri5Options {
+    /// `rtol`, `atol` and `max_nfe` from a sampler's parameter list; absent ones keep the default.
+    pub(super) fn from_parameters(params: &mut Parameters) -> Result<Sampler> {
+        let default = Dopri5Options::default();
+        let opts = Dopri5Options {
+            rtol: params.number("rtol", default.rtol)?,
+            atol: params.number("atol", default.atol)?,
+            max_nfe: params.number("max_nfe", default.max_nfe)?,
+        };
+        opts.validate()?;
+        Ok(Sampler::Dopri5(opts))
+    }
+
+    /// "rtol=1e-5,atol=1e-5,max_nfe=2000": `{:e}` prints the shortest text that parses back exactly.
+    pub(super) fn canonical_parameters(&self) -> String {
+        format!("rtol={:e},atol={:e},max_nfe={}", self.rtol, self.atol, self.max_nfe)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.rtol.is_finite() && self.rtol > 0.0) {
             return Err(Error::invalid("rtol", format!("must be a positive number, got {}", self.rtol)));
@@ -98,6 +115,15 @@ fn tolerance_scale(opts: &Dopri5Options, a: &Tensor, b: &Tensor) -> Result<Tenso
     Ok(((a.abs()?.maximum(&b.abs()?)? * opts.rtol)? + opts.atol)?)
 }
 
+/// Rows `rows` of `t` (all of it when that is every row, to skip the copy).
+fn take_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    if rows.len() == t.dim(0)? && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        return Ok(t.clone());
+    }
+    let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), t.device())?;
+    Ok(t.index_select(&index, 0)?)
+}
+
 /// Select rows: where `mask[i]` take `on_true[i]`, else `on_false[i]` (bit-exact).
 fn select_rows(mask: &[bool], on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
     if mask.iter().all(|&m| m) {
@@ -113,6 +139,99 @@ fn select_rows(mask: &[bool], on_true: &Tensor, on_false: &Tensor) -> Result<Ten
     Ok(m.where_cond(on_true, on_false)?)
 }
 
+/// Per-sample bookkeeping; rows leave the active batch when they reach s = 1 or fail, so a batch
+/// costs what its images need, not what its slowest image needs times the batch size.
+struct Row {
+    s: f64,
+    h: f64,
+    nfe: usize,
+    accepted: usize,
+    rejected: usize,
+}
+
+/// Initial step size per sample (Hairer, Norsett & Wanner, II.4); costs one extra evaluation.
+fn initial_steps(opts: &Dopri5Options, field: &dyn VelocityField, x: &Tensor, k1: &Tensor) -> Result<Vec<f64>> {
+    let batch = x.dim(0)?;
+    let scale = tolerance_scale(opts, x, x)?;
+    let d0 = rms_per_row(x, &scale)?;
+    let d1 = rms_per_row(k1, &scale)?;
+    let h0: Vec<f64> =
+        d0.iter().zip(&d1).map(|(&a, &b)| if a < 1e-5 || b < 1e-5 { 1e-6 } else { 0.01 * a / b }).collect();
+    let x1 = (x + k1.broadcast_mul(&per_row(&h0, x)?)?)?;
+    let k_probe = field.velocity(&x1, &h0)?;
+    let d2 = rms_per_row(&(k_probe - k1)?, &scale)?;
+    Ok((0..batch)
+        .map(|i| {
+            let d2 = d2[i] / h0[i];
+            let h1 =
+                if d1[i].max(d2) <= 1e-15 { (h0[i] * 1e-3).max(1e-6) } else { (0.01 / d1[i].max(d2)).powf(1.0 / 5.0) };
+            (100.0 * h0[i]).min(h1).min(1.0)
+        })
+        .collect())
+}
+
+/// One embedded Runge-Kutta attempt for the active rows: the 5th-order state, the FSAL stage
+/// and each row's scaled error norm.
+fn attempt(
+    opts: &Dopri5Options,
+    field: &dyn VelocityField,
+    rows: &[usize],
+    x: &Tensor,
+    k1: &Tensor,
+    (s, step): (&[f64], &[f64]),
+) -> Result<(Tensor, Tensor, Vec<f64>)> {
+    let h_col = per_row(step, x)?;
+    let mut ks = vec![k1.clone()];
+    let mut x_new = x.clone();
+    for (stage, weights) in A.iter().enumerate() {
+        let times: Vec<f64> = s.iter().zip(step).map(|(&si, &hi)| si + C[stage] * hi).collect();
+        let x_stage = (x + combine(&ks, weights)?.broadcast_mul(&h_col)?)?;
+        ks.push(field.velocity_of_rows(&x_stage, &times, rows)?);
+        x_new = x_stage;
+    }
+    let error = combine(&ks, &E)?.broadcast_mul(&h_col)?;
+    let norms = rms_per_row(&error, &tolerance_scale(opts, x, &x_new)?)?;
+    let k7 = ks.pop().ok_or_else(|| Error::Solver("missing stage".into()))?;
+    Ok((x_new, k7, norms))
+}
+
+impl Row {
+    /// Apply one attempt's error norm: advance or shrink. Err(reason) when the row must stop.
+    fn update(&mut self, step: f64, norm: f64, max_nfe: usize) -> std::result::Result<bool, String> {
+        let accepted = norm.is_finite() && norm <= 1.0;
+        if accepted {
+            self.accepted += 1;
+            self.s = if step == 1.0 - self.s { 1.0 } else { self.s + step };
+            let factor =
+                if norm == 0.0 { MAX_FACTOR } else { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, MAX_FACTOR) };
+            self.h = step * factor;
+        } else {
+            self.rejected += 1;
+            let factor = if norm.is_finite() { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, 1.0) } else { MIN_FACTOR };
+            self.h = step * factor;
+            if self.h < MIN_STEP {
+                return Err(format!("step size underflow at s = {:.6} (error norm {norm:.3e})", self.s));
+            }
+        }
+        if self.nfe > max_nfe && self.s < 1.0 {
+            return Err(format!(
+                "used more than {max_nfe} evaluations and reached only s = {:.4}; raise max_nfe or loosen rtol/atol",
+                self.s
+            ));
+        }
+        Ok(accepted)
+    }
+
+    /// This row's next step, clipped to land exactly on s = 1.
+    fn next_step(&self) -> f64 {
+        if self.s + self.h >= 1.0 - 1e-9 {
+            1.0 - self.s
+        } else {
+            self.h
+        }
+    }
+}
+
 pub(super) fn solve(
     opts: &Dopri5Options,
     field: &dyn VelocityField,
@@ -121,128 +240,66 @@ pub(super) fn solve(
 ) -> Result<(Tensor, SolveStats)> {
     opts.validate()?;
     let batch = x0.dim(0)?;
-    let mut s = vec![0.0f64; batch];
-    let mut per_sample_nfe = vec![0usize; batch];
-    let nfe = Cell::new(0usize);
-    let eval = |x: &Tensor, times: &[f64], active: &[bool], per_sample: &mut [usize]| -> Result<Tensor> {
-        nfe.set(nfe.get() + 1);
-        for (count, &a) in per_sample.iter_mut().zip(active) {
-            *count += usize::from(a);
-        }
-        field.velocity(x, times)
-    };
-    let all = vec![true; batch];
-
-    // Initial step size per sample (Hairer, Norsett & Wanner, II.4), costs one extra evaluation.
+    let mut k1 = field.velocity(&x0, &vec![0.0; batch])?;
+    let h = initial_steps(opts, field, &x0, &k1)?;
+    let mut rows: Vec<Row> = h.into_iter().map(|h| Row { s: 0.0, h, nfe: 2, accepted: 0, rejected: 0 }).collect();
+    let mut nfe = 2;
+    // Finished (or failed) rows, by index in the batch; `active` lists the rows still solving.
+    let mut done: Vec<Option<Tensor>> = vec![None; batch];
+    let mut failures = BTreeMap::new();
+    let mut active: Vec<usize> = (0..batch).collect();
     let mut x = x0;
-    let mut k1 = eval(&x, &s, &all, &mut per_sample_nfe)?;
-    let mut h = {
-        let scale = tolerance_scale(opts, &x, &x)?;
-        let d0 = rms_per_row(&x, &scale)?;
-        let d1 = rms_per_row(&k1, &scale)?;
-        let h0: Vec<f64> =
-            d0.iter().zip(&d1).map(|(&a, &b)| if a < 1e-5 || b < 1e-5 { 1e-6 } else { 0.01 * a / b }).collect();
-        let x1 = (&x + k1.broadcast_mul(&per_row(&h0, &x)?)?)?;
-        let k_probe = eval(&x1, &h0, &all, &mut per_sample_nfe)?;
-        let d2 = rms_per_row(&(k_probe - &k1)?, &scale)?;
-        (0..batch)
-            .map(|i| {
-                let d2 = d2[i] / h0[i];
-                let h1 = if d1[i].max(d2) <= 1e-15 {
-                    (h0[i] * 1e-3).max(1e-6)
-                } else {
-                    (0.01 / d1[i].max(d2)).powf(1.0 / 5.0)
-                };
-                (100.0 * h0[i]).min(h1).min(1.0)
-            })
-            .collect::<Vec<f64>>()
-    };
-
-    let (mut accepted_steps, mut rejected_steps) = (vec![0usize; batch], vec![0usize; batch]);
-    loop {
-        let active: Vec<bool> = s.iter().map(|&si| si < 1.0).collect();
-        if !active.iter().any(|&a| a) {
-            break;
-        }
-        // Clip to land exactly on s = 1; finished rows take zero steps and stay put.
-        let step: Vec<f64> = (0..batch)
-            .map(|i| {
-                if !active[i] {
-                    0.0
-                } else if s[i] + h[i] >= 1.0 - 1e-9 {
-                    1.0 - s[i]
-                } else {
-                    h[i]
-                }
-            })
-            .collect();
-        let h_col = per_row(&step, &x)?;
-        let mut ks = vec![k1.clone()];
-        for (stage, weights) in A.iter().enumerate() {
-            let times: Vec<f64> = (0..batch).map(|i| s[i] + C[stage] * step[i]).collect();
-            let x_stage = (&x + combine(&ks, weights)?.broadcast_mul(&h_col)?)?;
-            let k = eval(&x_stage, &times, &active, &mut per_sample_nfe)?;
-            ks.push(k);
-            if stage == A.len() - 1 {
-                ks.push(x_stage);
-            }
-        }
-        let x_new = ks.pop().ok_or_else(|| Error::Solver("missing stage".into()))?;
-        let error = combine(&ks, &E)?.broadcast_mul(&h_col)?;
-        let scale = tolerance_scale(opts, &x, &x_new)?;
-        let norms = rms_per_row(&error, &scale)?;
-
-        let mut accept = vec![false; batch];
-        for i in 0..batch {
-            if !active[i] {
-                continue;
-            }
-            let norm = norms[i];
-            if norm.is_finite() && norm <= 1.0 {
-                accept[i] = true;
-                accepted_steps[i] += 1;
-                s[i] = if step[i] == 1.0 - s[i] { 1.0 } else { s[i] + step[i] };
-                let factor =
-                    if norm == 0.0 { MAX_FACTOR } else { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, MAX_FACTOR) };
-                h[i] = step[i] * factor;
-            } else {
-                rejected_steps[i] += 1;
-                let factor =
-                    if norm.is_finite() { (SAFETY * norm.powf(-0.2)).clamp(MIN_FACTOR, 1.0) } else { MIN_FACTOR };
-                h[i] = step[i] * factor;
-                if h[i] < MIN_STEP {
-                    return Err(Error::Solver(format!(
-                        "step size underflow at s = {:.6} for sample {i} (error norm {norm:.3e})",
-                        s[i]
-                    )));
+    while !active.is_empty() {
+        let s: Vec<f64> = active.iter().map(|&i| rows[i].s).collect();
+        let step: Vec<f64> = active.iter().map(|&i| rows[i].next_step()).collect();
+        let (x_new, k7, norms) = attempt(opts, field, &active, &x, &k1, (&s, &step))?;
+        nfe += A.len();
+        let mut accept = vec![false; active.len()];
+        let mut keep = Vec::with_capacity(active.len());
+        for (j, &i) in active.iter().enumerate() {
+            rows[i].nfe += A.len();
+            match rows[i].update(step[j], norms[j], opts.max_nfe) {
+                Ok(accepted) => accept[j] = accepted,
+                Err(why) => {
+                    failures.insert(i, why);
                 }
             }
-            if per_sample_nfe[i] > opts.max_nfe {
-                return Err(Error::Solver(format!(
-                    "sample {i} used more than {} evaluations and reached only s = {:.4}; raise the NFE cap or loosen rtol/atol",
-                    opts.max_nfe, s[i]
-                )));
+            if !failures.contains_key(&i) && rows[i].s < 1.0 {
+                keep.push(j);
             }
         }
-        let k7 = ks.pop().ok_or_else(|| Error::Solver("missing stage".into()))?;
         x = select_rows(&accept, &x_new, &x)?;
         k1 = select_rows(&accept, &k7, &k1)?;
-
+        if keep.len() < active.len() {
+            for (j, &i) in active.iter().enumerate() {
+                if !keep.contains(&j) {
+                    done[i] = Some(x.narrow(0, j, 1)?);
+                }
+            }
+            x = take_rows(&x, &keep)?;
+            k1 = take_rows(&k1, &keep)?;
+            active = keep.iter().map(|&j| active[j]).collect();
+        }
         if accept.iter().any(|&a| a) {
-            let slowest = s.iter().cloned().fold(f64::INFINITY, f64::min);
-            let step_count = accepted_steps.iter().copied().max().unwrap_or(0);
-            let report = StepReport { step: step_count, total: None, s: slowest, nfe: nfe.get() };
-            if let ControlFlow::Break(()) = observer.on_step(&report) {
+            let slowest = active.iter().map(|&i| rows[i].s).fold(1.0, f64::min);
+            let step = rows.iter().map(|r| r.accepted).max().unwrap_or(0);
+            if let ControlFlow::Break(()) = observer.on_step(&StepReport { step, total: None, s: slowest, nfe }) {
                 return Err(Error::Cancelled);
             }
         }
     }
-    let stats = SolveStats {
-        nfe: nfe.get(),
-        steps: accepted_steps.iter().copied().max().unwrap_or(0),
-        accepted: accepted_steps.iter().sum(),
-        rejected: rejected_steps.iter().sum(),
-        per_sample_nfe,
-    };
+    let parts = done
+        .into_iter()
+        .map(|t| t.ok_or_else(|| Error::Solver("a row was lost".into())))
+        .collect::<Result<Vec<_>>>()?;
+    let x = Tensor::cat(&parts, 0)?;
+    let mut stats = SolveStats::main_only(
+        nfe,
+        rows.iter().map(|r| r.accepted).max().unwrap_or(0),
+        rows.iter().map(|r| r.accepted).sum(),
+        rows.iter().map(|r| r.rejected).sum(),
+        rows.iter().map(|r| r.nfe).collect(),
+    );
+    stats.failures = failures;
     Ok((x, stats))
 }

@@ -71,6 +71,6 @@ pub(super) fn solve(
         }
     }
     let nfe = nfe.get();
-    let stats = SolveStats { nfe, steps: total, accepted: total, rejected: 0, per_sample_nfe: vec![nfe; batch] };
+    let stats = SolveStats::main_only(nfe, total, total, 0, vec![nfe; batch]);
     Ok((x, stats))
 }

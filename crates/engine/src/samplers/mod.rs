@@ -1,10 +1,17 @@
 //! ODE solvers for dx/ds = u(x, s) from s = 0 (noise) to s = 1 (data). Each counts network
-//! evaluations (NFE) and reports every step to an observer that may stop the solve.
+//! evaluations per network and reports every step to an observer that may stop the solve.
+//!
+//! A sampler is a parsed plan with a canonical text form: `Sampler::parse(&s.canonical()) == s`.
+//! The text is `family` or `family:key=value,key=value` (e.g. `dopri5:rtol=1e-4,atol=1e-4,max_nfe=500`).
+//! A new sampler is one file here plus one entry in `FAMILIES` and the match arms of `Sampler`.
 
 mod dopri5;
 mod fixed;
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::ops::ControlFlow;
+use std::str::FromStr;
 
 use candle_core::Tensor;
 
@@ -13,9 +20,20 @@ use crate::schedule::Schedule;
 
 pub use dopri5::Dopri5Options;
 
+/// Name under which the main velocity network's evaluations are counted.
+pub const MAIN_NETWORK: &str = "velocity";
+
 /// A velocity field in the engine frame. `s` holds one time per batch row.
 pub trait VelocityField {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor>;
+
+    /// u for some rows of the batch only: `x` and `s` hold rows `rows` of the full batch, in
+    /// order (adaptive solvers drop finished rows). Fields conditioned per row (labels)
+    /// override this; the default suits fields that are the same for every row.
+    fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
+        let _ = rows;
+        self.velocity(x, s)
+    }
 }
 
 impl<F: Fn(&Tensor, &[f64]) -> Result<Tensor>> VelocityField for F {
@@ -33,6 +51,7 @@ pub struct StepReport {
     pub total: Option<usize>,
     /// Time reached; for an adaptive batch, the least advanced sample.
     pub s: f64,
+    /// Batched evaluations of the main network so far.
     pub nfe: usize,
 }
 
@@ -56,16 +75,60 @@ impl StepObserver for Unobserved {
     }
 }
 
+/// What a solve cost and how it went.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SolveStats {
-    /// Batched network evaluations performed.
-    pub nfe: usize,
+    /// Batched evaluations of each network the solve ran, by network name (`MAIN_NETWORK` first
+    /// in importance; auxiliary networks such as a refiner under their own names).
+    pub evaluations: BTreeMap<String, usize>,
     /// Steps taken (accepted steps of the slowest sample for adaptive solvers).
     pub steps: usize,
     pub accepted: usize,
     pub rejected: usize,
-    /// Evaluations each sample needed; equal to `nfe` except for adaptive solvers.
+    /// Main-network evaluations each sample needed; equal to `nfe()` except for adaptive solvers.
     pub per_sample_nfe: Vec<usize>,
+    /// Samples the solver gave up on (index in the batch, why); the others are solved. Their rows
+    /// of the returned state are where they stopped and must not be delivered.
+    pub failures: BTreeMap<usize, String>,
+}
+
+impl SolveStats {
+    /// Stats of a solve that ran only the main network.
+    pub fn main_only(nfe: usize, steps: usize, accepted: usize, rejected: usize, per_sample_nfe: Vec<usize>) -> Self {
+        let evaluations = BTreeMap::from([(MAIN_NETWORK.to_string(), nfe)]);
+        SolveStats { evaluations, steps, accepted, rejected, per_sample_nfe, failures: BTreeMap::new() }
+    }
+
+    /// Batched evaluations of the main network.
+    pub fn nfe(&self) -> usize {
+        self.evaluations.get(MAIN_NETWORK).copied().unwrap_or(0)
+    }
+
+    /// Main-network evaluations of sample `i`.
+    pub fn sample_nfe(&self, i: usize) -> usize {
+        self.per_sample_nfe.get(i).copied().unwrap_or_else(|| self.nfe())
+    }
+
+    /// Err naming every sample the solver gave up on.
+    pub fn require_all(&self) -> Result<()> {
+        if self.failures.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = self.failures.iter().map(|(i, why)| format!("image {i}: {why}")).collect();
+        Err(Error::Solver(list.join("; ")))
+    }
+
+    /// The part of a batch's stats that belongs to samples `range`.
+    pub fn for_samples(&self, range: std::ops::Range<usize>) -> SolveStats {
+        let per_sample_nfe = self.per_sample_nfe.get(range.clone()).map(<[usize]>::to_vec).unwrap_or_default();
+        let failures = self
+            .failures
+            .iter()
+            .filter(|(i, _)| range.contains(i))
+            .map(|(i, why)| (i - range.start, why.clone()))
+            .collect();
+        SolveStats { per_sample_nfe, failures, ..self.clone() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,25 +142,118 @@ pub enum Sampler {
     Dopri5(Dopri5Options),
 }
 
-/// Names accepted by `Sampler::parse`, for help texts and API listings.
-pub const SAMPLER_NAMES: [&str; 6] = ["euler", "midpoint", "heun", "rk4", "pseudo-corrector", "dopri5"];
+/// One sampler family: its canonical name, accepted aliases and its parameters' syntax.
+pub struct SamplerFamily {
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    /// `key=value` parameters it takes, for help texts and `/v1/models` ("" when none).
+    pub parameters: &'static str,
+    parse: fn(&mut Parameters) -> Result<Sampler>,
+}
 
-impl Sampler {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "euler" => Ok(Sampler::Euler),
-            "midpoint" => Ok(Sampler::Midpoint),
-            "heun" | "heun2" => Ok(Sampler::Heun),
-            "rk4" => Ok(Sampler::Rk4),
-            "pseudo-corrector" | "pc" | "flowturbo-p" => Ok(Sampler::PseudoCorrector),
-            "dopri5" | "dopri" | "dormand-prince" => Ok(Sampler::Dopri5(Dopri5Options::default())),
-            other => Err(Error::invalid(
-                "sampler",
-                format!("unknown sampler {other:?}; choose one of {}", SAMPLER_NAMES.join(", ")),
-            )),
+/// Every sampler family, in the order help texts list them.
+pub const FAMILIES: &[SamplerFamily] = &[
+    SamplerFamily { name: "euler", aliases: &[], parameters: "", parse: |_| Ok(Sampler::Euler) },
+    SamplerFamily { name: "midpoint", aliases: &[], parameters: "", parse: |_| Ok(Sampler::Midpoint) },
+    SamplerFamily { name: "heun", aliases: &["heun2"], parameters: "", parse: |_| Ok(Sampler::Heun) },
+    SamplerFamily { name: "rk4", aliases: &[], parameters: "", parse: |_| Ok(Sampler::Rk4) },
+    SamplerFamily {
+        name: "pseudo-corrector",
+        aliases: &["pc", "flowturbo-p"],
+        parameters: "",
+        parse: |_| Ok(Sampler::PseudoCorrector),
+    },
+    SamplerFamily {
+        name: "dopri5",
+        aliases: &["dopri", "dormand-prince"],
+        parameters: "rtol=R,atol=A,max_nfe=M",
+        parse: Dopri5Options::from_parameters,
+    },
+];
+
+/// Family names accepted by `Sampler::parse`, for help texts and API listings.
+pub fn sampler_names() -> Vec<&'static str> {
+    FAMILIES.iter().map(|f| f.name).collect()
+}
+
+/// `name` or `name:params` for every family, e.g. "dopri5[:rtol=R,atol=A,max_nfe=M]".
+pub fn sampler_syntax() -> Vec<String> {
+    FAMILIES
+        .iter()
+        .map(|f| if f.parameters.is_empty() { f.name.to_string() } else { format!("{}[:{}]", f.name, f.parameters) })
+        .collect()
+}
+
+/// The `key=value` list after a sampler's name; every key must be used by the family's parser.
+pub struct Parameters {
+    family: &'static str,
+    values: BTreeMap<String, String>,
+}
+
+impl Parameters {
+    fn parse(family: &'static str, text: &str) -> Result<Self> {
+        let mut values = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| Error::invalid("sampler", format!("{family}: parameter {part:?} is not key=value")))?;
+            let key = key.trim().to_ascii_lowercase();
+            if values.insert(key.clone(), value.trim().to_string()).is_some() {
+                return Err(Error::invalid("sampler", format!("{family}: parameter {key:?} is given twice")));
+            }
+        }
+        Ok(Parameters { family, values })
+    }
+
+    /// Take a numeric parameter, or `default` when absent.
+    pub fn number<T: FromStr>(&mut self, key: &str, default: T) -> Result<T> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(text) => text.parse().map_err(|_| {
+                Error::invalid("sampler", format!("{}: {key} = {text:?} is not a valid number", self.family))
+            }),
         }
     }
 
+    /// Fail on parameters no one took.
+    pub fn finish(self) -> Result<()> {
+        match self.values.keys().next() {
+            None => Ok(()),
+            Some(key) => {
+                let known = FAMILIES.iter().find(|f| f.name == self.family).map(|f| f.parameters).unwrap_or("");
+                let known = if known.is_empty() { "none".to_string() } else { known.to_string() };
+                Err(Error::invalid(
+                    "sampler",
+                    format!("{}: unknown parameter {key:?} (parameters: {known})", self.family),
+                ))
+            }
+        }
+    }
+}
+
+impl Sampler {
+    /// "euler", "heun", "dopri5", "dopri5:rtol=1e-4,atol=1e-4,max_nfe=500", ... (case-insensitive).
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let (name, params) = match text.split_once(':') {
+            Some((name, params)) => (name.trim(), params),
+            None => (text, ""),
+        };
+        let name = name.to_ascii_lowercase();
+        let family =
+            FAMILIES.iter().find(|f| f.name == name || f.aliases.contains(&name.as_str())).ok_or_else(|| {
+                Error::invalid(
+                    "sampler",
+                    format!("unknown sampler {name:?}; choose one of {}", sampler_syntax().join(", ")),
+                )
+            })?;
+        let mut params = Parameters::parse(family.name, params)?;
+        let sampler = (family.parse)(&mut params)?;
+        params.finish()?;
+        Ok(sampler)
+    }
+
+    /// The family name ("dopri5"), without parameters.
     pub fn name(&self) -> &'static str {
         match self {
             Sampler::Euler => "euler",
@@ -109,11 +265,19 @@ impl Sampler {
         }
     }
 
+    /// Text that `parse` turns back into this sampler, with every parameter spelled out.
+    pub fn canonical(&self) -> String {
+        match self {
+            Sampler::Dopri5(opts) => format!("dopri5:{}", opts.canonical_parameters()),
+            fixed => fixed.name().to_string(),
+        }
+    }
+
     pub fn is_adaptive(&self) -> bool {
         matches!(self, Sampler::Dopri5(_))
     }
 
-    /// NFE a fixed-step solve of `steps` steps costs (None for adaptive solvers).
+    /// Main-network NFE a fixed-step solve of `steps` steps costs (None for adaptive solvers).
     pub fn nfe_for(&self, steps: usize) -> Option<usize> {
         match self {
             Sampler::Euler => Some(steps),
@@ -121,6 +285,21 @@ impl Sampler {
             Sampler::Rk4 => Some(4 * steps),
             Sampler::PseudoCorrector => Some(steps + 1),
             Sampler::Dopri5(_) => None,
+        }
+    }
+
+    /// The most main-network evaluations one image may cost; adaptive solvers stop at their cap.
+    pub fn max_nfe_for(&self, steps: usize) -> usize {
+        match self {
+            Sampler::Dopri5(opts) => opts.max_nfe,
+            fixed => fixed.nfe_for(steps).unwrap_or(0),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Sampler::Dopri5(opts) => opts.validate(),
+            _ => Ok(()),
         }
     }
 
@@ -136,5 +315,58 @@ impl Sampler {
             Sampler::Dopri5(opts) => dopri5::solve(opts, field, x0, observer),
             fixed_step => fixed::solve(fixed_step, field, x0, schedule, observer),
         }
+    }
+}
+
+impl FromStr for Sampler {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Sampler::parse(s)
+    }
+}
+
+impl fmt::Display for Sampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.canonical())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sampler_round_trips_through_its_canonical_text() {
+        let mut samplers: Vec<Sampler> = FAMILIES.iter().map(|f| Sampler::parse(f.name).unwrap()).collect();
+        samplers.push(Sampler::Dopri5(Dopri5Options { rtol: 1e-4, atol: 3.5e-6, max_nfe: 500 }));
+        samplers.push(Sampler::Dopri5(Dopri5Options { rtol: 0.1, atol: 0.0, max_nfe: 8 }));
+        for sampler in samplers {
+            let text = sampler.canonical();
+            assert_eq!(Sampler::parse(&text).unwrap(), sampler, "{text}");
+            assert_eq!(Sampler::parse(&text).unwrap().canonical(), text);
+            assert_eq!(sampler.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn parameters_parse_with_defaults_and_aliases() {
+        let s = Sampler::parse(" Dormand-Prince:rtol=1e-4, max_nfe=500 ").unwrap();
+        assert_eq!(s, Sampler::Dopri5(Dopri5Options { rtol: 1e-4, atol: 1e-5, max_nfe: 500 }));
+        assert_eq!(s.canonical(), "dopri5:rtol=1e-4,atol=1e-5,max_nfe=500");
+        assert_eq!(Sampler::parse("dopri5").unwrap().canonical(), "dopri5:rtol=1e-5,atol=1e-5,max_nfe=2000");
+        assert_eq!(Sampler::parse("PC").unwrap(), Sampler::PseudoCorrector);
+        assert_eq!(Sampler::parse("heun2").unwrap().canonical(), "heun");
+    }
+
+    #[test]
+    fn bad_sampler_text_names_the_problem() {
+        let msg = |t: &str| Sampler::parse(t).unwrap_err().to_string();
+        assert!(msg("ddim").contains("unknown sampler \"ddim\""), "{}", msg("ddim"));
+        assert!(msg("euler:steps=4").contains("unknown parameter \"steps\""), "{}", msg("euler:steps=4"));
+        assert!(msg("dopri5:rtol").contains("not key=value"));
+        assert!(msg("dopri5:rtol=abc").contains("rtol"));
+        assert!(msg("dopri5:rtol=1e-3,rtol=1e-4").contains("twice"));
+        assert!(msg("dopri5:rtol=-1").contains("rtol"));
+        assert!(msg("dopri5:max_nfe=3").contains("max_nfe"));
     }
 }

@@ -1,0 +1,96 @@
+//! Network kinds a model directory can name in `[network]` (and `[networks.NAME]`): each kind
+//! says what callers need (classes, null label, state shape) and builds its velocity adapter.
+//! A new kind is one model file plus one variant here.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::config::NetworkSection;
+use crate::error::Result;
+use crate::models::sit::{Sit, SitConfig};
+use crate::velocity::{SitVelocity, VelocityModel};
+use crate::weights::WeightsFile;
+
+/// The architecture of one network, tagged by `kind` in model.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum NetworkArch {
+    /// SiT/DiT transformer (official module tree).
+    Sit(SitConfig),
+}
+
+impl NetworkArch {
+    /// Every kind model.toml may name.
+    pub const KINDS: &'static [&'static str] = &["sit"];
+    /// The kind of a `[network]` without `kind` (files written before kinds existed).
+    pub const DEFAULT_KIND: &'static str = "sit";
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NetworkArch::Sit(_) => "sit",
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            NetworkArch::Sit(cfg) => cfg.validate(),
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            NetworkArch::Sit(cfg) => cfg.num_classes,
+        }
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.state_shape().0
+    }
+
+    /// (channels, height, width) of the state the network takes.
+    pub fn state_shape(&self) -> (usize, usize, usize) {
+        match self {
+            NetworkArch::Sit(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
+        }
+    }
+
+    /// The null label implied by the architecture alone (SiT: trained with label dropout).
+    pub fn inferred_null_label(&self) -> Option<u32> {
+        match self {
+            NetworkArch::Sit(cfg) => cfg.null_label(),
+        }
+    }
+
+    /// Whether `label` can be this network's null label.
+    pub fn check_null_label(&self, label: u32) -> std::result::Result<(), String> {
+        match self {
+            // SiT appends the null row after the classes.
+            NetworkArch::Sit(cfg) if label as usize == cfg.num_classes => Ok(()),
+            NetworkArch::Sit(cfg) => {
+                Err(format!("{label}: a SiT null label is the row after the classes, {}", cfg.num_classes))
+            }
+        }
+    }
+}
+
+impl NetworkSection {
+    /// Load this network's weights from `model_dir` and wrap it for the samplers.
+    pub fn load(
+        &self,
+        model_dir: &Path,
+        null_label: Option<u32>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Box<dyn VelocityModel>> {
+        let weights = WeightsFile::open(&model_dir.join(&self.weights))?;
+        match &self.arch {
+            NetworkArch::Sit(cfg) => {
+                let rows = cfg.label_rows().max(null_label.map_or(0, |n| n as usize + 1));
+                let net = weights.build(dtype, device, |vb| Sit::with_label_rows(cfg, rows, vb))?;
+                Ok(Box::new(SitVelocity { net, convention: self.convention }))
+            }
+        }
+    }
+}
