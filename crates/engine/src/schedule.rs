@@ -64,9 +64,9 @@ impl ScheduleSpec {
         if let Some(points) = stored.get(text) {
             return Ok(ScheduleSpec::Named { name: text.to_string(), points: points.clone() });
         }
-        let looks_inline = text.eq_ignore_ascii_case("uniform")
-            || text.starts_with("shift:")
-            || text.starts_with(|c: char| c == '[' || c.is_ascii_digit() || c == '.');
+        let number_first = text.starts_with(|c: char| c == '[' || c.is_ascii_digit())
+            || text.strip_prefix('.').is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        let looks_inline = text.eq_ignore_ascii_case("uniform") || text.starts_with("shift:") || number_first;
         if looks_inline && !(access == ScheduleAccess::NamedAndFiles && Path::new(text).is_file()) {
             return Self::parse_inline(text);
         }

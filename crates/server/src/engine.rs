@@ -1,5 +1,5 @@
 //! What the server needs from an engine: a model config and a blocking batched `generate`.
-//! The real one wraps `EngineHandle`; tests use `testing::FakeEngine`.
+//! The real one wraps `EngineHandle`; tests use `testing::FakeEngine` (feature `testing`).
 
 use std::sync::Arc;
 

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod routes;
 pub mod state;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
 //! A deterministic fake engine for handler tests and the HTTP benchmark's dry runs: images depend
 //! only on (seed, label), steps take a set time, and it can pause, fail or panic on demand.
+//! Compiled only for tests (the `testing` feature), never into a production build.
 
 use std::ops::ControlFlow;
 use std::sync::{Condvar, Mutex};
@@ -42,6 +43,11 @@ impl FakeEngine {
             fail_label: None,
             panic_label: None,
         }
+    }
+
+    /// The model config the fake serves (to give it presets or stored schedules).
+    pub fn config_mut(&mut self) -> &mut ModelConfig {
+        &mut self.config
     }
 
     /// Hold every batch before its next step until `resume`.

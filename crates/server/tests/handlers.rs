@@ -586,3 +586,102 @@ async fn listing_shows_only_the_callers_jobs_newest_first_by_status_and_in_pages
     }
     h.fake.resume();
 }
+
+/// A fake model with a stored schedule and a preset, as a model directory would declare them.
+fn with_assets(_: &mut ServerConfig, fake: &mut FakeEngine) {
+    let cfg = fake.config_mut();
+    cfg.schedules.insert("boss-3".into(), vec![0.0, 0.2, 0.6, 1.0]);
+    let fast = flowgen_engine::config::Preset { sampler: Some("euler".into()), steps: Some(2), ..Default::default() };
+    cfg.presets.insert("fast".into(), fast);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samplers_schedules_and_presets_are_canonical_and_named_never_paths() {
+    let h = harness(1, with_assets).await;
+    // A parameterised sampler is journaled and shown in canonical form; an adaptive one has no steps.
+    let id = submit(&h, json!({"sampler": "Dormand-Prince:atol=1e-3, rtol=1e-3", "steps": 7, "seed": 1})).await;
+    let view = wait_for(&h, &id, JobStatus::Succeeded).await;
+    assert_eq!(view["sampler"], "dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000");
+    assert_eq!((view["steps"].as_u64(), view["schedule"].as_str()), (Some(0), Some("uniform")));
+    let png = call(&h, "GET", &format!("/v1/generations/{id}/images/0"), None, &[]).await;
+    let (_, text) = flowgen_engine::image::Image::from_png(&png.body).unwrap();
+    assert!(text.contains(&("sampler".to_string(), "dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000".to_string())), "{text:?}");
+
+    // A stored schedule by name fixes the steps; a preset fills what the request leaves out.
+    let id = submit(&h, json!({"schedule": "boss-3", "sampler": "euler"})).await;
+    let view = wait_for(&h, &id, JobStatus::Succeeded).await;
+    assert_eq!((view["schedule"].as_str(), view["steps"].as_u64()), (Some("boss-3"), Some(3)));
+    let id = submit(&h, json!({"preset": "fast"})).await;
+    let view = wait_for(&h, &id, JobStatus::Succeeded).await;
+    assert_eq!((view["sampler"].as_str(), view["steps"].as_u64()), (Some("euler"), Some(2)));
+
+    let rejected = |body: Value, field: &'static str, says: &'static str| {
+        let h = &h;
+        async move {
+            let r = call(h, "POST", "/v1/generations", Some(body.clone()), &[]).await;
+            assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {}", String::from_utf8_lossy(&r.body));
+            let err = r.json();
+            assert_eq!(err["field"], field, "{body}: {err}");
+            assert!(err["error"].as_str().unwrap().contains(says), "{body}: {err}");
+        }
+    };
+    let schedule_file = h._dir.path().join("boss.json");
+    std::fs::write(&schedule_file, "[0, 0.5, 1]").unwrap();
+    rejected(json!({"schedule": schedule_file.display().to_string()}), "schedule", "boss-3").await;
+    rejected(json!({"schedule": "../../etc/passwd"}), "schedule", "stored schedule").await;
+    rejected(json!({"sampler": "dopri5", "schedule": "boss-3"}), "schedule", "adaptive").await;
+    rejected(json!({"sampler": "dopri5:rtol=0"}), "sampler", "rtol").await;
+    rejected(json!({"sampler": "euler:order=2"}), "sampler", "unknown parameter").await;
+    rejected(json!({"preset": "turbo"}), "preset", "fast").await;
+
+    let models = call(&h, "GET", "/v1/models", None, &[]).await.json();
+    let model = &models["data"][0];
+    assert_eq!((model["presets"].clone(), model["schedules"].clone()), (json!(["fast"]), json!(["boss-3"])));
+    assert_eq!(model["default_sampler"], "heun");
+    assert!(models["samplers"].as_array().unwrap().contains(&json!("dopri5[:rtol=R,atol=A,max_nfe=M]")), "{models}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_written_by_the_previous_release_runs_after_the_upgrade() {
+    // The schema and job JSON exactly as release c18c223 wrote them: sampler by family name
+    // only ("dopri5"), steps kept for adaptive samplers, guidance_interval absent in older jobs.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("jobs.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
+                idempotency_key TEXT, request_hash TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+                created_ms INTEGER NOT NULL, started_ms INTEGER, finished_ms INTEGER, error TEXT, nfe INTEGER,
+                attempts INTEGER NOT NULL DEFAULT 0, inference_ms INTEGER);
+             CREATE TABLE images (job_id TEXT NOT NULL, idx INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (job_id, idx));",
+        )
+        .unwrap();
+        let old_jobs = [
+            (
+                "gen_old_dopri",
+                r#"{"model":"fake","labels":[4],"seeds":[9],"sampler":"dopri5","steps":8,"guidance":1.5,"guidance_interval":[0.0,1.0],"schedule":"uniform","priority":"normal"}"#,
+                "queued",
+            ),
+            (
+                "gen_old_heun",
+                r#"{"model":"fake","labels":[1,2],"seeds":[3,4],"sampler":"heun","steps":3,"guidance":1.5,"schedule":"0,0.5,0.75,1","priority":"high"}"#,
+                "running",
+            ),
+        ];
+        for (id, spec, status) in old_jobs {
+            conn.execute(
+                "INSERT INTO jobs (id, owner, request_hash, spec, status, created_ms) VALUES (?1, 'anonymous', '', ?2, ?3, 1)",
+                rusqlite::params![id, spec, status],
+            )
+            .unwrap();
+        }
+    }
+    let h = harness(1, |c, _| c.server.data_dir = dir.path().to_path_buf()).await;
+    let dopri = wait_for(&h, "gen_old_dopri", JobStatus::Succeeded).await;
+    assert_eq!(dopri["sampler"], "dopri5:rtol=1e-5,atol=1e-5,max_nfe=2000");
+    let heun = wait_for(&h, "gen_old_heun", JobStatus::Succeeded).await;
+    assert_eq!((heun["sampler"].as_str(), heun["steps"].as_u64()), (Some("heun"), Some(3)));
+    assert_eq!(heun["schedule"], "0,0.5,0.75,1");
+    let png = call(&h, "GET", "/v1/generations/gen_old_heun/images/1", None, &[]).await;
+    assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(4, 2));
+}
