@@ -33,7 +33,11 @@ impl Dopri5Options {
             atol: params.number("atol", default.atol)?,
             max_nfe: params.number("max_nfe", default.max_nfe)?,
         };
-        opts.validate()?;
+        // The parameter lives inside the sampler text, so the sampler is the field to name.
+        opts.validate().map_err(|e| match e {
+            Error::Invalid { field, message } => Error::invalid("sampler", format!("dopri5: {field} {message}")),
+            other => other,
+        })?;
         Ok(Sampler::Dopri5(opts))
     }
 
