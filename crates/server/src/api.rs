@@ -1,43 +1,13 @@
-//! Request and response bodies, and the validation that turns a request into a `JobSpec`.
+//! HTTP request and response bodies, and the validation that turns a request into a `JobSpec`.
 
-use flowgen_engine::{
-    Error as EngineError, ImageInputs, ModelConfig, Sampler, ScheduleAccess, ScheduleSpec, SettingsRequest,
-    SolveSettings,
-};
+use flowgen_engine::{Error as EngineError, ImageInputs, ModelConfig, ScheduleAccess, SettingsRequest, SolveSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::config::LimitsSection;
 use crate::engine::Models;
 use crate::error::ApiError;
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    High,
-    Normal,
-    Low,
-}
-
-impl Priority {
-    pub fn parse(text: &str) -> Result<Self, ApiError> {
-        match text {
-            "high" => Ok(Priority::High),
-            "normal" => Ok(Priority::Normal),
-            "low" => Ok(Priority::Low),
-            other => Err(ApiError::validation("priority", format!("{other:?} is not one of high, normal, low"))),
-        }
-    }
-
-    /// Queue index: 0 is served first.
-    pub fn rank(self) -> usize {
-        match self {
-            Priority::High => 0,
-            Priority::Normal => 1,
-            Priority::Low => 2,
-        }
-    }
-}
+pub use crate::job::{BatchKey, JobSettings, JobSpec, JobStatus, Priority};
 
 /// A class label: its index (7) or its name ("seven", "7").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
@@ -75,106 +45,6 @@ pub struct GenerationBody {
     pub schedule: Option<String>,
     /// high | normal | low (default normal).
     pub priority: Option<String>,
-}
-
-/// A validated job: everything needed to run it again after a restart. The journal stores it as
-/// JSON with the settings' fields at the top level, as earlier releases wrote it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobSpec {
-    pub model: String,
-    pub labels: Vec<u32>,
-    pub seeds: Vec<u64>,
-    #[serde(flatten)]
-    pub settings: JobSettings,
-    pub priority: Priority,
-}
-
-/// The solve settings a job's images share, in canonical text (what is journaled and shown).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobSettings {
-    /// Canonical sampler plan (`Sampler::canonical`).
-    pub sampler: String,
-    pub steps: usize,
-    pub guidance: f64,
-    /// Times s where guidance applies; None only in jobs journaled before this field existed,
-    /// which run with the model's interval.
-    #[serde(default)]
-    pub guidance_interval: Option<(f64, f64)>,
-    /// Canonical schedule (`ScheduleSpec::canonical`): resolved against the model's stored ones.
-    pub schedule: String,
-}
-
-impl JobSettings {
-    pub fn of(settings: &SolveSettings) -> Self {
-        JobSettings {
-            sampler: settings.sampler.canonical(),
-            steps: settings.steps,
-            guidance: settings.guidance,
-            guidance_interval: Some(settings.guidance_interval),
-            schedule: settings.schedule.canonical(),
-        }
-    }
-
-    /// The engine settings again (journaled text is parsed, never read as a path).
-    pub fn to_settings(&self, model: &ModelConfig) -> flowgen_engine::Result<SolveSettings> {
-        let sampler = Sampler::parse(&self.sampler)?;
-        let adaptive = sampler.is_adaptive();
-        Ok(SolveSettings {
-            steps: if adaptive { 0 } else { self.steps },
-            schedule: if adaptive {
-                ScheduleSpec::Uniform
-            } else {
-                ScheduleSpec::resolve(&self.schedule, &model.schedules, ScheduleAccess::Named)?
-            },
-            sampler,
-            guidance: self.guidance,
-            guidance_interval: self.guidance_interval.unwrap_or(model.guidance.interval),
-        })
-    }
-
-    /// Rewrite a job journaled by an earlier release in today's canonical form (e.g. "dopri5"
-    /// -> "dopri5:rtol=1e-5,atol=1e-5,max_nfe=2000"), so it batches with new jobs.
-    pub fn canonicalise(&mut self) {
-        if let Ok(sampler) = Sampler::parse(&self.sampler) {
-            if sampler.is_adaptive() {
-                self.steps = 0;
-            }
-            self.sampler = sampler.canonical();
-        }
-    }
-}
-
-/// Jobs with equal keys can share one engine batch.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BatchKey {
-    model: String,
-    sampler: String,
-    steps: usize,
-    guidance_bits: u64,
-    guidance_interval_bits: Option<(u64, u64)>,
-    schedule: String,
-}
-
-impl JobSpec {
-    pub fn batch_key(&self) -> BatchKey {
-        let s = &self.settings;
-        BatchKey {
-            model: self.model.clone(),
-            sampler: s.sampler.clone(),
-            steps: s.steps,
-            guidance_bits: s.guidance.to_bits(),
-            guidance_interval_bits: s.guidance_interval.map(|(lo, hi)| (lo.to_bits(), hi.to_bits())),
-            schedule: s.schedule.clone(),
-        }
-    }
-
-    pub fn n(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn inputs(&self) -> ImageInputs {
-        ImageInputs { labels: self.labels.clone(), seeds: self.seeds.clone() }
-    }
 }
 
 /// An engine error about a request, as the 422 naming its field.
@@ -300,39 +170,6 @@ fn validate_settings(
         ));
     }
     Ok(settings)
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobStatus {
-    pub const ALL: [JobStatus; 5] =
-        [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
-
-    pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|status| status.as_str() == text)
-    }
 }
 
 /// A job as `GET /v1/generations/{id}` shows it. Times are Unix milliseconds.

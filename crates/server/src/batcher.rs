@@ -1,7 +1,6 @@
 //! The batcher: groups compatible queued jobs into one engine batch and records the outcome.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,48 +8,40 @@ use flowgen_engine::image::generation_metadata;
 use flowgen_engine::{Error as EngineError, GenerationRequest, ImageInputs, SolveSettings, StepReport};
 use tracing::Instrument;
 
-use crate::api::JobStatus;
 use crate::engine::{Engine, EngineOutput};
-use crate::jobs::{now_ms, BatchJob};
+use crate::jobs::now_ms;
+use crate::queue::{BatchJob, Outcome, QueueHead, Success};
 use crate::state::AppState;
 
 /// Run batches until draining starts; the batch in flight always finishes first.
 pub async fn run(state: Arc<AppState>) {
     let mut draining = state.draining_receiver();
-    let max_wait = Duration::from_millis(state.config.queue.max_wait_ms);
     let max_batch = state.config.queue.max_batch;
     loop {
         if *draining.borrow() {
             break;
         }
-        let Some((key, enqueued, _)) = state.jobs.head() else {
+        let Some(head) = state.queue.head() else {
             tokio::select! {
-                _ = state.jobs.wake.notified() => {}
+                _ = state.queue.changed() => {}
                 _ = draining.changed() => {}
             }
             continue;
         };
-        // Wait for compatible jobs until the batch is full or the oldest job has waited enough.
-        let deadline = enqueued + max_wait;
-        loop {
-            match state.jobs.head() {
-                Some((k, _, images)) if k == key && images < max_batch && Instant::now() < deadline => {
-                    tokio::select! {
-                        _ = state.jobs.wake.notified() => {}
-                        _ = tokio::time::sleep_until(deadline.into()) => {}
-                        _ = draining.changed() => {}
-                    }
-                    if *draining.borrow() {
-                        break;
-                    }
-                }
-                _ => break,
-            }
-        }
+        wait_for_company(&state, &head, &mut draining).await;
         if *draining.borrow() {
             break;
         }
-        let batch = state.jobs.take_batch(max_batch);
+        let queue = state.queue.clone();
+        let claimed = tokio::task::spawn_blocking(move || queue.claim(max_batch)).await;
+        let batch = match claimed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot claim a batch (journal unwritable?); retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         if batch.is_empty() {
             continue;
         }
@@ -61,21 +52,29 @@ pub async fn run(state: Arc<AppState>) {
     state.batcher_finished();
 }
 
-async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
-    let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
-    let store = state.store.clone();
-    let started = now_ms();
-    let journal = {
-        let ids = ids.clone();
-        tokio::task::spawn_blocking(move || store.mark_running(&ids, started)).await
-    };
-    if let Err(err) = journal.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-        // Without a journal entry the result could not be stored; leave the jobs queued.
-        tracing::error!(error = %err, "cannot journal the start of a batch; requeueing it");
-        state.jobs.requeue_front(&ids);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        return;
+/// Wait for compatible jobs until the batch is full or the oldest job has waited enough.
+async fn wait_for_company(state: &AppState, head: &QueueHead, draining: &mut tokio::sync::watch::Receiver<bool>) {
+    let max_wait = Duration::from_millis(state.config.queue.max_wait_ms);
+    let max_batch = state.config.queue.max_batch;
+    let deadline = head.enqueued + max_wait;
+    loop {
+        match state.queue.head() {
+            Some(now) if now.key == head.key && now.images < max_batch && Instant::now() < deadline => {
+                tokio::select! {
+                    _ = state.queue.changed() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = draining.changed() => {}
+                }
+                if *draining.borrow() {
+                    return;
+                }
+            }
+            _ => return,
+        }
     }
+}
+
+async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
     for job in &batch {
         state.metrics.queue_seconds.observe(job.waited.as_secs_f64());
     }
@@ -86,7 +85,7 @@ async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
             // Isolate the faulty job: run each job alone so only that one fails.
             tracing::warn!(error = %err, "batch failed; retrying its jobs one by one");
             for job in batch {
-                if job.cancel.load(Ordering::SeqCst) {
+                if job.progress.is_cancelled() {
                     continue;
                 }
                 let single = vec![job];
@@ -122,22 +121,15 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
         inputs.extend(&job.spec.inputs());
     }
     let request = GenerationRequest { settings: settings.clone(), inputs };
-    let watchers: Vec<_> = batch.iter().map(|j| (j.events.clone(), j.cancel.clone())).collect();
+    let watchers: Vec<_> = batch.iter().map(|j| j.progress.clone()).collect();
     let progress = Box::new(move |report: &StepReport| {
         let mut live = false;
-        for (events, cancel) in &watchers {
-            if cancel.load(Ordering::SeqCst) {
+        for job in &watchers {
+            if job.is_cancelled() {
                 continue;
             }
             live = true;
-            events.send_if_modified(|s| {
-                if s.status != JobStatus::Running {
-                    return false;
-                }
-                s.step = report.step;
-                s.total = report.total;
-                true
-            });
+            job.step(report.step, report.total);
         }
         if live {
             ControlFlow::Continue(())
@@ -168,7 +160,7 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
 /// Encode PNGs and journal each job's images together with its success.
 async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
     let Solved { settings, output, seconds } = solved;
-    let store = state.store.clone();
+    let queue = state.queue.clone();
     let jobs: Vec<BatchJob> = batch.to_vec();
     let finished = now_ms();
     let inference_ms = (seconds * 1000.0).round() as i64;
@@ -179,7 +171,7 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             let n = job.spec.n();
             let range = offset..offset + n;
             offset += n;
-            if job.cancel.load(Ordering::SeqCst) {
+            if job.progress.is_cancelled() {
                 continue;
             }
             let inputs = job.spec.inputs();
@@ -200,10 +192,8 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
                 })
                 .collect();
             let outcome = pngs.map_err(JobFailure::Internal).and_then(|pngs| {
-                store
-                    .finish_succeeded(&job.id, finished, nfe, inference_ms, &pngs)
-                    .map(|ok| (ok, nfe))
-                    .map_err(|e| JobFailure::Internal(e.to_string()))
+                let done = Success { finished_ms: finished, nfe, inference_ms, pngs };
+                queue.ack(&job.id, Outcome::Succeeded(done)).map_err(|e| JobFailure::Internal(e.to_string()))
             });
             outcomes.push((job.id.clone(), outcome));
         }
@@ -221,14 +211,13 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
     };
     for (id, outcome) in outcomes {
         match outcome {
-            Ok((true, nfe)) => {
+            Ok(true) => {
                 let n = batch.iter().find(|j| j.id == id).map(|j| j.spec.n()).unwrap_or(0);
                 state.metrics.images.inc_by(n as u64);
-                state.jobs.mark_succeeded(&id, finished, nfe, inference_ms);
                 tracing::info!(job = %id, images = n, seconds, "job succeeded");
             }
             // Cancelled while the batch ran: the journal already says so.
-            Ok((false, _)) => {}
+            Ok(false) => {}
             Err(JobFailure::Engine(err)) => fail_with(state, &id, "engine", &err).await,
             Err(JobFailure::Internal(err)) => fail_with(state, &id, "internal", &err).await,
         }
@@ -255,13 +244,10 @@ async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) {
 async fn fail_with(state: &Arc<AppState>, id: &str, kind: &str, message: &str) {
     tracing::error!(job = %id, kind, error = %message, "job failed");
     state.metrics.failure(kind);
-    let store = state.store.clone();
-    let (id_owned, msg) = (id.to_string(), message.to_string());
-    let journaled =
-        tokio::task::spawn_blocking(move || store.finish(&id_owned, JobStatus::Failed, now_ms(), Some(&msg))).await;
-    match journaled {
-        Ok(Ok(true)) => state.jobs.mark_failed(id, message),
-        Ok(Ok(false)) => {}
+    let queue = state.queue.clone();
+    let (id_owned, error) = (id.to_string(), message.to_string());
+    match tokio::task::spawn_blocking(move || queue.ack(&id_owned, Outcome::Failed { error })).await {
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
         Err(e) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
     }

@@ -4,13 +4,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{watch, Notify};
 
-use crate::api::{BatchKey, JobSpec, JobStatus, JobView};
+use crate::api::{JobSpec, JobStatus, JobView};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::queue::{BatchJob, JobProgress, QueueHead};
 use crate::store::StoredJob;
 
 /// What SSE subscribers watch.
@@ -26,18 +27,30 @@ struct Entry {
     job: StoredJob,
     spec: Arc<JobSpec>,
     enqueued: Instant,
-    events: Arc<watch::Sender<Snapshot>>,
-    cancel: Arc<AtomicBool>,
+    live: Arc<LiveJob>,
 }
 
-/// A job handed to the batcher.
-#[derive(Clone)]
-pub struct BatchJob {
-    pub id: String,
-    pub spec: Arc<JobSpec>,
-    pub events: Arc<watch::Sender<Snapshot>>,
-    pub cancel: Arc<AtomicBool>,
-    pub waited: Duration,
+/// A job's progress channel and cancel flag, shared with the batch that runs it.
+pub struct LiveJob {
+    events: watch::Sender<Snapshot>,
+    cancel: AtomicBool,
+}
+
+impl JobProgress for LiveJob {
+    fn step(&self, step: usize, total: Option<usize>) {
+        self.events.send_if_modified(|s| {
+            if s.status != JobStatus::Running {
+                return false;
+            }
+            s.step = step;
+            s.total = total;
+            true
+        });
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
 }
 
 pub enum Admission {
@@ -192,7 +205,7 @@ impl Jobs {
     }
 
     pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
-        self.lock().entries.get(id).map(|e| e.events.subscribe())
+        self.lock().entries.get(id).map(|e| e.live.events.subscribe())
     }
 
     pub fn status(&self, id: &str) -> Option<JobStatus> {
@@ -214,10 +227,10 @@ impl Jobs {
             q.retain(|x| x != id);
         }
         if let Some(e) = inner.entries.get_mut(id) {
-            e.cancel.store(true, Ordering::SeqCst);
+            e.live.cancel.store(true, Ordering::SeqCst);
             e.job.status = JobStatus::Cancelled;
             e.job.finished_ms = Some(now_ms());
-            e.events.send_modify(|s| {
+            e.live.events.send_modify(|s| {
                 s.status = JobStatus::Cancelled;
                 s.position = None;
             });
@@ -227,7 +240,7 @@ impl Jobs {
     }
 
     /// The head job's batch key, when it was queued, and how many compatible images are waiting.
-    pub fn head(&self) -> Option<(BatchKey, Instant, usize)> {
+    pub fn head(&self) -> Option<QueueHead> {
         let inner = self.lock();
         let head_id = inner.queues.iter().flatten().next()?;
         let head = inner.entries.get(head_id)?;
@@ -240,7 +253,7 @@ impl Jobs {
             .filter(|e| e.spec.batch_key() == key)
             .map(|e| e.spec.n())
             .sum();
-        Some((key, head.enqueued, images))
+        Some(QueueHead { key, enqueued: head.enqueued, images })
     }
 
     /// Take the head job and every compatible queued job that fits, in priority then FIFO order.
@@ -275,7 +288,7 @@ impl Jobs {
                 e.job.status = JobStatus::Running;
                 e.job.started_ms = Some(started);
                 e.job.attempts += 1;
-                e.events.send_modify(|s| {
+                e.live.events.send_modify(|s| {
                     s.status = JobStatus::Running;
                     s.position = None;
                     s.step = 0;
@@ -283,8 +296,7 @@ impl Jobs {
                 batch.push(BatchJob {
                     id: id.clone(),
                     spec: e.spec.clone(),
-                    events: e.events.clone(),
-                    cancel: e.cancel.clone(),
+                    progress: e.live.clone(),
                     waited: now.saturating_duration_since(e.enqueued),
                 });
             }
@@ -303,7 +315,7 @@ impl Jobs {
             e.job.finished_ms = Some(finished_ms);
             e.job.nfe = Some(nfe);
             e.job.inference_ms = Some(inference_ms);
-            e.events.send_modify(|s| s.status = JobStatus::Succeeded);
+            e.live.events.send_modify(|s| s.status = JobStatus::Succeeded);
             self.metrics.job_finished("succeeded");
         }
     }
@@ -317,7 +329,7 @@ impl Jobs {
             e.job.status = JobStatus::Failed;
             e.job.finished_ms = Some(now_ms());
             e.job.error = Some(error.to_string());
-            e.events.send_modify(|s| s.status = JobStatus::Failed);
+            e.live.events.send_modify(|s| s.status = JobStatus::Failed);
             self.metrics.job_finished("failed");
         }
     }
@@ -332,7 +344,7 @@ impl Jobs {
             }
             e.job.status = JobStatus::Queued;
             e.job.attempts = e.job.attempts.saturating_sub(1);
-            e.events.send_modify(|s| s.status = JobStatus::Queued);
+            e.live.events.send_modify(|s| s.status = JobStatus::Queued);
             let rank = e.spec.priority.rank();
             inner.queues[rank].push_front(id.clone());
         }
@@ -369,7 +381,7 @@ impl Jobs {
         let mut images = 0;
         for id in inner.queues.iter().flatten() {
             if let Some(e) = inner.entries.get(id) {
-                e.events.send_if_modified(|s| {
+                e.live.events.send_if_modified(|s| {
                     let changed = s.position != Some(position);
                     s.position = Some(position);
                     changed
@@ -389,18 +401,13 @@ fn insert(inner: &mut Inner, job: StoredJob) {
     if let Some(key) = &job.idempotency_key {
         inner.idempotency.insert((job.owner.clone(), key.clone()), (job.id.clone(), job.request_hash.clone()));
     }
-    let entry = Entry {
-        spec: Arc::new(job.spec.clone()),
-        enqueued: Instant::now(),
-        events: Arc::new(events),
-        cancel: Arc::new(AtomicBool::new(job.status == JobStatus::Cancelled)),
-        job,
-    };
+    let live = LiveJob { events, cancel: AtomicBool::new(job.status == JobStatus::Cancelled) };
+    let entry = Entry { spec: Arc::new(job.spec.clone()), enqueued: Instant::now(), live: Arc::new(live), job };
     inner.entries.insert(entry.job.id.clone(), entry);
 }
 
 fn view_of(e: &Entry) -> JobView {
-    let snap = e.events.borrow().clone();
+    let snap = e.live.events.borrow().clone();
     let job = &e.job;
     let spec = &e.spec;
     let images = if job.status == JobStatus::Succeeded {

@@ -5,9 +5,12 @@ pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod job;
 pub mod jobs;
 pub mod metrics;
+pub mod queue;
 pub mod routes;
+pub mod startup;
 pub mod state;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
@@ -21,6 +24,7 @@ pub use config::{Overrides, ServerConfig};
 pub use engine::{Engine, Models};
 pub use error::{ApiError, Result, ServerError};
 pub use routes::app;
+pub use startup::start;
 pub use state::AppState;
 
 /// Serve `state` on `listener` until `shutdown` resolves, then drain: readiness 503, no new jobs,
@@ -36,7 +40,7 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;
-            tracing::info!(queued = draining.jobs.queued(), "shutdown requested: draining");
+            tracing::info!(queued = draining.queue.queued(), "shutdown requested: draining");
             draining.begin_drain();
             if draining.wait_for_batcher(grace).await {
                 tracing::info!("running batch finished; queued jobs stay in the journal");

@@ -173,12 +173,11 @@ async fn submit(
                 attempts: 0,
                 inference_ms: None,
             };
-            let store = state.store.clone();
-            let record = job.clone();
-            match blocking(move || store.insert(&record)).await {
+            let queue = state.queue.clone();
+            let (images, sampler, steps) = (job.spec.n(), job.spec.settings.sampler.clone(), job.spec.settings.steps);
+            match blocking(move || queue.enqueue(job)).await {
                 Ok(()) => {
-                    tracing::info!(job = %id, images = job.spec.n(), sampler = %job.spec.settings.sampler, steps = job.spec.settings.steps, "job accepted");
-                    state.jobs.enqueue(job);
+                    tracing::info!(job = %id, images, %sampler, steps, "job accepted");
                     Ok((id, true))
                 }
                 Err(err) => {
@@ -311,11 +310,9 @@ async fn cancel_generation(
         }
         CancelOutcome::Cancellable => {}
     }
-    let store = state.store.clone();
+    let queue = state.queue.clone();
     let target = id.clone();
-    // The journal decides races with the batcher: whichever final state lands first wins.
-    if blocking(move || store.finish(&target, JobStatus::Cancelled, now_ms(), Some("cancelled by the client"))).await? {
-        state.jobs.mark_cancelled(&id);
+    if blocking(move || queue.cancel(&target)).await? {
         tracing::info!(job = %id, "job cancelled");
     } else {
         let status = state.jobs.status(&id).map(JobStatus::as_str).unwrap_or("finished");
@@ -340,9 +337,9 @@ async fn generation_image(
     if index >= view.n {
         return Err(ApiError::NotFound(format!("job {id} has images 0..{}", view.n - 1)));
     }
-    let store = state.store.clone();
+    let results = state.results.clone();
     let target = id.clone();
-    let png = blocking(move || store.image(&target, index))
+    let png = blocking(move || results.image(&target, index))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
     Ok((
@@ -366,7 +363,7 @@ async fn generation_events(
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     owned_view(&state, &caller, &id)?;
-    let rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
+    let rx = state.progress.subscribe(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
     let mut response = Sse::new(event_stream(state, id, rx)).keep_alive(KeepAlive::default()).into_response();
     response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
@@ -504,7 +501,7 @@ async fn openai_generate(
         }
     }
     let (id, _) = submit(&state, &caller.0, None, String::new(), spec).await?;
-    let mut rx = state.jobs.subscribe(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    let mut rx = state.progress.subscribe(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
     let mut draining = state.draining_receiver();
     let deadline = Duration::from_secs(state.config.server.request_timeout_s);
     let finished = tokio::time::timeout(deadline, async {
@@ -538,9 +535,9 @@ async fn openai_generate(
             });
             continue;
         }
-        let store = state.store.clone();
+        let results = state.results.clone();
         let target = id.clone();
-        let png = blocking(move || store.image(&target, index))
+        let png = blocking(move || results.image(&target, index))
             .await?
             .ok_or_else(|| ApiError::Internal(format!("image {index} of {id} missing")))?;
         data.push(OpenAiImage {
@@ -609,7 +606,7 @@ async fn health() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/ready", responses((status = 200, description = "Ready"), (status = 503, description = "Warming up or draining")))]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
-        Json(serde_json::json!({"status": "ready", "queued": state.jobs.queued()})).into_response()
+        Json(serde_json::json!({"status": "ready", "queued": state.queue.queued()})).into_response()
     } else {
         let why = if state.is_draining() { "draining" } else { "warming_up" };
         (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": why}))).into_response()

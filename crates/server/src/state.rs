@@ -1,4 +1,5 @@
-//! Shared server state, start-up (journal recovery, batcher, warm-up) and drain on shutdown.
+//! Shared server state: configuration, models, the job backends, auth and rate limits, readiness
+//! and drain on shutdown. Start-up wiring is in `startup`.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,16 +14,19 @@ use tokio::sync::watch;
 
 use crate::config::ServerConfig;
 use crate::engine::Models;
-use crate::error::{ApiError, Result};
-use crate::jobs::{now_ms, Jobs};
+use crate::error::ApiError;
+use crate::jobs::Jobs;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::queue::{JobQueue, JobStore, ProgressHub};
 
 pub struct AppState {
     pub config: ServerConfig,
     pub models: Models,
+    /// The live job table: views, listings, admission (capacity and Idempotency-Key).
     pub jobs: Arc<Jobs>,
-    pub store: Store,
+    pub queue: Arc<dyn JobQueue>,
+    pub results: Arc<dyn JobStore>,
+    pub progress: Arc<dyn ProgressHub>,
     pub metrics: Arc<Metrics>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     key_hashes: Vec<[u8; 32]>,
@@ -35,78 +39,43 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-impl AppState {
-    /// Open the journal, requeue what a crash interrupted, start the batcher and warm the engines.
-    pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<Self>> {
-        let metrics = Arc::new(Metrics::new());
-        let store = Store::open(&config.server.data_dir)?;
-        let requeued = store.requeue_interrupted()?;
-        let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
-        let expired = store.expire(now_ms() - ttl_ms)?;
-        let stored = store.load_all()?;
-        let queued = stored.iter().filter(|j| j.status == crate::api::JobStatus::Queued).count();
-        tracing::info!(jobs = stored.len(), queued, requeued, expired = expired.len(), journal = %store.path().display(), "journal loaded");
-        let jobs = Arc::new(Jobs::new(config.queue.capacity, metrics.clone()));
-        jobs.restore(stored);
+/// The parts `AppState` is built from (start-up wiring lives in `startup`).
+pub struct Backends {
+    pub jobs: Arc<Jobs>,
+    pub queue: Arc<dyn JobQueue>,
+    pub results: Arc<dyn JobStore>,
+    pub progress: Arc<dyn ProgressHub>,
+    pub metrics: Arc<Metrics>,
+}
 
+impl AppState {
+    pub fn new(config: ServerConfig, models: Models, backends: Backends) -> Self {
         let limiter =
             match (NonZeroU32::new(config.auth.rate_limit_per_minute), NonZeroU32::new(config.auth.rate_limit_burst)) {
                 (Some(rate), Some(burst)) => Some(RateLimiter::keyed(Quota::per_minute(rate).allow_burst(burst))),
                 _ => None,
             };
         let key_hashes = config.auth.api_keys.iter().map(|k| sha256(k.trim().as_bytes())).collect();
-        let state = Arc::new(AppState {
+        let Backends { jobs, queue, results, progress, metrics } = backends;
+        AppState {
             config,
             models,
             jobs,
-            store,
+            queue,
+            results,
+            progress,
             metrics,
             limiter,
             key_hashes,
             ready: AtomicBool::new(false),
             draining: watch::channel(false).0,
             batcher_done: watch::channel(false).0,
-        });
+        }
+    }
 
-        let warm = state.clone();
-        tokio::spawn(async move {
-            for engine in warm.models.iter() {
-                // The blocking task needs its own handle to the engine.
-                let engine = engine.clone();
-                let name = engine.config().name.clone();
-                match tokio::task::spawn_blocking(move || crate::batcher::warm_up(engine.as_ref())).await {
-                    Ok(Ok(())) => tracing::info!(model = %name, "model warmed up"),
-                    Ok(Err(e)) => tracing::error!(model = %name, error = %e, "warm-up failed"),
-                    Err(e) => tracing::error!(model = %name, error = %e, "warm-up panicked"),
-                }
-            }
-            warm.ready.store(true, Ordering::SeqCst);
-            // Start the batcher after warm-up so the first batch does not wait behind it.
-            tokio::spawn(crate::batcher::run(warm.clone()));
-        });
-
-        let expiry = state.clone();
-        tokio::spawn(async move {
-            let period = Duration::from_secs(expiry.config.queue.result_ttl_s.clamp(1, 60));
-            let mut draining = expiry.draining_receiver();
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(period) => {}
-                    _ = draining.changed() => return,
-                }
-                let store = expiry.store.clone();
-                let cutoff = now_ms() - ttl_ms;
-                match tokio::task::spawn_blocking(move || store.expire(cutoff)).await {
-                    Ok(Ok(ids)) if !ids.is_empty() => {
-                        tracing::info!(count = ids.len(), "expired finished jobs");
-                        expiry.jobs.forget(&ids);
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "expiring old jobs failed"),
-                    _ => {}
-                }
-            }
-        });
-        Ok(state)
+    /// Warm-up is done: readiness may turn 200.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -124,7 +93,7 @@ impl AppState {
     /// Stop taking jobs; readiness turns 503 and the batcher stops after its current batch.
     pub fn begin_drain(&self) {
         self.draining.send_replace(true);
-        self.jobs.wake.notify_one();
+        self.queue.notify();
     }
 
     pub(crate) fn batcher_finished(&self) {

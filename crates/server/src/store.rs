@@ -6,26 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::api::{JobSpec, JobStatus};
 use crate::error::{Result, ServerError};
-
-/// One journaled job (without its images).
-#[derive(Debug, Clone)]
-pub struct StoredJob {
-    pub id: String,
-    pub owner: String,
-    pub idempotency_key: Option<String>,
-    pub request_hash: String,
-    pub spec: JobSpec,
-    pub status: JobStatus,
-    pub created_ms: i64,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    pub error: Option<String>,
-    pub nfe: Option<usize>,
-    pub attempts: u32,
-    pub inference_ms: Option<i64>,
-}
+pub use crate::job::StoredJob;
+use crate::job::{JobSpec, JobStatus};
+use crate::queue::Success;
 
 #[derive(Clone)]
 pub struct Store {
@@ -112,19 +96,13 @@ impl Store {
     }
 
     /// Store the images and mark succeeded, atomically; false when the job was cancelled meanwhile.
-    pub fn finish_succeeded(
-        &self,
-        id: &str,
-        finished_ms: i64,
-        nfe: usize,
-        inference_ms: i64,
-        pngs: &[Vec<u8>],
-    ) -> Result<bool> {
+    pub fn finish_succeeded(&self, id: &str, done: &Success) -> Result<bool> {
+        let Success { finished_ms, nfe, inference_ms, pngs } = done;
         self.with(|c| {
             let tx = c.transaction()?;
             let changed = tx.execute(
                 "UPDATE jobs SET status = 'succeeded', finished_ms = ?2, nfe = ?3, inference_ms = ?4 WHERE id = ?1 AND status = 'running'",
-                params![id, finished_ms, nfe as i64, inference_ms],
+                params![id, finished_ms, *nfe as i64, inference_ms],
             )?;
             if changed == 0 {
                 return Ok(false);

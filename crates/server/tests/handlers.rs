@@ -27,7 +27,7 @@ async fn harness(step_ms: u64, configure: impl FnOnce(&mut ServerConfig, &mut Fa
     configure(&mut config, &mut fake);
     config.validate().unwrap();
     let fake = Arc::new(fake);
-    let state = AppState::start(config, Models::new(vec![fake.clone() as Arc<dyn Engine>])).await.unwrap();
+    let state = flowgen_server::start(config, Models::new(vec![fake.clone() as Arc<dyn Engine>])).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !state.is_ready() {
         assert!(Instant::now() < deadline, "server never became ready");
@@ -436,8 +436,8 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Journaled directly, as if accepted just before a crash.
         waiting = "gen_restored".to_string();
-        h.state
-            .store
+        let store = flowgen_server::store::Store::open(dir.path()).unwrap();
+        store
             .insert(&flowgen_server::store::StoredJob {
                 id: waiting.clone(),
                 owner: "anonymous".into(),
@@ -459,7 +459,7 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
                 inference_ms: None,
             })
             .unwrap();
-        h.state.store.mark_running(std::slice::from_ref(&waiting), 0).unwrap();
+        store.mark_running(std::slice::from_ref(&waiting), 0).unwrap();
     }
     let h = harness(1, configure).await;
     let view = wait_for(&h, &waiting, JobStatus::Succeeded).await;

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use flowgen_engine::{
     device::parse_device, EngineHandle, GenerationRequest, ImageInputs, Pipeline, ScheduleAccess, SettingsRequest,
 };
-use flowgen_server::{AppState, Engine, Models, Overrides, ServerConfig};
+use flowgen_server::{Engine, Models, Overrides, ServerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -161,7 +161,7 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let (addr, shutdown) = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let state = AppState::start(config, Models::new(vec![engine.clone()])).await?;
+        let state = flowgen_server::start(config, Models::new(vec![engine.clone()])).await?;
         while !state.is_ready() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::{device::parse_device, EngineHandle, Pipeline};
-use flowgen_server::{AppState, Engine, Models, Overrides, ServerConfig};
+use flowgen_server::{Engine, Models, Overrides, ServerConfig};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -51,7 +51,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let addr = listener.local_addr().context("reading the bound address")?;
         let names: Vec<String> = engines.iter().map(|e| e.config().name.clone()).collect();
         let data_dir = config.server.data_dir.clone();
-        let state = AppState::start(config, Models::new(engines)).await.context("starting the server")?;
+        let state = flowgen_server::start(config, Models::new(engines)).await.context("starting the server")?;
         // One line on stdout that scripts and tests wait for.
         println!("flowgen serving http://{addr} models={} data_dir={}", names.join(","), data_dir.display());
         std::io::stdout().flush().ok();

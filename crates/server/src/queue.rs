@@ -1,0 +1,219 @@
+//! The server's storage and queue boundary: what the HTTP routes and the batcher need from a job
+//! queue, a result store and a progress fan-out, and the embedded implementation of all three
+//! (the SQLite journal plus the in-memory priority queue).
+//!
+//! The traits are shaped for a Redis Streams backend as well: `enqueue` is an XADD after the
+//! durable write, `claim` an XREADGROUP by a consumer, `ack` an XACK with the result written once,
+//! `release` and crash recovery an XCLAIM / XAUTOCLAIM back to the group, and `ProgressHub` one
+//! pub/sub channel per job.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::error::Result;
+use crate::job::{BatchKey, JobSpec, JobStatus, StoredJob};
+use crate::jobs::{Jobs, Snapshot};
+use crate::store::Store;
+
+/// How a claimed job reports progress to its watchers and learns that it was cancelled.
+pub trait JobProgress: Send + Sync {
+    /// The engine completed `step` of `total` (ignored once the job is no longer running).
+    fn step(&self, step: usize, total: Option<usize>);
+    fn is_cancelled(&self) -> bool;
+}
+
+/// A job claimed for one engine batch.
+#[derive(Clone)]
+pub struct BatchJob {
+    pub id: String,
+    pub spec: Arc<JobSpec>,
+    pub progress: Arc<dyn JobProgress>,
+    /// Time it spent queued.
+    pub waited: Duration,
+}
+
+/// The job a batch would start from now, and how many compatible images wait with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueHead {
+    pub key: BatchKey,
+    pub enqueued: Instant,
+    pub images: usize,
+}
+
+/// Results of a job that succeeded, written together with its final state.
+pub struct Success {
+    pub finished_ms: i64,
+    /// Main-network evaluations (largest over the job's images).
+    pub nfe: usize,
+    pub inference_ms: i64,
+    pub pngs: Vec<Vec<u8>>,
+}
+
+/// How a claimed job ended.
+pub enum Outcome {
+    Succeeded(Success),
+    Failed { error: String },
+}
+
+/// Jobs waiting, claimed and acknowledged. Every accepted job is durable before `enqueue`
+/// returns, and a job claimed but never acknowledged runs again after a crash.
+pub trait JobQueue: Send + Sync + 'static {
+    /// Durably accept an admitted job, then queue it; the 202 follows only an `Ok`.
+    fn enqueue(&self, job: StoredJob) -> Result<()>;
+    /// The next batch's head job, if any is queued.
+    fn head(&self) -> Option<QueueHead>;
+    /// Resolves when the queue may have changed (a job queued or cancelled, a drain).
+    fn changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Wake whoever waits in `changed`.
+    fn notify(&self);
+    /// Claim the head job and the compatible jobs behind it, up to `max_images` images, in
+    /// priority then arrival order; they are running (one more attempt each) once this returns.
+    fn claim(&self, max_images: usize) -> Result<Vec<BatchJob>>;
+    /// Record how a claimed job ended; false when it had already ended (a cancel won).
+    fn ack(&self, id: &str, outcome: Outcome) -> Result<bool>;
+    /// Give claimed jobs back at the head of the queue (their batch never started).
+    fn release(&self, ids: &[String]);
+    /// Cancel a queued or running job; false when it had already ended.
+    fn cancel(&self, id: &str) -> Result<bool>;
+    /// Jobs waiting to be claimed.
+    fn queued(&self) -> usize;
+}
+
+/// Finished jobs' results and their expiry.
+pub trait JobStore: Send + Sync + 'static {
+    /// PNG `index` of a succeeded job.
+    fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>>;
+    /// Delete jobs (and results) that finished before `before_ms`; their ids.
+    fn expire(&self, before_ms: i64) -> Result<Vec<String>>;
+}
+
+/// Job state changes fanned out to any number of watchers (SSE streams).
+pub trait ProgressHub: Send + Sync + 'static {
+    /// A receiver that starts at the job's current state.
+    fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>>;
+}
+
+/// The embedded backend: the SQLite journal is the truth for what was accepted and how it
+/// ended; the in-memory table orders the queue, serves reads and fans out progress.
+pub struct LocalBackend {
+    store: Store,
+    jobs: Arc<Jobs>,
+}
+
+/// What opening the journal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub jobs: usize,
+    pub queued: usize,
+    /// Jobs a crash left running, queued again.
+    pub requeued: usize,
+}
+
+impl LocalBackend {
+    /// Open the journal, put back what a crash interrupted, and load every job into `jobs`.
+    pub fn open(store: Store, jobs: Arc<Jobs>) -> Result<(Self, Recovery)> {
+        let requeued = store.requeue_interrupted()?;
+        let stored = store.load_all()?;
+        let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
+        let recovery = Recovery { jobs: stored.len(), queued, requeued };
+        jobs.restore(stored);
+        Ok((LocalBackend { store, jobs }, recovery))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl JobQueue for LocalBackend {
+    fn enqueue(&self, job: StoredJob) -> Result<()> {
+        self.store.insert(&job)?;
+        self.jobs.enqueue(job);
+        Ok(())
+    }
+
+    fn head(&self) -> Option<QueueHead> {
+        self.jobs.head()
+    }
+
+    fn changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.jobs.wake.notified())
+    }
+
+    fn notify(&self) {
+        self.jobs.wake.notify_one();
+    }
+
+    fn claim(&self, max_images: usize) -> Result<Vec<BatchJob>> {
+        let batch = self.jobs.take_batch(max_images);
+        if batch.is_empty() {
+            return Ok(batch);
+        }
+        let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
+        if let Err(err) = self.store.mark_running(&ids, crate::jobs::now_ms()) {
+            // Without a journal entry the result could not be stored; leave the jobs queued.
+            self.jobs.requeue_front(&ids);
+            return Err(err);
+        }
+        Ok(batch)
+    }
+
+    fn ack(&self, id: &str, outcome: Outcome) -> Result<bool> {
+        match outcome {
+            Outcome::Succeeded(done) => {
+                let stored = self.store.finish_succeeded(id, &done)?;
+                if stored {
+                    self.jobs.mark_succeeded(id, done.finished_ms, done.nfe, done.inference_ms);
+                }
+                Ok(stored)
+            }
+            Outcome::Failed { error } => {
+                let stored = self.store.finish(id, JobStatus::Failed, crate::jobs::now_ms(), Some(&error))?;
+                if stored {
+                    self.jobs.mark_failed(id, &error);
+                }
+                Ok(stored)
+            }
+        }
+    }
+
+    fn release(&self, ids: &[String]) {
+        self.jobs.requeue_front(ids);
+    }
+
+    fn cancel(&self, id: &str) -> Result<bool> {
+        // The journal decides races with the batcher: whichever final state lands first wins.
+        let cancelled =
+            self.store.finish(id, JobStatus::Cancelled, crate::jobs::now_ms(), Some("cancelled by the client"))?;
+        if cancelled {
+            self.jobs.mark_cancelled(id);
+        }
+        Ok(cancelled)
+    }
+
+    fn queued(&self) -> usize {
+        self.jobs.queued()
+    }
+}
+
+impl JobStore for LocalBackend {
+    fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
+        self.store.image(id, index)
+    }
+
+    fn expire(&self, before_ms: i64) -> Result<Vec<String>> {
+        let ids = self.store.expire(before_ms)?;
+        self.jobs.forget(&ids);
+        Ok(ids)
+    }
+}
+
+impl ProgressHub for LocalBackend {
+    fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
+        self.jobs.subscribe(id)
+    }
+}

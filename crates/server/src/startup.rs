@@ -1,0 +1,67 @@
+//! Start-up wiring: open the embedded backend (journal recovery), build the state, warm the
+//! engines, then start the batcher and the expiry of old results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ServerConfig;
+use crate::engine::Models;
+use crate::error::Result;
+use crate::jobs::{now_ms, Jobs};
+use crate::metrics::Metrics;
+use crate::queue::{JobStore, LocalBackend};
+use crate::state::{AppState, Backends};
+use crate::store::Store;
+
+/// Open the journal in `config.server.data_dir`, requeue what a crash interrupted, start the
+/// batcher and warm the engines; readiness turns 200 once they are warm.
+pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&config.server.data_dir)?;
+    let journal = store.path().display().to_string();
+    let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
+    let expired = store.expire(now_ms() - ttl_ms)?;
+    let jobs = Arc::new(Jobs::new(config.queue.capacity, metrics.clone()));
+    let (backend, recovery) = LocalBackend::open(store, jobs.clone())?;
+    tracing::info!(jobs = recovery.jobs, queued = recovery.queued, requeued = recovery.requeued, expired = expired.len(), %journal, "journal loaded");
+    let backend = Arc::new(backend);
+    let backends = Backends { jobs, queue: backend.clone(), results: backend.clone(), progress: backend, metrics };
+    let state = Arc::new(AppState::new(config, models, backends));
+    tokio::spawn(warm_then_batch(state.clone()));
+    tokio::spawn(expire_results(state.clone(), ttl_ms));
+    Ok(state)
+}
+
+async fn warm_then_batch(state: Arc<AppState>) {
+    for engine in state.models.iter() {
+        // The blocking task needs its own handle to the engine.
+        let engine = engine.clone();
+        let name = engine.config().name.clone();
+        match tokio::task::spawn_blocking(move || crate::batcher::warm_up(engine.as_ref())).await {
+            Ok(Ok(())) => tracing::info!(model = %name, "model warmed up"),
+            Ok(Err(e)) => tracing::error!(model = %name, error = %e, "warm-up failed"),
+            Err(e) => tracing::error!(model = %name, error = %e, "warm-up panicked"),
+        }
+    }
+    state.set_ready();
+    // Start the batcher after warm-up so the first batch does not wait behind it.
+    tokio::spawn(crate::batcher::run(state));
+}
+
+async fn expire_results(state: Arc<AppState>, ttl_ms: i64) {
+    let period = Duration::from_secs(state.config.queue.result_ttl_s.clamp(1, 60));
+    let mut draining = state.draining_receiver();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = draining.changed() => return,
+        }
+        let results: Arc<dyn JobStore> = state.results.clone();
+        let cutoff = now_ms() - ttl_ms;
+        match tokio::task::spawn_blocking(move || results.expire(cutoff)).await {
+            Ok(Ok(ids)) if !ids.is_empty() => tracing::info!(count = ids.len(), "expired finished jobs"),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiring old jobs failed"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The queue boundary run against the embedded SQLite implementation: enqueue, claim, ack,
+//! release, cancel, and a crash between claim and ack.
+
+use std::sync::Arc;
+
+use flowgen_server::job::{JobSettings, JobSpec, JobStatus, Priority, StoredJob};
+use flowgen_server::jobs::Jobs;
+use flowgen_server::metrics::Metrics;
+use flowgen_server::queue::{JobQueue, JobStore, LocalBackend, Outcome, Recovery, Success};
+use flowgen_server::store::Store;
+
+fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
+    let settings = JobSettings {
+        sampler: sampler.into(),
+        steps: 4,
+        guidance: 1.0,
+        guidance_interval: Some((0.0, 1.0)),
+        schedule: "uniform".into(),
+    };
+    StoredJob {
+        id: id.into(),
+        owner: "anonymous".into(),
+        idempotency_key: None,
+        request_hash: String::new(),
+        spec: JobSpec { model: "m".into(), labels: vec![1], seeds: vec![seed], settings, priority },
+        status: JobStatus::Queued,
+        created_ms: 1,
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        nfe: None,
+        attempts: 0,
+        inference_ms: None,
+    }
+}
+
+fn open(dir: &std::path::Path) -> (LocalBackend, Arc<Jobs>, Recovery) {
+    let jobs = Arc::new(Jobs::new(16, Arc::new(Metrics::new())));
+    let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone()).unwrap();
+    (backend, jobs, recovery)
+}
+
+fn ids(batch: &[flowgen_server::queue::BatchJob]) -> Vec<&str> {
+    batch.iter().map(|j| j.id.as_str()).collect()
+}
+
+#[test]
+fn claim_ack_release_cancel_and_crash_requeue() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (queue, jobs, recovery) = open(dir.path());
+        assert_eq!(recovery, Recovery { jobs: 0, queued: 0, requeued: 0 });
+        queue.enqueue(job("b", Priority::Normal, "euler", 2)).unwrap();
+        queue.enqueue(job("c", Priority::Normal, "heun", 3)).unwrap();
+        queue.enqueue(job("a", Priority::High, "euler", 1)).unwrap();
+        queue.enqueue(job("d", Priority::Low, "heun", 4)).unwrap();
+        assert_eq!(queue.queued(), 4);
+        // The high-priority job leads; its compatible batch-mate comes along, the others wait.
+        let batch = queue.claim(32).unwrap();
+        assert_eq!(ids(&batch), ["a", "b"]);
+        assert_eq!(queue.queued(), 2);
+        assert!(batch.iter().all(|j| jobs.view(&j.id).unwrap().status == JobStatus::Running));
+        let done = Success { finished_ms: 5, nfe: 4, inference_ms: 3, pngs: vec![b"png-a".to_vec()] };
+        assert!(queue.ack("a", Outcome::Succeeded(done)).unwrap());
+        assert_eq!(queue.image("a", 0).unwrap().as_deref(), Some(&b"png-a"[..]));
+        // A second acknowledgement of a finished job changes nothing.
+        assert!(!queue.ack("a", Outcome::Failed { error: "late".into() }).unwrap());
+        // A batch that never started goes back to the head of its queue.
+        let batch = queue.claim(32).unwrap();
+        assert_eq!(ids(&batch), ["c", "d"]);
+        queue.release(&["c".to_string(), "d".to_string()]);
+        assert_eq!(queue.head().unwrap().images, 2);
+        assert!(queue.cancel("d").unwrap());
+        assert!(!queue.cancel("d").unwrap(), "a cancelled job cannot be cancelled again");
+        assert_eq!(jobs.view("d").unwrap().status, JobStatus::Cancelled);
+        assert_eq!(ids(&queue.claim(32).unwrap()), ["c"]);
+        // "b" and "c" are claimed but never acknowledged: the process dies here.
+    }
+    let (queue, jobs, recovery) = open(dir.path());
+    assert_eq!(recovery, Recovery { jobs: 4, queued: 2, requeued: 2 });
+    let batch = queue.claim(32).unwrap();
+    assert_eq!(ids(&batch), ["b"], "requeued in acceptance order, compatible jobs together");
+    assert_eq!(jobs.view("b").unwrap().attempts, 2, "the rerun counts as a second attempt");
+    assert!(queue.ack("b", Outcome::Failed { error: "engine said no".into() }).unwrap());
+    assert_eq!(jobs.view("b").unwrap().error.as_deref(), Some("engine said no"));
+    assert_eq!(ids(&queue.claim(32).unwrap()), ["c"]);
+    assert_eq!(
+        (jobs.view("a").unwrap().status, jobs.view("d").unwrap().status),
+        (JobStatus::Succeeded, JobStatus::Cancelled)
+    );
+    assert_eq!(queue.image("a", 0).unwrap().as_deref(), Some(&b"png-a"[..]), "results survive the crash");
+    // Expiry removes finished jobs and their results from the journal and from memory.
+    let expired = queue.expire(i64::MAX).unwrap();
+    assert_eq!(expired.len(), 3, "{expired:?}");
+    assert!(queue.image("a", 0).unwrap().is_none() && jobs.view("a").is_none());
+}
