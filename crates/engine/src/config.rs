@@ -3,84 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::autoencoder::AutoencoderConfig;
-use crate::network::NetworkArch;
+pub use crate::network::NetworkSection;
 use crate::samplers::{Sampler, MAIN_NETWORK};
 use crate::schedule::{ScheduleAccess, ScheduleSpec};
-
-/// How a network's own time and velocity relate to the engine frame (s = 0 noise, s = 1 data).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum TimeConvention {
-    /// SiT, FlowTurbo, W-CFM and our own models: t = s, u = v.
-    #[default]
-    Sit,
-    /// LFM and BFM (noise at t = 1): t = 1 - s, u = -v.
-    Lfm,
-    /// Rectified-Flow / BOSS checkpoints: t = 999 (s (1 - 1e-3) + 1e-3), u = v.
-    RectifiedFlow999,
-}
-
-impl TimeConvention {
-    pub fn network_time(self, s: f64) -> f64 {
-        match self {
-            TimeConvention::Sit => s,
-            TimeConvention::Lfm => 1.0 - s,
-            TimeConvention::RectifiedFlow999 => 999.0 * (s * (1.0 - 1e-3) + 1e-3),
-        }
-    }
-
-    pub fn velocity_sign(self) -> f64 {
-        match self {
-            TimeConvention::Lfm => -1.0,
-            TimeConvention::Sit | TimeConvention::RectifiedFlow999 => 1.0,
-        }
-    }
-}
-
-/// One network of a model directory: its weights, time convention and architecture. In
-/// model.toml the architecture is chosen by `kind` (`sit` when absent, as in older files).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct NetworkSection {
-    /// Weights file relative to the model directory (.safetensors, .pt or .pth).
-    pub weights: String,
-    pub convention: TimeConvention,
-    #[serde(flatten)]
-    pub arch: NetworkArch,
-}
-
-impl<'de> Deserialize<'de> for NetworkSection {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let mut table = toml::Table::deserialize(deserializer)?;
-        let weights = match table.remove("weights") {
-            Some(toml::Value::String(w)) => w,
-            Some(other) => return Err(D::Error::custom(format!("weights must be a file name, got {other}"))),
-            None => return Err(D::Error::missing_field("weights")),
-        };
-        let convention = match table.remove("convention") {
-            Some(value) => TimeConvention::deserialize(value).map_err(D::Error::custom)?,
-            None => TimeConvention::default(),
-        };
-        let kind = match table.get("kind") {
-            None => NetworkArch::DEFAULT_KIND.to_string(),
-            Some(toml::Value::String(k)) => k.clone(),
-            Some(other) => return Err(D::Error::custom(format!("kind must be a string, got {other}"))),
-        };
-        if !NetworkArch::KINDS.contains(&kind.as_str()) {
-            return Err(D::Error::custom(format!(
-                "unknown network kind {kind:?}; known kinds: {}",
-                NetworkArch::KINDS.join(", ")
-            )));
-        }
-        table.insert("kind".into(), toml::Value::String(kind));
-        let arch = NetworkArch::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
-        Ok(NetworkSection { weights, convention, arch })
-    }
-}
+pub use crate::velocity::TimeConvention;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

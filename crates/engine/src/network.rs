@@ -5,12 +5,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::NetworkSection;
 use crate::error::Result;
 use crate::models::sit::{Sit, SitConfig};
-use crate::velocity::{SitVelocity, VelocityModel};
+use crate::velocity::{SitVelocity, TimeConvention, VelocityModel};
 use crate::weights::WeightsFile;
 
 /// The architecture of one network, tagged by `kind` in model.toml.
@@ -72,6 +71,47 @@ impl NetworkArch {
                 Err(format!("{label}: a SiT null label is the row after the classes, {}", cfg.num_classes))
             }
         }
+    }
+}
+
+/// One network of a model directory: its weights, time convention and architecture. In
+/// model.toml the architecture is chosen by `kind` (`sit` when absent, as in older files).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NetworkSection {
+    /// Weights file relative to the model directory (.safetensors, .pt or .pth).
+    pub weights: String,
+    pub convention: TimeConvention,
+    #[serde(flatten)]
+    pub arch: NetworkArch,
+}
+
+impl<'de> Deserialize<'de> for NetworkSection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let weights = match table.remove("weights") {
+            Some(toml::Value::String(w)) => w,
+            Some(other) => return Err(D::Error::custom(format!("weights must be a file name, got {other}"))),
+            None => return Err(D::Error::missing_field("weights")),
+        };
+        let convention = match table.remove("convention") {
+            Some(value) => TimeConvention::deserialize(value).map_err(D::Error::custom)?,
+            None => TimeConvention::default(),
+        };
+        let kind = match table.get("kind") {
+            None => NetworkArch::DEFAULT_KIND.to_string(),
+            Some(toml::Value::String(k)) => k.clone(),
+            Some(other) => return Err(D::Error::custom(format!("kind must be a string, got {other}"))),
+        };
+        if !NetworkArch::KINDS.contains(&kind.as_str()) {
+            return Err(D::Error::custom(format!(
+                "unknown network kind {kind:?}; known kinds: {}",
+                NetworkArch::KINDS.join(", ")
+            )));
+        }
+        table.insert("kind".into(), toml::Value::String(kind));
+        let arch = NetworkArch::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)?;
+        Ok(NetworkSection { weights, convention, arch })
     }
 }
 

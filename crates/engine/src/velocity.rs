@@ -2,11 +2,41 @@
 //! time, fixes the velocity sign, and applies classifier-free guidance in one batched forward.
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::config::TimeConvention;
 use crate::error::{Error, Result};
 use crate::models::sit::Sit;
 use crate::samplers::VelocityField;
+
+/// How a network's own time and velocity relate to the engine frame (s = 0 noise, s = 1 data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeConvention {
+    /// SiT, FlowTurbo, W-CFM and our own models: t = s, u = v.
+    #[default]
+    Sit,
+    /// LFM and BFM (noise at t = 1): t = 1 - s, u = -v.
+    Lfm,
+    /// Rectified-Flow / BOSS checkpoints: t = 999 (s (1 - 1e-3) + 1e-3), u = v.
+    RectifiedFlow999,
+}
+
+impl TimeConvention {
+    pub fn network_time(self, s: f64) -> f64 {
+        match self {
+            TimeConvention::Sit => s,
+            TimeConvention::Lfm => 1.0 - s,
+            TimeConvention::RectifiedFlow999 => 999.0 * (s * (1.0 - 1e-3) + 1e-3),
+        }
+    }
+
+    pub fn velocity_sign(self) -> f64 {
+        match self {
+            TimeConvention::Lfm => -1.0,
+            TimeConvention::Sit | TimeConvention::RectifiedFlow999 => 1.0,
+        }
+    }
+}
 
 /// A network that predicts velocity in its own convention: v = net(x, t, y).
 pub trait VelocityModel: Send + Sync {

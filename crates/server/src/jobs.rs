@@ -11,17 +11,8 @@ use tokio::sync::{watch, Notify};
 use crate::api::{JobSpec, JobStatus, JobView};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::queue::{BatchJob, JobProgress, QueueHead};
+use crate::queue::{BatchJob, JobProgress, QueueHead, Snapshot};
 use crate::store::StoredJob;
-
-/// What SSE subscribers watch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    pub status: JobStatus,
-    pub position: Option<usize>,
-    pub step: usize,
-    pub total: Option<usize>,
-}
 
 struct Entry {
     job: StoredJob,

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod job;
 pub mod jobs;
+pub mod local;
 pub mod metrics;
 pub mod queue;
 pub mod routes;

@@ -1,6 +1,6 @@
 //! The server's storage and queue boundary: what the HTTP routes and the batcher need from a job
-//! queue, a result store and a progress fan-out, and the embedded implementation of all three
-//! (the SQLite journal plus the in-memory priority queue).
+//! queue, a result store and a progress fan-out. `local::LocalBackend` implements all three with
+//! the SQLite journal and the in-memory priority queue.
 //!
 //! The traits are shaped for a Redis Streams backend as well: `enqueue` is an XADD after the
 //! durable write, `claim` an XREADGROUP by a consumer, `ack` an XACK with the result written once,
@@ -16,8 +16,15 @@ use tokio::sync::watch;
 
 use crate::error::Result;
 use crate::job::{BatchKey, JobSpec, JobStatus, StoredJob};
-use crate::jobs::{Jobs, Snapshot};
-use crate::store::Store;
+
+/// What SSE subscribers watch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub status: JobStatus,
+    pub position: Option<usize>,
+    pub step: usize,
+    pub total: Option<usize>,
+}
 
 /// How a claimed job reports progress to its watchers and learns that it was cancelled.
 pub trait JobProgress: Send + Sync {
@@ -95,125 +102,4 @@ pub trait JobStore: Send + Sync + 'static {
 pub trait ProgressHub: Send + Sync + 'static {
     /// A receiver that starts at the job's current state.
     fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>>;
-}
-
-/// The embedded backend: the SQLite journal is the truth for what was accepted and how it
-/// ended; the in-memory table orders the queue, serves reads and fans out progress.
-pub struct LocalBackend {
-    store: Store,
-    jobs: Arc<Jobs>,
-}
-
-/// What opening the journal found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recovery {
-    pub jobs: usize,
-    pub queued: usize,
-    /// Jobs a crash left running, queued again.
-    pub requeued: usize,
-}
-
-impl LocalBackend {
-    /// Open the journal, put back what a crash interrupted, and load every job into `jobs`.
-    pub fn open(store: Store, jobs: Arc<Jobs>) -> Result<(Self, Recovery)> {
-        let requeued = store.requeue_interrupted()?;
-        let stored = store.load_all()?;
-        let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
-        let recovery = Recovery { jobs: stored.len(), queued, requeued };
-        jobs.restore(stored);
-        Ok((LocalBackend { store, jobs }, recovery))
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-}
-
-impl JobQueue for LocalBackend {
-    fn enqueue(&self, job: StoredJob) -> Result<()> {
-        self.store.insert(&job)?;
-        self.jobs.enqueue(job);
-        Ok(())
-    }
-
-    fn head(&self) -> Option<QueueHead> {
-        self.jobs.head()
-    }
-
-    fn changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(self.jobs.wake.notified())
-    }
-
-    fn notify(&self) {
-        self.jobs.wake.notify_one();
-    }
-
-    fn claim(&self, max_images: usize) -> Result<Vec<BatchJob>> {
-        let batch = self.jobs.take_batch(max_images);
-        if batch.is_empty() {
-            return Ok(batch);
-        }
-        let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
-        if let Err(err) = self.store.mark_running(&ids, crate::jobs::now_ms()) {
-            // Without a journal entry the result could not be stored; leave the jobs queued.
-            self.jobs.requeue_front(&ids);
-            return Err(err);
-        }
-        Ok(batch)
-    }
-
-    fn ack(&self, id: &str, outcome: Outcome) -> Result<bool> {
-        match outcome {
-            Outcome::Succeeded(done) => {
-                let stored = self.store.finish_succeeded(id, &done)?;
-                if stored {
-                    self.jobs.mark_succeeded(id, done.finished_ms, done.nfe, done.inference_ms);
-                }
-                Ok(stored)
-            }
-            Outcome::Failed { error } => {
-                let stored = self.store.finish(id, JobStatus::Failed, crate::jobs::now_ms(), Some(&error))?;
-                if stored {
-                    self.jobs.mark_failed(id, &error);
-                }
-                Ok(stored)
-            }
-        }
-    }
-
-    fn release(&self, ids: &[String]) {
-        self.jobs.requeue_front(ids);
-    }
-
-    fn cancel(&self, id: &str) -> Result<bool> {
-        // The journal decides races with the batcher: whichever final state lands first wins.
-        let cancelled =
-            self.store.finish(id, JobStatus::Cancelled, crate::jobs::now_ms(), Some("cancelled by the client"))?;
-        if cancelled {
-            self.jobs.mark_cancelled(id);
-        }
-        Ok(cancelled)
-    }
-
-    fn queued(&self) -> usize {
-        self.jobs.queued()
-    }
-}
-
-impl JobStore for LocalBackend {
-    fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
-        self.store.image(id, index)
-    }
-
-    fn expire(&self, before_ms: i64) -> Result<Vec<String>> {
-        let ids = self.store.expire(before_ms)?;
-        self.jobs.forget(&ids);
-        Ok(ids)
-    }
-}
-
-impl ProgressHub for LocalBackend {
-    fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
-        self.jobs.subscribe(id)
-    }
 }

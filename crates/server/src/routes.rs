@@ -29,7 +29,8 @@ use crate::api::{
     OpenAiImageRequest, OpenAiImageResponse, Priority,
 };
 use crate::error::{ApiError, ErrorBody};
-use crate::jobs::{now_ms, Admission, CancelOutcome, Snapshot};
+use crate::jobs::{now_ms, Admission, CancelOutcome};
+use crate::queue::Snapshot;
 use crate::state::AppState;
 use crate::store::StoredJob;
 

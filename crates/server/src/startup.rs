@@ -8,8 +8,9 @@ use crate::config::ServerConfig;
 use crate::engine::Models;
 use crate::error::Result;
 use crate::jobs::{now_ms, Jobs};
+use crate::local::LocalBackend;
 use crate::metrics::Metrics;
-use crate::queue::{JobStore, LocalBackend};
+use crate::queue::JobStore;
 use crate::state::{AppState, Backends};
 use crate::store::Store;
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use flowgen_server::job::{JobSettings, JobSpec, JobStatus, Priority, StoredJob};
 use flowgen_server::jobs::Jobs;
+use flowgen_server::local::{LocalBackend, Recovery};
 use flowgen_server::metrics::Metrics;
-use flowgen_server::queue::{JobQueue, JobStore, LocalBackend, Outcome, Recovery, Success};
+use flowgen_server::queue::{JobQueue, JobStore, Outcome, Success};
 use flowgen_server::store::Store;
 
 fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
