@@ -481,3 +481,53 @@ fn every_shipped_velocity_model_loads_and_generates() {
     }
     assert!(checked.iter().any(|n| n == "default"), "{checked:?}");
 }
+
+#[test]
+fn stored_schedules_presets_formats_and_canonical_samplers_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(tmp.path());
+    let model_dir = Path::new(&model);
+    std::fs::create_dir_all(model_dir.join("schedules")).unwrap();
+    std::fs::write(model_dir.join("schedules/boss-3.json"), "[0, 0.2, 0.6, 1]").unwrap();
+    let toml = std::fs::read_to_string(model_dir.join("model.toml")).unwrap();
+    std::fs::write(
+        model_dir.join("model.toml"),
+        toml + "\n[presets.quick]\nsampler = \"euler\"\nschedule = \"boss-3\"\n",
+    )
+    .unwrap();
+    let run = |dir: &str, extra: &[&str]| {
+        let out_dir = tmp.path().join(dir);
+        let mut args = vec!["generate", "--model", &model, "--n", "2", "--out", out_dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = flowgen(&args);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        (out_dir.clone(), read_manifest(&out_dir))
+    };
+    // A preset with a stored schedule: 3 Euler steps on the stored grid.
+    let (_, manifest) = run("preset", &["--preset", "quick"]);
+    let first = &manifest["images"][0];
+    assert_eq!(
+        (first["sampler"].as_str(), first["schedule"].as_str(), first["nfe"].as_u64()),
+        (Some("euler"), Some("boss-3"), Some(3))
+    );
+    assert_eq!(first["evaluations"], serde_json::json!({"velocity": 3}));
+    // A parameterised plan comes back in canonical form, in the manifest and in the JPEG's XMP.
+    let (dir, manifest) =
+        run("jpeg", &["--sampler", "DOPRI5:atol=1e-3,rtol=1e-3", "--format", "jpeg", "--quality", "80"]);
+    let first = &manifest["images"][0];
+    assert_eq!(first["sampler"], "dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000");
+    assert_eq!((first["file"].as_str(), first["format"].as_str()), (Some("000.jpg"), Some("jpeg")));
+    let jpeg = std::fs::read(dir.join("000.jpg")).unwrap();
+    assert!(jpeg.starts_with(b"\xFF\xD8\xFF\xE1"));
+    assert!(String::from_utf8_lossy(&jpeg).contains("flowgen:sampler=\"dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000\""));
+    let (dir, _) = run("webp", &["--format", "webp"]);
+    let webp = std::fs::read(dir.join("001.webp")).unwrap();
+    assert!(webp.starts_with(b"RIFF") && &webp[8..12] == b"WEBP");
+    assert!(String::from_utf8_lossy(&webp).contains("flowgen:seed=\"1\""));
+    // The model's own default schedule is a stored one now: a typo there stops the load.
+    let toml = std::fs::read_to_string(model_dir.join("model.toml")).unwrap();
+    std::fs::write(model_dir.join("model.toml"), toml.replace("schedule = \"uniform\"", "schedule = \"boss-4\""))
+        .unwrap();
+    let out = flowgen(&["generate", "--model", &model, "--out", tmp.path().join("x").to_str().unwrap()]);
+    assert_clean_failure(&out, "boss-4");
+}

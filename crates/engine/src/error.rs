@@ -33,7 +33,8 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
-    #[error("png encoding failed: {0}")]
+    /// Encoding or decoding an image file (PNG, JPEG, WebP) failed.
+    #[error("image encoding failed: {0}")]
     Png(String),
 
     #[error("engine is shut down")]

@@ -50,6 +50,96 @@ pub fn generation_metadata(
     fields
 }
 
+/// How images are delivered. PNG keeps the settings in tEXt chunks; JPEG and WebP carry them in
+/// an XMP packet (JPEG APP1, WebP XMP chunk), so every format says how it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    /// Baseline JPEG at `quality` 1-100.
+    Jpeg {
+        quality: u8,
+    },
+    /// Lossless WebP.
+    Webp,
+}
+
+/// JPEG quality when a request names none.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+impl OutputFormat {
+    pub const NAMES: [&'static str; 3] = ["png", "jpeg", "webp"];
+
+    /// "png", "jpeg" (or "jpg") or "webp"; `quality` (1-100) applies to JPEG only.
+    pub fn parse(name: &str, quality: Option<u8>) -> Result<Self> {
+        let format = match name.trim().to_ascii_lowercase().as_str() {
+            "png" => OutputFormat::Png,
+            "jpeg" | "jpg" => OutputFormat::Jpeg { quality: quality.unwrap_or(DEFAULT_JPEG_QUALITY) },
+            "webp" => OutputFormat::Webp,
+            other => {
+                return Err(Error::invalid(
+                    "output_format",
+                    format!("{other:?} is not one of {}", Self::NAMES.join(", ")),
+                ))
+            }
+        };
+        match (format, quality) {
+            (OutputFormat::Jpeg { quality: q }, _) if !(1..=100).contains(&q) => {
+                Err(Error::invalid("output_compression", format!("JPEG quality must be 1 to 100, got {q}")))
+            }
+            (OutputFormat::Png | OutputFormat::Webp, Some(_)) => {
+                Err(Error::invalid("output_compression", "applies to jpeg only (png and webp are lossless here)"))
+            }
+            (format, _) => Ok(format),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg { .. } => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Jpeg { .. } => "jpg",
+            other => other.name(),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg { .. } => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    pub fn quality(self) -> Option<u8> {
+        match self {
+            OutputFormat::Jpeg { quality } => Some(quality),
+            _ => None,
+        }
+    }
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An XMP packet holding `metadata` as attributes in flowgen's namespace.
+pub fn xmp_packet(metadata: &[(&str, String)]) -> String {
+    let attributes: String = metadata
+        .iter()
+        .filter(|(key, _)| key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(|(key, value)| format!("\n   flowgen:{key}=\"{}\"", xml_escape(value)))
+        .collect();
+    format!(
+        "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n<x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n <rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">\n  <rdf:Description rdf:about=\"\" xmlns:flowgen=\"https://github.com/flowgen/ns/1.0/\"{attributes}/>\n </rdf:RDF>\n</x:xmpmeta>\n<?xpacket end=\"r\"?>"
+    )
+}
+
 /// (B, C, H, W) in [-1, 1] -> one `Image` per row.
 pub fn to_images(xs: &Tensor) -> Result<Vec<Image>> {
     let (b, c, h, w) = xs.dims4()?;
@@ -71,6 +161,58 @@ pub fn to_images(xs: &Tensor) -> Result<Vec<Image>> {
 }
 
 impl Image {
+    /// The image in `format`, with `metadata` (keyword, value) in the format's own metadata.
+    pub fn encode(&self, format: OutputFormat, metadata: &[(&str, String)]) -> Result<Vec<u8>> {
+        match format {
+            OutputFormat::Png => self.to_png(metadata),
+            OutputFormat::Jpeg { quality } => self.to_jpeg(quality, metadata),
+            OutputFormat::Webp => self.to_webp(metadata),
+        }
+    }
+
+    fn color(&self) -> image::ExtendedColorType {
+        if self.channels == 1 {
+            image::ExtendedColorType::L8
+        } else {
+            image::ExtendedColorType::Rgb8
+        }
+    }
+
+    fn to_jpeg(&self, quality: u8, metadata: &[(&str, String)]) -> Result<Vec<u8>> {
+        use image::ImageEncoder;
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, quality)
+            .write_image(&self.pixels, self.width as u32, self.height as u32, self.color())
+            .map_err(|e| Error::Png(format!("jpeg: {e}")))?;
+        // XMP lives in an APP1 segment right after the start-of-image marker.
+        let mut payload = b"http://ns.adobe.com/xap/1.0/\0".to_vec();
+        payload.extend_from_slice(xmp_packet(metadata).as_bytes());
+        let length = u16::try_from(payload.len() + 2).map_err(|_| Error::Png("jpeg: metadata too long".into()))?;
+        let mut out = Vec::with_capacity(jpeg.len() + payload.len() + 4);
+        out.extend_from_slice(&jpeg[..2]);
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&jpeg[2..]);
+        Ok(out)
+    }
+
+    fn to_webp(&self, metadata: &[(&str, String)]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut encoder = image_webp::WebPEncoder::new(&mut out);
+        encoder.set_xmp_metadata(xmp_packet(metadata).into_bytes());
+        // WebP has no gray mode: a gray image is stored as RGB with equal channels.
+        let (pixels, color) = if self.channels == 1 {
+            (self.pixels.iter().flat_map(|&p| [p, p, p]).collect(), image_webp::ColorType::Rgb8)
+        } else {
+            (self.pixels.clone(), image_webp::ColorType::Rgb8)
+        };
+        encoder
+            .encode(&pixels, self.width as u32, self.height as u32, color)
+            .map_err(|e| Error::Png(format!("webp: {e}")))?;
+        Ok(out)
+    }
+
     /// PNG bytes with `metadata` as tEXt chunks (keyword, value).
     pub fn to_png(&self, metadata: &[(&str, String)]) -> Result<Vec<u8>> {
         let mut out = Vec::new();

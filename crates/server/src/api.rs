@@ -1,5 +1,6 @@
 //! HTTP request and response bodies, and the validation that turns a request into a `JobSpec`.
 
+use flowgen_engine::image::OutputFormat;
 use flowgen_engine::{Error as EngineError, ImageInputs, ModelConfig, ScheduleAccess, SettingsRequest, SolveSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -45,6 +46,10 @@ pub struct GenerationBody {
     pub schedule: Option<String>,
     /// high | normal | low (default normal).
     pub priority: Option<String>,
+    /// png (default, settings in tEXt chunks), jpeg or webp (settings in XMP), as in OpenAI's API.
+    pub output_format: Option<String>,
+    /// JPEG quality 1-100 (jpeg only; default 90).
+    pub output_compression: Option<i64>,
 }
 
 /// An engine error about a request, as the 422 naming its field.
@@ -86,9 +91,30 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
         Some(p) => Priority::parse(p)?,
         None => Priority::Normal,
     };
+    let output = validate_output(body.output_format.as_deref(), body.output_compression)?;
     let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let inputs = ImageInputs::cycle(&labels, labels.len(), seed);
-    Ok(JobSpec { model, labels: inputs.labels, seeds: inputs.seeds, settings: JobSettings::of(&settings), priority })
+    Ok(JobSpec {
+        model,
+        labels: inputs.labels,
+        seeds: inputs.seeds,
+        settings: JobSettings::of(&settings),
+        priority,
+        output_format: output.name().to_string(),
+        output_compression: output.quality(),
+    })
+}
+
+/// `output_format` and `output_compression` (JPEG quality) as an encoding.
+pub fn validate_output(format: Option<&str>, compression: Option<i64>) -> Result<OutputFormat, ApiError> {
+    let quality = match compression {
+        Some(q) if !(1..=100).contains(&q) => {
+            return Err(ApiError::validation("output_compression", format!("must be between 1 and 100, got {q}")))
+        }
+        Some(q) => Some(q as u8),
+        None => None,
+    };
+    OutputFormat::parse(format.unwrap_or("png"), quality).map_err(engine_validation)
 }
 
 /// One label per image (`n` of them, cycling over the given ones; all classes when none).
@@ -203,7 +229,9 @@ pub struct JobView {
     pub nfe: Option<usize>,
     /// Times the engine started this job (more than 1 after a crash mid-run).
     pub attempts: u32,
-    /// PNG URLs, once succeeded.
+    /// png, jpeg or webp.
+    pub output_format: String,
+    /// Image URLs, once succeeded.
     pub images: Vec<String>,
     pub error: Option<String>,
 }
@@ -273,6 +301,10 @@ pub struct OpenAiImageRequest {
     pub size: Option<String>,
     pub seed: Option<u64>,
     pub user: Option<String>,
+    /// png (default), jpeg or webp.
+    pub output_format: Option<String>,
+    /// JPEG quality 1-100.
+    pub output_compression: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

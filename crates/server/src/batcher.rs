@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::engine::{Engine, EngineOutput};
 use crate::jobs::now_ms;
-use crate::queue::{BatchJob, Outcome, QueueHead, Success};
+use crate::queue::{BatchJob, JobQueue, Outcome, QueueHead, Success};
 use crate::state::AppState;
 
 /// Run batches until draining starts; the batch in flight always finishes first.
@@ -157,7 +157,7 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
     Ok(Solved { settings, output, seconds })
 }
 
-/// Encode PNGs and journal each job's images together with its success.
+/// Encode each job's images in its format and journal them together with its success.
 async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
     let Solved { settings, output, seconds } = solved;
     let queue = state.queue.clone();
@@ -168,34 +168,13 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
         let mut outcomes = Vec::new();
         let mut offset = 0;
         for job in &jobs {
-            let n = job.spec.n();
-            let range = offset..offset + n;
-            offset += n;
+            let range = offset..offset + job.spec.n();
+            offset = range.end;
             if job.progress.is_cancelled() {
                 continue;
             }
-            let inputs = job.spec.inputs();
-            let stats = output.stats.for_samples(range.clone());
-            let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or_else(|| stats.nfe());
-            if let Err(unsolved) = stats.require_all() {
-                // The solver gave up on one of this job's images; its batch-mates are unaffected.
-                outcomes.push((job.id.clone(), Err(JobFailure::Engine(unsolved.to_string()))));
-                continue;
-            }
-            let pngs: Result<Vec<Vec<u8>>, String> = output.images[range]
-                .iter()
-                .enumerate()
-                .map(|(i, image)| {
-                    image
-                        .to_png(&generation_metadata(&job.spec.model, &settings, &inputs, &stats, i))
-                        .map_err(|e| e.to_string())
-                })
-                .collect();
-            let outcome = pngs.map_err(JobFailure::Internal).and_then(|pngs| {
-                let done = Success { finished_ms: finished, nfe, inference_ms, pngs };
-                queue.ack(&job.id, Outcome::Succeeded(done)).map_err(|e| JobFailure::Internal(e.to_string()))
-            });
-            outcomes.push((job.id.clone(), outcome));
+            let finished = Finished { settings: &settings, output: &output, range, finished, inference_ms };
+            outcomes.push((job.id.clone(), store_job(queue.as_ref(), job, finished)));
         }
         outcomes
     })
@@ -222,6 +201,39 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             Err(JobFailure::Internal(err)) => fail_with(state, &id, "internal", &err).await,
         }
     }
+}
+
+/// One job's share of a solved batch.
+struct Finished<'a> {
+    settings: &'a SolveSettings,
+    output: &'a EngineOutput,
+    /// The job's images in the batch.
+    range: std::ops::Range<usize>,
+    finished: i64,
+    inference_ms: i64,
+}
+
+/// Encode a job's images in its format and acknowledge it with them; Ok(false) when a cancel
+/// won the race.
+fn store_job(queue: &dyn JobQueue, job: &BatchJob, part: Finished) -> Result<bool, JobFailure> {
+    let inputs = job.spec.inputs();
+    let stats = part.output.stats.for_samples(part.range.clone());
+    if let Err(unsolved) = stats.require_all() {
+        // The solver gave up on one of this job's images; its batch-mates are unaffected.
+        return Err(JobFailure::Engine(unsolved.to_string()));
+    }
+    let nfe = stats.per_sample_nfe.iter().copied().max().unwrap_or_else(|| stats.nfe());
+    let format = job.spec.output();
+    let pngs = part.output.images[part.range]
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            image.encode(format, &generation_metadata(&job.spec.model, part.settings, &inputs, &stats, i))
+        })
+        .collect::<Result<Vec<Vec<u8>>, _>>()
+        .map_err(|e| JobFailure::Internal(e.to_string()))?;
+    let done = Success { finished_ms: part.finished, nfe, inference_ms: part.inference_ms, pngs };
+    queue.ack(&job.id, Outcome::Succeeded(done)).map_err(|e| JobFailure::Internal(e.to_string()))
 }
 
 /// Why one job of a solved batch did not succeed.

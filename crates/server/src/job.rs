@@ -1,6 +1,7 @@
 //! The job types every part of the server shares: what was accepted (`JobSpec`), how it is
 //! journaled (`StoredJob`), its status and priority. No HTTP and no storage here.
 
+use flowgen_engine::image::OutputFormat;
 use flowgen_engine::{ImageInputs, ModelConfig, Sampler, ScheduleAccess, ScheduleSpec, SolveSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -45,6 +46,16 @@ pub struct JobSpec {
     #[serde(flatten)]
     pub settings: JobSettings,
     pub priority: Priority,
+    /// png, jpeg or webp (jobs journaled before formats existed are png).
+    #[serde(default = "png")]
+    pub output_format: String,
+    /// JPEG quality 1-100 (jpeg only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_compression: Option<u8>,
+}
+
+fn png() -> String {
+    "png".into()
 }
 
 /// The solve settings a job's images share, in canonical text (what is journaled and shown).
@@ -128,6 +139,12 @@ impl JobSpec {
 
     pub fn n(&self) -> usize {
         self.labels.len()
+    }
+
+    /// How this job's images are encoded (checked at admission; PNG if the journal holds
+    /// something this release cannot read).
+    pub fn output(&self) -> OutputFormat {
+        OutputFormat::parse(&self.output_format, self.output_compression).unwrap_or(OutputFormat::Png)
     }
 
     pub fn inputs(&self) -> ImageInputs {

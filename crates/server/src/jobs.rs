@@ -429,6 +429,7 @@ fn view_of(e: &Entry) -> JobView {
         inference_seconds: job.inference_ms.map(|ms| ms as f64 / 1000.0),
         nfe: job.nfe,
         attempts: job.attempts,
+        output_format: spec.output_format.clone(),
         images,
         error: job.error.clone(),
     }

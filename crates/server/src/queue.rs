@@ -57,6 +57,7 @@ pub struct Success {
     /// Main-network evaluations (largest over the job's images).
     pub nfe: usize,
     pub inference_ms: i64,
+    /// Encoded images (PNG, JPEG or WebP, as the job asked).
     pub pngs: Vec<Vec<u8>>,
 }
 
@@ -92,7 +93,7 @@ pub trait JobQueue: Send + Sync + 'static {
 
 /// Finished jobs' results and their expiry.
 pub trait JobStore: Send + Sync + 'static {
-    /// PNG `index` of a succeeded job.
+    /// Encoded image `index` of a succeeded job.
     fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>>;
     /// Delete jobs (and results) that finished before `before_ms`; their ids.
     fn expire(&self, before_ms: i64) -> Result<Vec<String>>;

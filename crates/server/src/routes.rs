@@ -33,6 +33,7 @@ use crate::jobs::{now_ms, Admission, CancelOutcome};
 use crate::queue::Snapshot;
 use crate::state::AppState;
 use crate::store::StoredJob;
+use flowgen_engine::image::OutputFormat;
 
 type AppResult<T> = Result<T, ApiError>;
 
@@ -90,7 +91,7 @@ pub fn app(state: Arc<AppState>) -> Router {
                 .allow_headers([
                     header::AUTHORIZATION,
                     header::CONTENT_TYPE,
-                    "idempotency-key".parse().unwrap_or(header::ACCEPT),
+                    header::HeaderName::from_static("idempotency-key"),
                 ]),
         );
     }
@@ -322,9 +323,10 @@ async fn cancel_generation(
     owned_view(&state, &caller, &id).map(Json)
 }
 
-/// One generated PNG (with the generation parameters as text chunks).
+/// One generated image in the job's format (PNG with the settings as text chunks; JPEG and WebP
+/// with them in XMP).
 #[utoipa::path(get, path = "/v1/generations/{id}/images/{index}", params(("id" = String, Path), ("index" = usize, Path)),
-    responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = ErrorBody), (status = 409, description = "Not finished", body = ErrorBody)),
+    responses((status = 200, description = "The image in the job's output_format", content((Vec<u8> = "image/png"), (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/webp"))), (status = 404, body = ErrorBody), (status = 409, description = "Not finished", body = ErrorBody)),
     security(("bearer" = [])))]
 async fn generation_image(
     State(state): State<Arc<AppState>>,
@@ -340,16 +342,17 @@ async fn generation_image(
     }
     let results = state.results.clone();
     let target = id.clone();
-    let png = blocking(move || results.image(&target, index))
+    let bytes = blocking(move || results.image(&target, index))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
+    let format = api::validate_output(Some(&view.output_format), None).unwrap_or(OutputFormat::Png);
     Ok((
         [
-            (header::CONTENT_TYPE, "image/png".to_string()),
+            (header::CONTENT_TYPE, format.content_type().to_string()),
             (header::CACHE_CONTROL, "private, max-age=31536000, immutable".to_string()),
-            (header::CONTENT_DISPOSITION, format!("inline; filename=\"{id}-{index}.png\"")),
+            (header::CONTENT_DISPOSITION, format!("inline; filename=\"{id}-{index}.{}\"", format.extension())),
         ],
-        png,
+        bytes,
     )
         .into_response())
 }
@@ -479,49 +482,9 @@ async fn openai_generate(
             return Err(ApiError::validation("response_format", format!("{other:?} is not b64_json or url")))
         }
     };
-    if req.prompt.trim().is_empty() {
-        return Err(ApiError::validation("prompt", "name a class, e.g. \"7\" or \"seven\""));
-    }
-    let generation = GenerationBody {
-        model: req.model.clone(),
-        label: Some(prompt_label(&req.prompt)),
-        n: Some(req.n.unwrap_or(1)),
-        seed: req.seed,
-        ..Default::default()
-    };
-    let spec = api::validate(&generation, &state.models, &state.config.limits).map_err(|e| match e {
-        ApiError::Validation { field, message } if field == "label" => ApiError::validation("prompt", message),
-        other => other,
-    })?;
-    if let Some(size) = &req.size {
-        let cfg = state.models.get(&spec.model).map(|e| e.config().image_shape());
-        if let Some((_, h, w)) = cfg {
-            if size != &format!("{w}x{h}") && size != "auto" {
-                return Err(ApiError::validation("size", format!("this model makes {w}x{h} images, not {size}")));
-            }
-        }
-    }
+    let spec = openai_spec(&state, &req)?;
     let (id, _) = submit(&state, &caller.0, None, String::new(), spec).await?;
-    let mut rx = state.progress.subscribe(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
-    let mut draining = state.draining_receiver();
-    let deadline = Duration::from_secs(state.config.server.request_timeout_s);
-    let finished = tokio::time::timeout(deadline, async {
-        tokio::select! {
-            r = rx.wait_for(|s| s.status.is_final()) => r.map(|s| s.status).ok(),
-            _ = draining.wait_for(|d| *d) => None,
-        }
-    })
-    .await;
-    let status = match finished {
-        Ok(Some(status)) => status,
-        Ok(None) => return Err(ApiError::Unavailable(format!("the server is shutting down; job {id} stays queued"))),
-        Err(_) => {
-            return Err(ApiError::Timeout(format!(
-                "job {id} did not finish in {}s; poll /v1/generations/{id}",
-                deadline.as_secs()
-            )))
-        }
-    };
+    let status = wait_until_final(&state, &id).await?;
     let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
     if status != JobStatus::Succeeded {
         return Err(ApiError::Internal(format!("job {id} {}: {}", status.as_str(), view.error.unwrap_or_default())));
@@ -538,16 +501,67 @@ async fn openai_generate(
         }
         let results = state.results.clone();
         let target = id.clone();
-        let png = blocking(move || results.image(&target, index))
+        let bytes = blocking(move || results.image(&target, index))
             .await?
             .ok_or_else(|| ApiError::Internal(format!("image {index} of {id} missing")))?;
         data.push(OpenAiImage {
-            b64_json: Some(base64::engine::general_purpose::STANDARD.encode(png)),
+            b64_json: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
             url: None,
             revised_prompt: None,
         });
     }
     Ok(Json(OpenAiImageResponse { created: now_ms() / 1000, data }))
+}
+
+/// The job an OpenAI-style request stands for; `prompt` names the class.
+fn openai_spec(state: &AppState, req: &OpenAiImageRequest) -> AppResult<api::JobSpec> {
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::validation("prompt", "name a class, e.g. \"7\" or \"seven\""));
+    }
+    let generation = GenerationBody {
+        model: req.model.clone(),
+        label: Some(prompt_label(&req.prompt)),
+        n: Some(req.n.unwrap_or(1)),
+        seed: req.seed,
+        output_format: req.output_format.clone(),
+        output_compression: req.output_compression,
+        ..Default::default()
+    };
+    let spec = api::validate(&generation, &state.models, &state.config.limits).map_err(|e| match e {
+        ApiError::Validation { field, message } if field == "label" => ApiError::validation("prompt", message),
+        other => other,
+    })?;
+    if let Some(size) = &req.size {
+        let cfg = state.models.get(&spec.model).map(|e| e.config().image_shape());
+        if let Some((_, h, w)) = cfg {
+            if size != &format!("{w}x{h}") && size != "auto" {
+                return Err(ApiError::validation("size", format!("this model makes {w}x{h} images, not {size}")));
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// Wait for job `id` to end, at most the request timeout; 503 when the server starts draining.
+async fn wait_until_final(state: &AppState, id: &str) -> AppResult<JobStatus> {
+    let mut rx = state.progress.subscribe(id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    let mut draining = state.draining_receiver();
+    let deadline = Duration::from_secs(state.config.server.request_timeout_s);
+    let finished = tokio::time::timeout(deadline, async {
+        tokio::select! {
+            r = rx.wait_for(|s| s.status.is_final()) => r.map(|s| s.status).ok(),
+            _ = draining.wait_for(|d| *d) => None,
+        }
+    })
+    .await;
+    match finished {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err(ApiError::Unavailable(format!("the server is shutting down; job {id} stays queued"))),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "job {id} did not finish in {}s; poll /v1/generations/{id}",
+            deadline.as_secs()
+        ))),
+    }
 }
 
 /// Served models, samplers and limits.

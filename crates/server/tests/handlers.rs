@@ -685,3 +685,37 @@ async fn a_journal_written_by_the_previous_release_runs_after_the_upgrade() {
     let png = call(&h, "GET", "/v1/generations/gen_old_heun/images/1", None, &[]).await;
     assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(4, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jpeg_and_webp_are_served_with_their_type_and_settings() {
+    let h = harness(1, |_, _| {}).await;
+    for (format, content_type, magic) in [
+        ("jpeg", "image/jpeg", &b"\xFF\xD8\xFF\xE1"[..]),
+        ("webp", "image/webp", &b"RIFF"[..]),
+        ("png", "image/png", &b"\x89PNG"[..]),
+    ] {
+        let id =
+            submit(&h, json!({"output_format": format, "label": 3, "seed": 8, "sampler": "euler", "steps": 2})).await;
+        let view = wait_for(&h, &id, JobStatus::Succeeded).await;
+        assert_eq!(view["output_format"], format);
+        let image = call(&h, "GET", &format!("/v1/generations/{id}/images/0"), None, &[]).await;
+        assert_eq!(image.status, StatusCode::OK);
+        assert_eq!(image.headers[header::CONTENT_TYPE], content_type);
+        assert!(image.body.starts_with(magic), "{format}: {:?}", &image.body[..8]);
+        if format != "png" {
+            // The settings travel in the file's XMP packet.
+            let text = String::from_utf8_lossy(&image.body);
+            assert!(text.contains("flowgen:sampler=\"euler\"") && text.contains("flowgen:seed=\"8\""), "{format}");
+        }
+    }
+    let id = submit(&h, json!({"output_format": "jpeg", "output_compression": 40, "seed": 1})).await;
+    assert_eq!(wait_for(&h, &id, JobStatus::Succeeded).await["output_format"], "jpeg");
+    for (body, field) in [
+        (json!({"output_format": "gif"}), "output_format"),
+        (json!({"output_format": "jpeg", "output_compression": 0}), "output_compression"),
+        (json!({"output_format": "png", "output_compression": 50}), "output_compression"),
+    ] {
+        let r = call(&h, "POST", "/v1/generations", Some(body.clone()), &[]).await;
+        assert_eq!((r.status, r.json()["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(field)), "{body}");
+    }
+}

@@ -2,7 +2,6 @@
 //! models work in, its latent scale factor, and validation PSNR.
 
 use std::ops::ControlFlow;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use flowgen_engine::config::AutoencoderSection;
@@ -13,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Digits;
 use crate::error::{Result, TrainError};
 use crate::init::trainable;
-use crate::run::{batch_indices, seeded_normal, Run, StepLog, TrainOptions};
+use crate::run::{batch_indices, seeded_normal, Run, RunPlace, StepLog, TrainOptions};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AutoencoderTraining {
@@ -58,7 +57,7 @@ pub struct AutoencoderReport {
 /// Summed-pixel MSE + kl_weight * KL, both per image, averaged over the batch and divided by pixels.
 fn loss(ae: &AutoencoderKl, x: &Tensor, eps: &Tensor, kl_weight: f64) -> Result<(Tensor, Tensor)> {
     let posterior = ae.encode(x)?;
-    let z = (&posterior.mean + (&posterior.logvar * 0.5)?.exp()?.mul(eps)?)?;
+    let z = posterior.sample_with(eps)?;
     let recon = ae.decode(&z)?;
     let mse = (recon - x)?.sqr()?.mean_all()?;
     let pixels = x.elem_count() / x.dim(0)?;
@@ -88,7 +87,7 @@ pub fn latent_std(ae: &AutoencoderKl, data: &Digits, device: &Device, seed: u64)
         let (x, _) = data.batch(chunk, device)?;
         let posterior = ae.encode(&x)?;
         let eps = seeded_normal(seed, i, 7, posterior.mean.dims(), device)?;
-        let z = (&posterior.mean + (&posterior.logvar * 0.5)?.exp()?.mul(&eps)?)?.to_dtype(DType::F64)?;
+        let z = posterior.sample_with(&eps)?.to_dtype(DType::F64)?;
         sum += z.sum_all()?.to_scalar::<f64>()?;
         sq += z.sqr()?.sum_all()?.to_scalar::<f64>()?;
         n += z.elem_count();
@@ -99,13 +98,11 @@ pub fn latent_std(ae: &AutoencoderKl, data: &Digits, device: &Device, seed: u64)
 
 pub fn train(
     cfg: &AutoencoderTraining,
-    train_data: &Digits,
-    val_data: &Digits,
-    out: &Path,
-    device: &Device,
-    resume: bool,
+    (train_data, val_data): (&Digits, &Digits),
+    place: RunPlace,
     progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
 ) -> Result<AutoencoderReport> {
+    let RunPlace { out, device, resume } = place;
     cfg.arch.validate().map_err(|m| TrainError::invalid("autoencoder", m))?;
     let arch = cfg.arch.clone();
     let (ae, varmap) = trainable(cfg.opts.seed, device, |vb| AutoencoderKl::new(&arch, vb), |_| Ok(()))?;

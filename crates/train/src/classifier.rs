@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Digits;
 use crate::error::{Result, TrainError};
 use crate::init::trainable;
-use crate::run::{batch_indices, Run, StepLog, TrainOptions};
+use crate::run::{batch_indices, Run, RunPlace, StepLog, TrainOptions};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClassifierConfig {
@@ -107,13 +107,11 @@ pub struct ClassifierTraining {
 
 pub fn train(
     training: &ClassifierTraining,
-    train_data: &Digits,
-    val_data: &Digits,
-    out: &Path,
-    device: &Device,
-    resume: bool,
+    (train_data, val_data): (&Digits, &Digits),
+    place: RunPlace,
     progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
 ) -> Result<ClassifierReport> {
+    let RunPlace { out, device, resume } = place;
     let (cfg, opts) = (&training.arch, &training.opts);
     let (model, varmap) = trainable(opts.seed, device, |vb| Classifier::new(cfg, vb), |_| Ok(()))?;
     let run_id = format!(

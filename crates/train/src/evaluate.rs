@@ -131,7 +131,7 @@ impl EvalContext {
             let (x, _) = train.batch(&idx, pipeline.device())?;
             let posterior = autoencoder.encode(&x)?;
             let noise = crate::run::seeded_normal(self.seeds[0], start, 7, posterior.mean.dims(), pipeline.device())?;
-            let sample = (&posterior.mean + ((&posterior.logvar * 0.5)?.exp()? * noise)?)?;
+            let sample = posterior.sample_with(&noise)?;
             from_mean.extend(features(classifier, &as_delivered(&autoencoder.decode(&posterior.mean)?)?)?.0);
             from_sample.extend(features(classifier, &as_delivered(&autoencoder.decode(&sample)?)?)?.0);
         }

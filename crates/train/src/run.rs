@@ -17,6 +17,15 @@ use crate::init::{named_vars, snapshot};
 use crate::log::LossLog;
 use crate::optim::{clip_grad_norm, warmup_cosine, AdamW, AdamWConfig, Ema};
 
+/// Where a run writes its checkpoints and results, on which device, and whether it continues
+/// from the checkpoint already there.
+#[derive(Clone, Copy)]
+pub struct RunPlace<'a> {
+    pub out: &'a Path,
+    pub device: &'a Device,
+    pub resume: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainOptions {
     pub steps: usize,

@@ -17,7 +17,7 @@ use crate::data::Digits;
 use crate::error::{Result, TrainError};
 use crate::init::{sit_adaln_zero, trainable};
 use crate::losses::{gibbs_weights, ot_assignment, pair_costs, permute_rows, wcfm_eps, Objective};
-use crate::run::{batch_indices, seeded_normal, step_rng, Run, StepLog, TrainOptions};
+use crate::run::{batch_indices, seeded_normal, step_rng, Run, RunPlace, StepLog, TrainOptions};
 
 /// Training latents: posterior mean and std per digit, already multiplied by the latent scale.
 pub struct Latents {
@@ -35,8 +35,8 @@ impl Latents {
             let (x, _) = data.batch(chunk, device)?;
             let posterior = ae.encode(&x)?;
             let scale = section.scaling_factor;
-            means.push(((posterior.mean - section.shift_factor)? * scale)?);
-            stds.push(((posterior.logvar * 0.5)?.exp()? * scale)?);
+            means.push(((&posterior.mean - section.shift_factor)? * scale)?);
+            stds.push((posterior.std()? * scale)?);
         }
         Ok(Self {
             mean: Tensor::cat(&means, 0)?,
@@ -107,11 +107,10 @@ pub fn flow_matching_loss(
 pub fn train(
     cfg: &VelocityTraining,
     latents: &Latents,
-    out: &Path,
-    device: &Device,
-    resume: bool,
+    place: RunPlace,
     progress: &mut dyn FnMut(&StepLog) -> ControlFlow<()>,
 ) -> Result<(VelocityReport, std::collections::HashMap<String, Tensor>)> {
+    let RunPlace { out, device, resume } = place;
     cfg.sit.validate().map_err(|m| TrainError::invalid("network", m))?;
     let null = cfg.sit.null_label().ok_or_else(|| {
         TrainError::invalid("label-dropout", "must be above 0 so the model learns the null label for guidance")

@@ -11,7 +11,7 @@ use flowgen_train::autoencoder::{self, AutoencoderTraining};
 use flowgen_train::data::Digits;
 use flowgen_train::log::read_csv;
 use flowgen_train::losses::{Objective, PairCost};
-use flowgen_train::run::{seeded_normal, StepLog, TrainOptions};
+use flowgen_train::run::{seeded_normal, RunPlace, StepLog, TrainOptions};
 use flowgen_train::velocity::{self, Latents, VelocityTraining};
 use flowgen_train::TrainError;
 
@@ -78,7 +78,13 @@ fn autoencoder_loss_falls_and_resume_is_exact() {
     let data = tiny_digits();
     let dev = Device::Cpu;
     let full = tempfile::tempdir().unwrap();
-    let report = autoencoder::train(&tiny_autoencoder(20), &data, &data, full.path(), &dev, false, &mut go).unwrap();
+    let report = autoencoder::train(
+        &tiny_autoencoder(20),
+        (&data, &data),
+        RunPlace { out: full.path(), device: &dev, resume: false },
+        &mut go,
+    )
+    .unwrap();
     let (first, last) = first_and_last_loss(full.path());
     assert!(last < 0.7 * first, "loss {first} -> {last}");
     assert!(report.val_psnr_db.is_finite() && report.scaling_factor > 0.0);
@@ -89,10 +95,21 @@ fn autoencoder_loss_falls_and_resume_is_exact() {
     // Stop after step 7, resume, and compare with the uninterrupted run.
     let split = tempfile::tempdir().unwrap();
     let mut stop_at_7 = |log: &StepLog| if log.step == 7 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-    let err =
-        autoencoder::train(&tiny_autoencoder(20), &data, &data, split.path(), &dev, false, &mut stop_at_7).unwrap_err();
+    let err = autoencoder::train(
+        &tiny_autoencoder(20),
+        (&data, &data),
+        RunPlace { out: split.path(), device: &dev, resume: false },
+        &mut stop_at_7,
+    )
+    .unwrap_err();
     assert!(matches!(err, TrainError::Interrupted { step: 7 }), "{err}");
-    autoencoder::train(&tiny_autoencoder(20), &data, &data, split.path(), &dev, true, &mut go).unwrap();
+    autoencoder::train(
+        &tiny_autoencoder(20),
+        (&data, &data),
+        RunPlace { out: split.path(), device: &dev, resume: true },
+        &mut go,
+    )
+    .unwrap();
     let a = candle_core::safetensors::load(full.path().join("autoencoder.safetensors"), &dev).unwrap();
     let b = candle_core::safetensors::load(split.path().join("autoencoder.safetensors"), &dev).unwrap();
     for (name, t) in &a {
@@ -106,7 +123,9 @@ fn autoencoder_loss_falls_and_resume_is_exact() {
     // A different configuration refuses to resume that checkpoint.
     let mut other = tiny_autoencoder(20);
     other.kl_weight = 0.5;
-    let err = autoencoder::train(&other, &data, &data, split.path(), &dev, true, &mut go).unwrap_err();
+    let err =
+        autoencoder::train(&other, (&data, &data), RunPlace { out: split.path(), device: &dev, resume: true }, &mut go)
+            .unwrap_err();
     assert!(err.to_string().contains("different run"), "{err}");
 }
 
@@ -146,7 +165,9 @@ fn velocity_objectives_lower_the_loss_and_resume_exactly() {
     for objective in [Objective::Icfm, Objective::Wcfm { kappa: 0.5, cost: PairCost::Euclidean }, Objective::Otcfm] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_velocity(objective.clone(), 20);
-        let (report, ema) = velocity::train(&cfg, &latents, dir.path(), &dev, false, &mut go).unwrap();
+        let (report, ema) =
+            velocity::train(&cfg, &latents, RunPlace { out: dir.path(), device: &dev, resume: false }, &mut go)
+                .unwrap();
         let (first, last) = first_and_last_loss(dir.path());
         assert!(last < 0.8 * first, "{}: loss {first} -> {last}", objective.name());
         assert!(ema.contains_key("blocks.1.attn.qkv.weight"));
@@ -154,11 +175,14 @@ fn velocity_objectives_lower_the_loss_and_resume_exactly() {
     }
     let cfg = tiny_velocity(Objective::Wcfm { kappa: 0.5, cost: PairCost::Euclidean }, 12);
     let full = tempfile::tempdir().unwrap();
-    let (_, a) = velocity::train(&cfg, &latents, full.path(), &dev, false, &mut go).unwrap();
+    let (_, a) =
+        velocity::train(&cfg, &latents, RunPlace { out: full.path(), device: &dev, resume: false }, &mut go).unwrap();
     let split = tempfile::tempdir().unwrap();
     let mut stop = |log: &StepLog| if log.step == 5 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-    assert!(velocity::train(&cfg, &latents, split.path(), &dev, false, &mut stop).is_err());
-    let (_, b) = velocity::train(&cfg, &latents, split.path(), &dev, true, &mut go).unwrap();
+    assert!(velocity::train(&cfg, &latents, RunPlace { out: split.path(), device: &dev, resume: false }, &mut stop)
+        .is_err());
+    let (_, b) =
+        velocity::train(&cfg, &latents, RunPlace { out: split.path(), device: &dev, resume: true }, &mut go).unwrap();
     for (name, t) in &a {
         let same =
             (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();

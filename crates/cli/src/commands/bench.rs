@@ -94,6 +94,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// What the client threads collected.
+#[derive(Default)]
+struct ClientResults {
+    latencies: Vec<f64>,
+    failures: Vec<String>,
+    ids: Vec<String>,
+}
+
 fn serve(args: ServeBenchArgs) -> Result<()> {
     if args.clients == 0 || args.jobs == 0 || args.n == 0 || args.n > args.max_batch {
         bail!("--clients, --jobs and --n must be at least 1, and --n at most --max-batch");
@@ -116,8 +124,6 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let engine: Arc<dyn Engine> = Arc::new(EngineHandle::spawn(pipeline, 2)?);
     let classes = cfg.num_classes() as u32;
     let total_images = args.jobs * args.n;
-
-    // Raw engine: the same images in full batches, straight through the handle.
     let request = |start: usize, count: usize| GenerationRequest {
         settings: settings.clone(),
         inputs: ImageInputs {
@@ -143,10 +149,39 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let raw_before = raw_run()?;
     eprintln!("raw engine: {raw_before:.1} images/s");
     let data_dir = tempfile::tempdir().context("temporary data directory")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (base, shutdown) = start_server(&runtime, &args, &model_dir, data_dir.path(), engine.clone())?;
+    let clock = Instant::now();
+    let results = drive_clients(&args, &base, classes);
+    let wall = clock.elapsed().as_secs_f64();
+    let succeeded = count_succeeded(&base, &results.ids)?;
+    let _ = shutdown.send(());
+    let raw_after = raw_run()?;
+    eprintln!("raw engine again: {raw_after:.1} images/s");
+    let report = summarise(&args, &cfg.name, (raw_before, raw_after), results, (succeeded, wall));
+    print_report(&report);
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if report.failed > 0 || report.lost > 0 {
+        bail!("{} jobs failed and {} were lost", report.failed, report.lost);
+    }
+    Ok(())
+}
+
+/// The real server on a free loopback port, in `runtime`; its base URL and a shutdown trigger.
+fn start_server(
+    runtime: &tokio::runtime::Runtime,
+    args: &ServeBenchArgs,
+    model_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    engine: Arc<dyn Engine>,
+) -> Result<(String, tokio::sync::oneshot::Sender<()>)> {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
-        data_dir: Some(data_dir.path().to_path_buf()),
-        models: vec![model_dir.clone()],
+        data_dir: Some(data_dir.to_path_buf()),
+        models: vec![model_dir.to_path_buf()],
         device: None,
     };
     let mut config = ServerConfig::load(None, &overrides)?;
@@ -156,12 +191,10 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     config.limits.max_n = args.n.max(config.limits.max_n).min(args.max_batch);
     config.limits.max_steps = config.limits.max_steps.max(args.steps);
     config.validate()?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (addr, shutdown) = runtime.block_on(async {
+    runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let state = flowgen_server::start(config, Models::new(vec![engine.clone()])).await?;
+        let state = flowgen_server::start(config, Models::new(vec![engine])).await?;
         while !state.is_ready() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -169,78 +202,81 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         tokio::spawn(flowgen_server::serve(listener, state, async move {
             let _ = rx.await;
         }));
-        anyhow::Ok((addr, tx))
-    })?;
-    let base = format!("http://{addr}");
+        anyhow::Ok((format!("http://{addr}"), tx))
+    })
+}
 
+/// `args.clients` threads submitting jobs until `args.jobs` are done, each following its job's
+/// SSE stream to the end and fetching its images.
+fn drive_clients(args: &ServeBenchArgs, base: &str, classes: u32) -> ClientResults {
     let bar = ProgressBar::new(args.jobs as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} jobs {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.jobs)));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let ids = Arc::new(Mutex::new(Vec::<String>::new()));
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(ClientResults::default());
     let agent: ureq::Agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-    let clock = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..args.clients {
-            let (next, latencies, failures, ids, agent, bar, base) = (
-                next.clone(),
-                latencies.clone(),
-                failures.clone(),
-                ids.clone(),
-                agent.clone(),
-                bar.clone(),
-                base.clone(),
-            );
-            let (sampler, steps, n, jobs) = (args.sampler.clone(), args.steps, args.n, args.jobs);
+            let (next, results, agent, bar) = (&next, &results, agent.clone(), bar.clone());
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= jobs {
+                if i >= args.jobs {
                     break;
                 }
                 let started = Instant::now();
                 let body = serde_json::json!({
-                    "labels": [i as u32 % classes], "n": n, "seed": (i * n) as u64,
-                    "sampler": sampler, "steps": steps,
+                    "labels": [i as u32 % classes], "n": args.n, "seed": (i * args.n) as u64,
+                    "sampler": args.sampler, "steps": args.steps,
                 });
-                match one_job(&agent, &base, &body, n) {
-                    Ok(id) => {
-                        ids.lock().map(|mut v| v.push(id)).ok();
-                        latencies.lock().map(|mut v| v.push(started.elapsed().as_secs_f64())).ok();
-                    }
-                    Err(e) => {
-                        failures.lock().map(|mut v| v.push(format!("job {i}: {e:#}"))).ok();
+                let outcome = one_job(&agent, base, &body, args.n);
+                if let Ok(mut r) = results.lock() {
+                    match outcome {
+                        Ok(id) => {
+                            r.ids.push(id);
+                            r.latencies.push(started.elapsed().as_secs_f64());
+                        }
+                        Err(e) => r.failures.push(format!("job {i}: {e:#}")),
                     }
                 }
                 bar.inc(1);
             });
         }
     });
-    let wall = clock.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    results.into_inner().unwrap_or_else(|p| p.into_inner())
+}
 
-    // Every accepted job must have succeeded, as the server itself reports.
-    let ids = ids.lock().map(|v| v.clone()).unwrap_or_default();
+/// Every accepted job must have succeeded, as the server itself reports.
+fn count_succeeded(base: &str, ids: &[String]) -> Result<usize> {
+    let agent: ureq::Agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
     let mut succeeded = 0;
-    for id in &ids {
+    for id in ids {
         let view: serde_json::Value = agent.get(&format!("{base}/v1/generations/{id}")).call()?.into_json()?;
         if view["status"] == "succeeded" {
             succeeded += 1;
         }
     }
-    let _ = shutdown.send(());
-    let raw_after = raw_run()?;
-    eprintln!("raw engine again: {raw_after:.1} images/s");
+    Ok(succeeded)
+}
+
+fn summarise(
+    args: &ServeBenchArgs,
+    model: &str,
+    (raw_before, raw_after): (f64, f64),
+    results: ClientResults,
+    (succeeded, wall): (usize, f64),
+) -> Report {
     let raw_rate = 0.5 * (raw_before + raw_after);
-    let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-    let mut lat = latencies.lock().map(|v| v.clone()).unwrap_or_default();
+    for f in results.failures.iter().take(5) {
+        eprintln!("failure: {f}");
+    }
+    let mut lat = results.latencies;
     lat.sort_by(f64::total_cmp);
     let server_rate = (succeeded * args.n) as f64 / wall;
-    let report = Report {
-        model: cfg.name.clone(),
+    Report {
+        model: model.to_string(),
         sampler: args.sampler.clone(),
         steps: args.steps,
         clients: args.clients,
@@ -257,19 +293,19 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         latency_p99_s: percentile(&lat, 99.0),
         latency_max_s: lat.last().copied().unwrap_or(f64::NAN),
         succeeded,
-        failed: failures.len(),
-        lost: args.jobs - succeeded - failures.len(),
+        failed: results.failures.len(),
+        lost: args.jobs - succeeded - results.failures.len(),
         wall_s: wall,
-    };
-    for f in failures.iter().take(5) {
-        eprintln!("failure: {f}");
     }
+}
+
+fn print_report(report: &Report) {
     println!("| metric | value |\n|---|---|");
     println!("| model / sampler / steps | {} / {} / {} |", report.model, report.sampler, report.steps);
     println!("| clients x jobs x images | {} x {} x {} |", report.clients, report.jobs, report.images_per_job);
     println!(
         "| raw engine images/s (batch {}; before / after) | {:.2} ({:.2} / {:.2}) |",
-        report.max_batch, report.raw_engine_images_per_s, raw_before, raw_after
+        report.max_batch, report.raw_engine_images_per_s, report.raw_before_images_per_s, report.raw_after_images_per_s
     );
     println!("| server images/s | {:.2} |", report.server_images_per_s);
     println!("| server / raw | {:.3} |", report.ratio);
@@ -278,14 +314,6 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
         report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s
     );
     println!("| succeeded / failed / lost | {} / {} / {} |", report.succeeded, report.failed, report.lost);
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    if report.failed > 0 || report.lost > 0 {
-        bail!("{} jobs failed and {} were lost", report.failed, report.lost);
-    }
-    Ok(())
 }
 
 /// Submit, follow the SSE stream to the final event, fetch every PNG; returns the job id.

@@ -101,18 +101,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
+    run_sweep(&args, &mut ctx, &pipeline, &classifier)
+}
+
+/// `--sweep`: every fixed-step sampler at each step count, then Dormand-Prince, as a table and plots.
+fn run_sweep(args: &EvalArgs, ctx: &mut EvalContext, pipeline: &Pipeline, classifier: &Classifier) -> Result<()> {
     anyhow::ensure!(args.sweep_steps.iter().all(|&k| k >= 1), "--sweep-steps must all be at least 1");
     let table = sweep_samplers(&args.sweep_steps);
     let bar = ProgressBar::new(table.len() as u64 + 1);
     if ctx.with_reference {
         bar.set_message("reference solve");
-        ctx.reference(&pipeline)?;
+        ctx.reference(pipeline)?;
     }
     bar.inc(1);
     let mut rows = Vec::with_capacity(table.len());
     for (i, (sampler, steps)) in table.iter().enumerate() {
         bar.set_message(format!("{} {}", sampler.name(), steps));
-        rows.push(ctx.evaluate(&pipeline, &classifier, sampler, *steps, args.straightness && i == 0)?);
+        rows.push(ctx.evaluate(pipeline, classifier, sampler, *steps, args.straightness && i == 0)?);
         bar.inc(1);
     }
     bar.finish_and_clear();

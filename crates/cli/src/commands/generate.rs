@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use flowgen_engine::image::{generation_metadata, Image};
+use flowgen_engine::image::{generation_metadata, Image, OutputFormat};
 use flowgen_engine::samplers::Dopri5Options;
 use flowgen_engine::{
     device::parse_device, EngineHandle, Generation, GenerationRequest, ImageInputs, ModelConfig, Pipeline, Sampler,
@@ -58,6 +58,12 @@ pub struct GenerateArgs {
     /// Evaluations one image may use under dopri5 before it fails (same as dopri5:max_nfe=M).
     #[arg(long)]
     max_nfe: Option<usize>,
+    /// Image format: png (settings in tEXt chunks), jpeg or webp (settings in XMP).
+    #[arg(long, default_value = "png")]
+    format: String,
+    /// JPEG quality, 1-100 [default: 90].
+    #[arg(long)]
+    quality: Option<u8>,
     /// Images per engine batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -72,6 +78,7 @@ pub struct GenerateArgs {
 #[derive(Serialize)]
 struct ManifestEntry {
     file: String,
+    format: &'static str,
     label: u32,
     seed: u64,
     /// Canonical sampler plan: `flowgen generate --sampler` takes it back.
@@ -147,9 +154,9 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-/// Write one chunk's PNGs and add their manifest entries.
+/// Write one chunk's images and add their manifest entries.
 fn write_chunk(
-    args: &GenerateArgs,
+    (args, format): (&GenerateArgs, OutputFormat),
     model: &str,
     (start, request): (usize, &GenerationRequest),
     generation: &Generation,
@@ -158,11 +165,12 @@ fn write_chunk(
     let GenerationRequest { settings, inputs } = request;
     let stats = &generation.stats;
     for (j, image) in generation.images.iter().enumerate() {
-        let file = format!("{:03}.png", start + j);
-        let png = image.to_png(&generation_metadata(model, settings, inputs, stats, j))?;
-        std::fs::write(args.out.join(&file), png).with_context(|| format!("writing {file}"))?;
+        let file = format!("{:03}.{}", start + j, format.extension());
+        let bytes = image.encode(format, &generation_metadata(model, settings, inputs, stats, j))?;
+        std::fs::write(args.out.join(&file), bytes).with_context(|| format!("writing {file}"))?;
         manifest.images.push(ManifestEntry {
             file,
+            format: format.name(),
             label: inputs.labels[j],
             seed: inputs.seeds[j],
             sampler: settings.sampler.canonical(),
@@ -175,6 +183,34 @@ fn write_chunk(
         });
     }
     Ok(())
+}
+
+type Pending = (usize, GenerationRequest, std::sync::mpsc::Receiver<flowgen_engine::Result<Generation>>);
+
+/// Submit every chunk of `batch_size` images up front, so the engine never waits on file writing;
+/// each reports its progress into its share of `bar`.
+fn submit_chunks(
+    engine: &EngineHandle,
+    all: GenerationRequest,
+    batch_size: usize,
+    (bar, units_per_chunk): (&ProgressBar, u64),
+) -> Result<Vec<Pending>> {
+    let n = all.inputs.len();
+    let adaptive = all.settings.sampler.is_adaptive();
+    let count = n.div_ceil(batch_size);
+    let mut pending = Vec::with_capacity(count);
+    for (index, start) in (0..n).step_by(batch_size).enumerate() {
+        let chunk = all.inputs.slice(start..(start + batch_size).min(n));
+        let request = GenerationRequest { settings: all.settings.clone(), inputs: chunk };
+        let (progress_bar, base) = (bar.clone(), index as u64 * units_per_chunk);
+        let progress = Box::new(move |r: &flowgen_engine::StepReport| {
+            progress_bar.set_position(base + if adaptive { (r.s * 1000.0) as u64 } else { r.step as u64 });
+            progress_bar.set_message(format!("batch {}/{count} nfe {}", index + 1, r.nfe));
+            ControlFlow::Continue(())
+        });
+        pending.push((start, request.clone(), engine.submit(request, progress)?));
+    }
+    Ok(pending)
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -190,32 +226,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Pipeline::load(&model_dir, &device).with_context(|| format!("loading model {}", model_dir.display()))?;
     let cfg = pipeline.config().clone();
     let settings = solve_settings(&args, &cfg)?;
+    let format = OutputFormat::parse(&args.format, args.quality).context("--format/--quality")?;
     let inputs = image_inputs(&args, &cfg)?;
     let n = inputs.len();
     // Fail on bad options before any image is made.
     pipeline.validate(&settings, &inputs.slice(0..1)).context("invalid generation options")?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
 
-    let chunks: Vec<usize> = (0..n).step_by(args.batch_size).collect();
     // Progress in sampler steps for fixed-step solvers, in thousandths of s for adaptive ones.
-    let adaptive = settings.sampler.is_adaptive();
-    let units_per_chunk = if adaptive { 1000 } else { settings.schedule.build(settings.steps)?.steps() as u64 };
-    let bar = progress_bar(units_per_chunk * chunks.len() as u64);
+    let units_per_chunk =
+        if settings.sampler.is_adaptive() { 1000 } else { settings.schedule.build(settings.steps)?.steps() as u64 };
+    let bar = progress_bar(units_per_chunk * n.div_ceil(args.batch_size) as u64);
     let engine = EngineHandle::spawn(pipeline, 2)?;
     let started = Instant::now();
-    // Submit every chunk up front so the engine never waits on PNG writing.
-    let mut pending = Vec::new();
-    for (index, &start) in chunks.iter().enumerate() {
-        let chunk = inputs.slice(start..(start + args.batch_size).min(n));
-        let request = GenerationRequest { settings: settings.clone(), inputs: chunk };
-        let (progress_bar, base, count) = (bar.clone(), index as u64 * units_per_chunk, chunks.len());
-        let progress = Box::new(move |r: &flowgen_engine::StepReport| {
-            progress_bar.set_position(base + if adaptive { (r.s * 1000.0) as u64 } else { r.step as u64 });
-            progress_bar.set_message(format!("batch {}/{count} nfe {}", index + 1, r.nfe));
-            ControlFlow::Continue(())
-        });
-        pending.push((start, request.clone(), engine.submit(request, progress)?));
-    }
+    let pending = submit_chunks(
+        &engine,
+        GenerationRequest { settings: settings.clone(), inputs },
+        args.batch_size,
+        (&bar, units_per_chunk),
+    )?;
     let mut manifest = Manifest { model: cfg.name.clone(), images: Vec::with_capacity(n) };
     let mut all_images: Vec<Image> = Vec::with_capacity(n);
     for (start, request, reply) in pending {
@@ -223,7 +252,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let generation =
             reply.recv().context("engine stopped")?.with_context(|| format!("generating images {images:?}"))?;
         generation.require_all().with_context(|| format!("generating images {images:?}"))?;
-        write_chunk(&args, &cfg.name, (start, &request), &generation, &mut manifest)?;
+        write_chunk((&args, format), &cfg.name, (start, &request), &generation, &mut manifest)?;
         all_images.extend(generation.images);
     }
     bar.finish_and_clear();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use flowgen_engine::candle_core::DType;
+use flowgen_engine::candle_core::{DType, Device};
 use flowgen_engine::config::{AutoencoderSection, Defaults};
 use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
@@ -16,7 +16,7 @@ use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
 use flowgen_train::run::seeded_normal;
-use flowgen_train::run::{StepLog, TrainOptions};
+use flowgen_train::run::{RunPlace, StepLog, TrainOptions};
 use flowgen_train::velocity::{self, Latents, VelocityTraining};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -142,6 +142,10 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    fn place<'a>(&'a self, device: &'a Device) -> RunPlace<'a> {
+        RunPlace { out: &self.out, device, resume: self.resume }
+    }
+
     fn options(&self) -> TrainOptions {
         TrainOptions {
             steps: self.steps,
@@ -208,16 +212,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             cfg.arch.block_out_channels = channels;
             cfg.arch.norm_num_groups = groups;
             let bar = progress_bar(common.steps);
-            let report = autoencoder::train(
-                &cfg,
-                &train,
-                &val,
-                &common.out,
-                &device,
-                common.resume,
-                &mut report_step(&bar, common.log_every),
-            )
-            .context("training the autoencoder")?;
+            let place = common.place(&device);
+            let report = autoencoder::train(&cfg, (&train, &val), place, &mut report_step(&bar, common.log_every))
+                .context("training the autoencoder")?;
             bar.finish_and_clear();
             println!(
                 "autoencoder: val PSNR {:.2} dB, latent std {:.4} (scaling factor {:.4}), {} parameters, {:.0} s, {:.0} samples/s -> {}",
@@ -243,16 +240,9 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             let (train, val) = common.data()?;
             let bar = progress_bar(common.steps);
             let cfg = ClassifierTraining { arch: ClassifierConfig::default(), opts: common.options() };
-            let report = classifier::train(
-                &cfg,
-                &train,
-                &val,
-                &common.out,
-                &device,
-                common.resume,
-                &mut report_step(&bar, common.log_every),
-            )
-            .context("training the classifier")?;
+            let place = common.place(&device);
+            let report = classifier::train(&cfg, (&train, &val), place, &mut report_step(&bar, common.log_every))
+                .context("training the classifier")?;
             bar.finish_and_clear();
             println!(
                 "classifier: val accuracy {:.2}%, final loss {:.4}, {:.0} s, {:.0} samples/s -> {}",
@@ -351,7 +341,7 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
     let cfg = VelocityTraining { sit: sit.clone(), objective: objective.clone(), opts: common.options() };
     let bar = progress_bar(common.steps);
     let (report, ema) =
-        velocity::train(&cfg, &latents, &common.out, &device, common.resume, &mut report_step(&bar, common.log_every))
+        velocity::train(&cfg, &latents, common.place(&device), &mut report_step(&bar, common.log_every))
             .context("training the velocity model")?;
     bar.finish_and_clear();
     let name = args.name.clone().unwrap_or_else(|| format!("mnist-latent-{}", objective.name()));

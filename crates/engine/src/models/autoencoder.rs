@@ -335,9 +335,18 @@ pub struct DiagonalGaussian {
 }
 
 impl DiagonalGaussian {
+    /// exp(logvar / 2).
+    pub fn std(&self) -> Result<Tensor> {
+        (&self.logvar * 0.5)?.exp()
+    }
+
+    /// mean + std * eps for given standard-normal noise (seeded samples, reparameterised training).
+    pub fn sample_with(&self, eps: &Tensor) -> Result<Tensor> {
+        &self.mean + self.std()?.mul(eps)?
+    }
+
     pub fn sample(&self) -> Result<Tensor> {
-        let std = (&self.logvar * 0.5)?.exp()?;
-        &self.mean + std.mul(&self.mean.randn_like(0.0, 1.0)?)?
+        self.sample_with(&self.mean.randn_like(0.0, 1.0)?)
     }
 
     /// KL(q || N(0, I)) summed over latent dims, per sample: (B,).

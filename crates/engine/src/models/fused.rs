@@ -205,6 +205,28 @@ fn token_dims(tokens: &Layout, rows: &Layout) -> Result<(usize, usize, usize)> {
     Ok((b, t, d))
 }
 
+/// The per-sample token loop of scale, modulate and gated residual: out[b, t, i] =
+/// f(x[b, t, i], h[b, t, i], r1[b, i], r2[b, i]) with (B, D) rows r1, r2 over (B, T, D) tokens
+/// x, h. Callers pass an unused operand twice; `f` ignores it and the compiler drops it.
+fn map_tokens(
+    (x, h): (&[f32], &[f32]),
+    (r1, r2): (&[f32], &[f32]),
+    (t, d): (usize, usize),
+    f: impl Fn(f32, f32, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let tokens = x.par_chunks(t * d).zip(h.par_chunks(t * d));
+    let rows = r1.par_chunks(d).zip(r2.par_chunks(d));
+    out.par_chunks_mut(t * d).zip(tokens.zip(rows)).for_each(|(o, ((x, h), (r1, r2)))| {
+        for ((o, x), h) in o.chunks_mut(d).zip(x.chunks(d)).zip(h.chunks(d)) {
+            for ((((o, &x), &h), &a), &b) in o.iter_mut().zip(x).zip(h).zip(r1).zip(r2) {
+                *o = f(x, h, a, b);
+            }
+        }
+    });
+    out
+}
+
 /// a * (offset + s) with s a (B, D) row per sample; the gradient of modulate and gate.
 struct ScaleTokens {
     offset: f32,
@@ -218,15 +240,8 @@ impl CustomOp2 for ScaleTokens {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, t, d) = token_dims(l1, l2)?;
         let (a, s) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(t * d).zip(a.par_chunks(t * d).zip(s.par_chunks(d))).for_each(|(o, (a, s))| {
-            let factor: Vec<f32> = s.iter().map(|v| self.offset + v).collect();
-            for (o, a) in o.chunks_mut(d).zip(a.chunks(d)) {
-                for ((o, &a), &f) in o.iter_mut().zip(a).zip(&factor) {
-                    *o = a * f;
-                }
-            }
-        });
+        let offset = self.offset;
+        let out = map_tokens((a, a), (s, s), (t, d), |a, _, s, _| a * (offset + s));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -295,17 +310,7 @@ impl CustomOp3 for Modulate {
         let (_, t, d) = token_dims(l1, l2)?;
         token_dims(l1, l3)?;
         let (x, shift, scale) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d).zip(shift.par_chunks(d).zip(scale.par_chunks(d)))).for_each(
-            |(o, (x, (shift, scale)))| {
-                let factor: Vec<f32> = scale.iter().map(|v| 1.0 + v).collect();
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    for (((o, &x), &f), &s) in o.iter_mut().zip(x).zip(&factor).zip(shift) {
-                        *o = x * f + s;
-                    }
-                }
-            },
-        );
+        let out = map_tokens((x, x), (shift, scale), (t, d), |x, _, shift, scale| x * (1.0 + scale) + shift);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -347,16 +352,7 @@ impl CustomOp3 for GatedResidual {
             candle_core::bail!("gated residual of {:?} and {:?}", l1.shape(), l2.shape());
         }
         let (x, h, gate) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d).zip(h.par_chunks(t * d).zip(gate.par_chunks(d)))).for_each(
-            |(o, (x, (h, gate)))| {
-                for ((o, x), h) in o.chunks_mut(d).zip(x.chunks(d)).zip(h.chunks(d)) {
-                    for (((o, &x), &h), &g) in o.iter_mut().zip(x).zip(h).zip(gate) {
-                        *o = x + h * g;
-                    }
-                }
-            },
-        );
+        let out = map_tokens((x, h), (gate, gate), (t, d), |x, h, g, _| x + h * g);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -236,6 +236,23 @@ impl Row {
     }
 }
 
+/// Move the rows not in `keep` (positions in `active`) out of the batch into `done`; returns
+/// the state and FSAL stage of the rows that go on.
+fn retire_rows(
+    active: &mut Vec<usize>,
+    keep: &[usize],
+    (x, k1): (Tensor, Tensor),
+    done: &mut [Option<Tensor>],
+) -> Result<(Tensor, Tensor)> {
+    for (j, &i) in active.iter().enumerate() {
+        if !keep.contains(&j) {
+            done[i] = Some(x.narrow(0, j, 1)?);
+        }
+    }
+    *active = keep.iter().map(|&j| active[j]).collect();
+    Ok((take_rows(&x, keep)?, take_rows(&k1, keep)?))
+}
+
 pub(super) fn solve(
     opts: &Dopri5Options,
     field: &dyn VelocityField,
@@ -275,14 +292,7 @@ pub(super) fn solve(
         x = select_rows(&accept, &x_new, &x)?;
         k1 = select_rows(&accept, &k7, &k1)?;
         if keep.len() < active.len() {
-            for (j, &i) in active.iter().enumerate() {
-                if !keep.contains(&j) {
-                    done[i] = Some(x.narrow(0, j, 1)?);
-                }
-            }
-            x = take_rows(&x, &keep)?;
-            k1 = take_rows(&k1, &keep)?;
-            active = keep.iter().map(|&j| active[j]).collect();
+            (x, k1) = retire_rows(&mut active, &keep, (x, k1), &mut done)?;
         }
         if accept.iter().any(|&a| a) {
             let slowest = active.iter().map(|&i| rows[i].s).fold(1.0, f64::min);
