@@ -31,6 +31,9 @@ enum Command {
     Model(commands::model::ModelCommand),
     /// Serve the HTTP API: queued jobs, batching, progress, cancellation, a crash-safe journal.
     Serve(commands::serve::ServeArgs),
+    /// Search step schedules and store them in a model directory (BOSS).
+    #[command(subcommand)]
+    Schedule(commands::schedule::ScheduleCommand),
     /// Benchmarks that need a running system (the HTTP server under load).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -71,5 +74,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => commands::eval::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
+        Command::Schedule(cmd) => commands::schedule::run(cmd),
     }
 }

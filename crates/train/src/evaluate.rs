@@ -19,6 +19,9 @@ pub struct EvalResult {
     pub model: String,
     pub sampler: String,
     pub steps: usize,
+    /// Canonical schedule of a fixed-step sampler ("uniform", "boss-4", ...).
+    #[serde(default = "uniform_name")]
+    pub schedule: String,
     pub guidance: f64,
     /// Times s (0 noise, 1 data) at which guidance applies.
     pub guidance_interval: (f64, f64),
@@ -44,6 +47,10 @@ pub struct EvalResult {
     pub fd_autoencoder_sampled_floor: Option<f64>,
 }
 
+fn uniform_name() -> String {
+    "uniform".into()
+}
+
 /// What stays fixed across a sweep: labels, seeds, the val features, the real-data floor, and
 /// the reference solutions.
 pub struct EvalContext {
@@ -51,6 +58,8 @@ pub struct EvalContext {
     pub seeds: Vec<u64>,
     /// Classifier-free guidance of every solve (scale and interval).
     pub guidance: Guidance,
+    /// Time grid of every fixed-step solve (uniform unless set; a stored list fixes the steps).
+    pub schedule: ScheduleSpec,
     val_features: Vec<Vec<f64>>,
     pub fd_floor: f64,
     pub fd_autoencoder_floor: Option<f64>,
@@ -105,6 +114,7 @@ impl EvalContext {
             labels: (0..n as u32).map(|i| i % 10).collect(),
             seeds: (0..n as u64).map(|i| seed.wrapping_add(i)).collect(),
             guidance,
+            schedule: ScheduleSpec::Uniform,
             val_features,
             fd_floor,
             fd_autoencoder_floor: None,
@@ -141,10 +151,11 @@ impl EvalContext {
     }
 
     fn settings(&self, sampler: Sampler, steps: usize) -> SolveSettings {
+        let schedule = if sampler.is_adaptive() { ScheduleSpec::Uniform } else { self.schedule.clone() };
         SolveSettings {
             sampler,
             steps,
-            schedule: ScheduleSpec::Uniform,
+            schedule,
             guidance: self.guidance.scale,
             guidance_interval: self.guidance.interval,
         }
@@ -217,6 +228,7 @@ impl EvalContext {
             model: pipeline.config().name.clone(),
             sampler: sampler.canonical(),
             steps: if sampler.is_adaptive() { 0 } else { steps },
+            schedule: if sampler.is_adaptive() { "uniform".into() } else { self.schedule.canonical() },
             guidance: self.guidance.scale,
             guidance_interval: self.guidance.interval,
             n,

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
-use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, SettingsRequest};
+use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{
@@ -25,9 +25,14 @@ pub struct EvalArgs {
     /// Sampler, or a comma-separated list evaluated on the same noise (one JSON object each).
     #[arg(long, default_value = "dopri5")]
     sampler: String,
-    /// Step count, or a comma-separated list: every fixed-step sampler runs at each (same noise).
-    #[arg(long, value_delimiter = ',', default_values_t = [8])]
+    /// Step count, or a comma-separated list: every fixed-step sampler runs at each (same noise)
+    /// [default: 8, or the steps of a stored or explicit --schedule].
+    #[arg(long, value_delimiter = ',')]
     steps: Vec<usize>,
+    /// Time grid of the fixed-step samplers: uniform, shift:X, a list, a schedule the model stores
+    /// (e.g. boss-4, which fixes the steps) or a file [default: uniform].
+    #[arg(long, default_value = "uniform")]
+    schedule: String,
     /// Classifier-free guidance scale (1 = none) [default: from model.toml].
     #[arg(long)]
     guidance: Option<f64>,
@@ -81,9 +86,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let setup = EvalSetup { classifier: &classifier, train: &train, val: &val, n: args.n, seed: args.seed, guidance };
     let mut ctx = EvalContext::new(setup, &device)?;
     ctx.with_reference = !args.no_reference;
+    ctx.schedule = ScheduleSpec::resolve(&args.schedule, &cfg.schedules, ScheduleAccess::NamedAndFiles)
+        .context("--schedule")?;
+    // A stored or explicit list fixes the step count; --steps may then only repeat it.
+    let steps = match (ctx.schedule.own_steps(), args.steps.is_empty()) {
+        (Some(own), true) => vec![own],
+        (Some(own), false) if args.steps.iter().any(|&k| k != own) => {
+            anyhow::bail!("--schedule {} has {own} steps; --steps {:?} does not match", args.schedule, args.steps)
+        }
+        (_, true) => vec![8],
+        (_, false) => args.steps.clone(),
+    };
     ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;
     if !args.sweep {
-        anyhow::ensure!(args.steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
+        anyhow::ensure!(steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
         let mut runs = Vec::new();
         for name in args.sampler.split(',') {
             let sampler = Sampler::parse(name.trim())?;
@@ -92,7 +108,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 // the plan names its own ("dopri5:rtol=1e-3").
                 runs.push((if name.contains(':') { sampler } else { reference_sampler() }, 0));
             } else {
-                runs.extend(args.steps.iter().map(|&k| (sampler.clone(), k)));
+                runs.extend(steps.iter().map(|&k| (sampler.clone(), k)));
             }
         }
         for (i, (sampler, steps)) in runs.iter().enumerate() {

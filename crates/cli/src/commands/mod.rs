@@ -2,6 +2,7 @@ pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod schedule;
 pub mod serve;
 pub mod train;
 
