@@ -542,17 +542,33 @@ fn boss_schedules_are_searched_stored_and_used_by_name() {
     assert!(stdout.contains("| boss-2 |") && stdout.contains("| boss-3 |"), "{stdout}");
     let schedules = Path::new(&model).join("schedules");
     assert!(schedules.join("boss.png").is_file());
-    let points: Vec<f64> = serde_json::from_str(&std::fs::read_to_string(schedules.join("boss-3.json")).unwrap()).unwrap();
+    let points: Vec<f64> =
+        serde_json::from_str(&std::fs::read_to_string(schedules.join("boss-3.json")).unwrap()).unwrap();
     assert_eq!(points.len(), 4);
     assert_eq!((points[0], points[3]), (0.0, 1.0));
     assert!(points.windows(2).all(|w| w[0] < w[1]), "{points:?}");
     // Every anchor is a multiple of 1/12.
     assert!(points.iter().all(|p| ((p * 12.0).round() - p * 12.0).abs() < 1e-9), "{points:?}");
     let out_dir = tmp.path().join("out");
-    let out = flowgen(&["generate", "--model", &model, "--n", "2", "--sampler", "euler", "--schedule", "boss-3", "--out", out_dir.to_str().unwrap()]);
+    let out = flowgen(&[
+        "generate",
+        "--model",
+        &model,
+        "--n",
+        "2",
+        "--sampler",
+        "euler",
+        "--schedule",
+        "boss-3",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest = read_manifest(&out_dir);
-    assert_eq!((manifest["images"][0]["schedule"].as_str(), manifest["images"][0]["nfe"].as_u64()), (Some("boss-3"), Some(3)));
+    assert_eq!(
+        (manifest["images"][0]["schedule"].as_str(), manifest["images"][0]["nfe"].as_u64()),
+        (Some("boss-3"), Some(3))
+    );
     let bad = flowgen(&["schedule", "boss", "--model", &model, "--nfe", "13", "--kmax", "12", "--n", "2"]);
     assert_clean_failure(&bad, "--kmax");
 }

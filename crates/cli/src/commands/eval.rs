@@ -86,8 +86,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let setup = EvalSetup { classifier: &classifier, train: &train, val: &val, n: args.n, seed: args.seed, guidance };
     let mut ctx = EvalContext::new(setup, &device)?;
     ctx.with_reference = !args.no_reference;
-    ctx.schedule = ScheduleSpec::resolve(&args.schedule, &cfg.schedules, ScheduleAccess::NamedAndFiles)
-        .context("--schedule")?;
+    ctx.schedule =
+        ScheduleSpec::resolve(&args.schedule, &cfg.schedules, ScheduleAccess::NamedAndFiles).context("--schedule")?;
     // A stored or explicit list fixes the step count; --steps may then only repeat it.
     let steps = match (ctx.schedule.own_steps(), args.steps.is_empty()) {
         (Some(own), true) => vec![own],

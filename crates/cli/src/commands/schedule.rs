@@ -59,7 +59,12 @@ fn boss(args: BossArgs) -> Result<()> {
     let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
     let cfg = pipeline.config();
     // The guidance the model is served with (its defaults), unless overridden.
-    let served = SettingsRequest { guidance: args.guidance, sampler: Some("euler".into()), schedule: Some("uniform".into()), ..Default::default() };
+    let served = SettingsRequest {
+        guidance: args.guidance,
+        sampler: Some("euler".into()),
+        schedule: Some("uniform".into()),
+        ..Default::default()
+    };
     let served = cfg.solve_settings(&served, ScheduleAccess::Named).context("--guidance")?;
     let guidance = pipeline.guidance(served.guidance, served.guidance_interval);
     for &k in &args.nfe {
@@ -95,7 +100,13 @@ fn boss(args: BossArgs) -> Result<()> {
         series.push(Series { name: name.clone(), points: steps });
     }
     let plot = dir.join(format!("{}.png", args.prefix));
-    let spec = PlotSpec { title: "Bellman optimal Euler step sizes", x_label: "s (0 noise, 1 data)", y_label: "step size", log_x: false, log_y: false };
+    let spec = PlotSpec {
+        title: "Bellman optimal Euler step sizes",
+        x_label: "s (0 noise, 1 data)",
+        y_label: "step size",
+        log_x: false,
+        log_y: false,
+    };
     line_plot(&plot, &spec, &series)?;
     println!(
         "cost matrix from {} trajectories of {} Euler steps (guidance {}) in {search_seconds:.1} s; schedules and {} written to {}",
