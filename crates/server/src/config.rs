@@ -65,11 +65,14 @@ pub struct QueueSection {
     pub max_wait_ms: u64,
     /// Finished jobs and their images are deleted after this long.
     pub result_ttl_s: u64,
+    /// Starts of one job before it is failed for good: a job running whenever the process died
+    /// (out of memory, a device fault) is not retried past this (a poison job).
+    pub max_attempts: u32,
 }
 
 impl Default for QueueSection {
     fn default() -> Self {
-        QueueSection { capacity: 256, max_batch: 32, max_wait_ms: 20, result_ttl_s: 86_400 }
+        QueueSection { capacity: 256, max_batch: 32, max_wait_ms: 20, result_ttl_s: 86_400, max_attempts: 3 }
     }
 }
 
@@ -181,6 +184,9 @@ impl ServerConfig {
         }
         if self.queue.capacity == 0 {
             return bad("queue.capacity", "must be at least 1".into());
+        }
+        if self.queue.max_attempts == 0 {
+            return bad("queue.max_attempts", "must be at least 1".into());
         }
         if self.limits.max_n == 0 || self.limits.max_n > self.queue.max_batch {
             return bad(

@@ -26,15 +26,19 @@ pub struct Recovery {
     pub queued: usize,
     /// Jobs a crash left running, queued again.
     pub requeued: usize,
+    /// Jobs failed for good: they had been started `max_attempts` times (poison jobs).
+    pub exhausted: usize,
 }
 
 impl LocalBackend {
-    /// Open the journal, put back what a crash interrupted, and load every job into `jobs`.
-    pub fn open(store: Store, jobs: Arc<Jobs>) -> Result<(Self, Recovery)> {
+    /// Open the journal, put back what a crash interrupted (failing jobs already started
+    /// `max_attempts` times), and load every job into `jobs`.
+    pub fn open(store: Store, jobs: Arc<Jobs>, max_attempts: u32) -> Result<(Self, Recovery)> {
         let requeued = store.requeue_interrupted()?;
+        let exhausted = store.fail_exhausted(max_attempts, now_ms())?;
         let stored = store.load_all()?;
         let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
-        let recovery = Recovery { jobs: stored.len(), queued, requeued };
+        let recovery = Recovery { jobs: stored.len(), queued, requeued: requeued.saturating_sub(exhausted), exhausted };
         jobs.restore(stored);
         Ok((LocalBackend { store, jobs }, recovery))
     }

@@ -23,8 +23,15 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
     let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
     let expired = store.expire(now_ms() - ttl_ms)?;
     let jobs = Arc::new(Jobs::new(config.queue.capacity, metrics.clone()));
-    let (backend, recovery) = LocalBackend::open(store, jobs.clone())?;
+    let (backend, recovery) = LocalBackend::open(store, jobs.clone(), config.queue.max_attempts)?;
     tracing::info!(jobs = recovery.jobs, queued = recovery.queued, requeued = recovery.requeued, expired = expired.len(), %journal, "journal loaded");
+    if recovery.exhausted > 0 {
+        tracing::error!(
+            jobs = recovery.exhausted,
+            max_attempts = config.queue.max_attempts,
+            "failed jobs that were running at every one of their starts (poison jobs)"
+        );
+    }
     let backend = Arc::new(backend);
     let backends = Backends { jobs, queue: backend.clone(), results: backend.clone(), progress: backend, metrics };
     let state = Arc::new(AppState::new(config, models, backends));

@@ -131,6 +131,21 @@ impl Store {
         self.with(|c| Ok(c.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'", [])?))
     }
 
+    /// Fail the queued jobs that were already started `max_attempts` times (each time the process
+    /// died under them); returns how many.
+    pub fn fail_exhausted(&self, max_attempts: u32, finished_ms: i64) -> Result<usize> {
+        let error = format!(
+            "the server stopped {max_attempts} times while running this job (out of memory or a device fault?); \
+             it is not retried again (queue.max_attempts = {max_attempts})"
+        );
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE jobs SET status = 'failed', finished_ms = ?2, error = ?3 WHERE status = 'queued' AND attempts >= ?1",
+                params![max_attempts as i64, finished_ms, error],
+            )?)
+        })
+    }
+
     /// Every journaled job in acceptance order.
     pub fn load_all(&self) -> Result<Vec<StoredJob>> {
         self.with(|c| {

@@ -719,3 +719,48 @@ async fn jpeg_and_webp_are_served_with_their_type_and_settings() {
         assert_eq!((r.status, r.json()["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(field)), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_at_every_crash_fails_after_max_attempts_and_the_server_serves_on() {
+    // What the journal holds when the process died under a job again and again: status running,
+    // one attempt counted per start. "poison" was started 3 times, "survivor" twice.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = flowgen_server::store::Store::open(dir.path()).unwrap();
+        let h = harness(1, |c, _| c.server.data_dir = dir.path().to_path_buf()).await;
+        h.state.begin_drain();
+        for (id, attempts, seed) in [("gen_poison", 3, 1), ("gen_survivor", 2, 2)] {
+            let body = serde_json::from_value(json!({"seed": seed, "label": 4})).unwrap();
+            let spec = flowgen_server::api::validate(&body, &h.state.models, &h.state.config.limits).unwrap();
+            store
+                .insert(&flowgen_server::store::StoredJob {
+                    id: id.into(),
+                    owner: "anonymous".into(),
+                    idempotency_key: None,
+                    request_hash: String::new(),
+                    spec,
+                    status: JobStatus::Queued,
+                    created_ms: 0,
+                    started_ms: None,
+                    finished_ms: None,
+                    error: None,
+                    nfe: None,
+                    attempts: 0,
+                    inference_ms: None,
+                })
+                .unwrap();
+            for _ in 0..attempts {
+                store.mark_running(&[id.to_string()], 0).unwrap();
+            }
+        }
+    }
+    let h = harness(1, |c, _| c.server.data_dir = dir.path().to_path_buf()).await;
+    let poison = wait_for(&h, "gen_poison", JobStatus::Failed).await;
+    assert_eq!(poison["attempts"], 3);
+    assert!(poison["error"].as_str().unwrap().contains("queue.max_attempts = 3"), "{poison}");
+    let survivor = wait_for(&h, "gen_survivor", JobStatus::Succeeded).await;
+    assert_eq!(survivor["attempts"], 3, "a job below the cap gets its third start");
+    let fresh = submit(&h, json!({"seed": 9})).await;
+    wait_for(&h, &fresh, JobStatus::Succeeded).await;
+    assert!(h.fake.batches().iter().all(|seeds| !seeds.contains(&1)), "the poison job never ran again");
+}

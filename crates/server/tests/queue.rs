@@ -45,7 +45,7 @@ fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
 
 fn open(dir: &std::path::Path) -> (LocalBackend, Arc<Jobs>, Recovery) {
     let jobs = Arc::new(Jobs::new(16, Arc::new(Metrics::new())));
-    let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone()).unwrap();
+    let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone(), 3).unwrap();
     (backend, jobs, recovery)
 }
 
@@ -58,7 +58,7 @@ fn claim_ack_release_cancel_and_crash_requeue() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (queue, jobs, recovery) = open(dir.path());
-        assert_eq!(recovery, Recovery { jobs: 0, queued: 0, requeued: 0 });
+        assert_eq!(recovery, Recovery { jobs: 0, queued: 0, requeued: 0, exhausted: 0 });
         queue.enqueue(job("b", Priority::Normal, "euler", 2)).unwrap();
         queue.enqueue(job("c", Priority::Normal, "heun", 3)).unwrap();
         queue.enqueue(job("a", Priority::High, "euler", 1)).unwrap();
@@ -86,7 +86,7 @@ fn claim_ack_release_cancel_and_crash_requeue() {
         // "b" and "c" are claimed but never acknowledged: the process dies here.
     }
     let (queue, jobs, recovery) = open(dir.path());
-    assert_eq!(recovery, Recovery { jobs: 4, queued: 2, requeued: 2 });
+    assert_eq!(recovery, Recovery { jobs: 4, queued: 2, requeued: 2, exhausted: 0 });
     let batch = queue.claim(32).unwrap();
     assert_eq!(ids(&batch), ["b"], "requeued in acceptance order, compatible jobs together");
     assert_eq!(jobs.view("b").unwrap().attempts, 2, "the rerun counts as a second attempt");
