@@ -50,6 +50,8 @@ pub enum ApiError {
     Forbidden(String),
     Conflict(String),
     TooLarge(String),
+    /// The body is not declared as `application/json` (415): a cross-site form post, or a client bug.
+    UnsupportedMediaType(String),
     Unavailable(String),
     Timeout(String),
     /// The detail is logged, never sent.
@@ -95,6 +97,9 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m, None),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m, None),
             ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", m, None),
+            ApiError::UnsupportedMediaType(m) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m, Some("Content-Type".to_string()))
+            }
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m, None),
             ApiError::Timeout(m) => (StatusCode::GATEWAY_TIMEOUT, "timeout", m, None),
             ApiError::Internal(detail) => {

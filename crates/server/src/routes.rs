@@ -110,6 +110,21 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
+/// JSON routes take only `application/json` bodies, so a browser form post from another site (which
+/// cannot set that type without a CORS preflight) never reaches them.
+fn require_json(headers: &HeaderMap) -> AppResult<()> {
+    let declared = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = declared.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        let got = if declared.is_empty() { "none".to_string() } else { format!("{declared:?}") };
+        Err(ApiError::UnsupportedMediaType(format!(
+            "the body must be sent as Content-Type: application/json, got {got}"
+        )))
+    }
+}
+
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> AppResult<T> {
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -203,6 +218,7 @@ fn hash_json<T: serde::Serialize>(value: &T) -> String {
         (status = 202, description = "Accepted; poll the Location", body = JobView),
         (status = 200, description = "Idempotent replay of an earlier submission", body = JobView),
         (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid; `field` names it", body = ErrorBody),
         (status = 429, description = "Queue full or rate limited; see Retry-After", body = ErrorBody),
         (status = 503, description = "Shutting down", body = ErrorBody)),
@@ -213,6 +229,7 @@ async fn create_generation(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Response> {
+    require_json(&headers)?;
     state.check_rate(&caller.0)?;
     let body: GenerationBody = parse_body(body, state.config.server.body_limit_bytes)?;
     let spec = api::validate(&body, &state.models, &state.config.limits)?;
@@ -466,13 +483,15 @@ fn prompt_label(prompt: &str) -> LabelValue {
 
 /// OpenAI-compatible synchronous generation: `prompt` names the class ("7" or "seven").
 #[utoipa::path(post, path = "/v1/images/generations", request_body = OpenAiImageRequest,
-    responses((status = 200, body = OpenAiImageResponse), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 504, description = "Not done in time; the job goes on (see error)", body = ErrorBody)),
+    responses((status = 200, body = OpenAiImageResponse), (status = 415, description = "The body is not sent as application/json", body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 504, description = "Not done in time; the job goes on (see error)", body = ErrorBody)),
     security(("bearer" = [])))]
 async fn openai_generate(
     State(state): State<Arc<AppState>>,
     caller: Caller,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<OpenAiImageResponse>> {
+    require_json(&headers)?;
     state.check_rate(&caller.0)?;
     let req: OpenAiImageRequest = parse_body(body, state.config.server.body_limit_bytes)?;
     let url_format = match req.response_format.as_deref() {

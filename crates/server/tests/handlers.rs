@@ -152,8 +152,11 @@ async fn every_invalid_field_is_named_with_its_limit() {
         assert_eq!(err["field"], field, "{body}: {err}");
         assert!(err["error"].as_str().unwrap().contains(needle), "{body}: {err}");
     }
-    let r = call(&h, "POST", "/v1/generations", None, &[]).await;
+    // An empty JSON body is malformed; a body of no declared type is refused before parsing.
+    let r = call(&h, "POST", "/v1/generations", None, &[("content-type", "application/json")]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = call(&h, "POST", "/v1/generations", None, &[]).await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(h.state.jobs.queued(), 0, "nothing invalid was queued");
     assert!(h.fake.batches().is_empty());
 }
@@ -763,4 +766,37 @@ async fn a_job_running_at_every_crash_fails_after_max_attempts_and_the_server_se
     let fresh = submit(&h, json!({"seed": 9})).await;
     wait_for(&h, &fresh, JobStatus::Succeeded).await;
     assert!(h.fake.batches().iter().all(|seeds| !seeds.contains(&1)), "the poison job never ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_routes_refuse_bodies_not_sent_as_json() {
+    let h = harness(1, |_, _| {}).await;
+    let body = json!({"seed": 1}).to_string();
+    for (uri, content_type) in [
+        ("/v1/generations", Some("text/plain")),
+        ("/v1/generations", Some("application/x-www-form-urlencoded")),
+        ("/v1/generations", None),
+        ("/v1/images/generations", Some("text/plain;charset=UTF-8")),
+    ] {
+        let mut req = Request::builder().method("POST").uri(uri);
+        if let Some(t) = content_type {
+            req = req.header(header::CONTENT_TYPE, t);
+        }
+        let resp = app(h.state.clone()).oneshot(req.body(Body::from(body.clone())).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{uri} {content_type:?}");
+        let err: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(
+            (err["error_type"].as_str(), err["field"].as_str()),
+            (Some("unsupported_media_type"), Some("Content-Type"))
+        );
+    }
+    assert_eq!(h.state.queue.queued(), 0, "nothing was queued");
+    // A charset parameter is fine.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/generations")
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(Body::from(body))
+        .unwrap();
+    assert_eq!(app(h.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::ACCEPTED);
 }
