@@ -28,13 +28,6 @@ pub struct Generation {
     pub stats: SolveStats,
 }
 
-impl Generation {
-    /// Err naming every image the solver gave up on, for callers that need all of them.
-    pub fn require_all(&self) -> Result<()> {
-        self.stats.require_all()
-    }
-}
-
 pub struct Pipeline {
     config: ModelConfig,
     velocity: Box<dyn VelocityModel>,
@@ -134,21 +127,7 @@ impl Pipeline {
                 format!("{bad} is out of range: this model has classes 0..{}", classes - 1),
             ));
         }
-        if !settings.sampler.is_adaptive() && settings.steps == 0 && settings.schedule.own_steps().is_none() {
-            return Err(Error::invalid("steps", "must be at least 1"));
-        }
-        if !settings.guidance.is_finite() || settings.guidance < 0.0 {
-            return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {}", settings.guidance)));
-        }
-        if settings.guidance != 1.0 && self.config.null_label().is_none() {
-            return Err(Error::invalid(
-                "guidance",
-                "this model has no null label (trained without label dropout); use guidance 1",
-            ));
-        }
-        let (lo, hi) = settings.guidance_interval;
-        crate::config::check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
-        settings.sampler.validate()
+        settings.check(&self.config)
     }
 
     /// Solve from each image's own noise to s = 1 and return the final state.

@@ -64,14 +64,13 @@ impl ScheduleSpec {
         if let Some(points) = stored.get(text) {
             return Ok(ScheduleSpec::Named { name: text.to_string(), points: points.clone() });
         }
-        let number_first = text.starts_with(|c: char| c == '[' || c.is_ascii_digit())
-            || text.strip_prefix('.').is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
-        let looks_inline = text.eq_ignore_ascii_case("uniform") || text.starts_with("shift:") || number_first;
-        if looks_inline && !(access == ScheduleAccess::NamedAndFiles && Path::new(text).is_file()) {
-            return Self::parse_inline(text);
-        }
         if access == ScheduleAccess::NamedAndFiles && Path::new(text).is_file() {
             return Ok(ScheduleSpec::Explicit(Self::read_file(Path::new(text))?));
+        }
+        let number_first = text.starts_with(|c: char| c == '[' || c.is_ascii_digit())
+            || text.strip_prefix('.').is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        if text.eq_ignore_ascii_case("uniform") || text.starts_with("shift:") || number_first {
+            return Self::parse_inline(text);
         }
         let names = if stored.is_empty() {
             "this model stores no schedules".to_string()

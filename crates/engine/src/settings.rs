@@ -24,6 +24,27 @@ pub struct SolveSettings {
     pub guidance_interval: (f64, f64),
 }
 
+impl SolveSettings {
+    /// Whether `model` can solve with these settings; the error names the field.
+    pub fn check(&self, model: &ModelConfig) -> Result<()> {
+        if !self.sampler.is_adaptive() && self.steps == 0 && self.schedule.own_steps().is_none() {
+            return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {}", self.guidance)));
+        }
+        if self.guidance != 1.0 && model.null_label().is_none() {
+            return Err(Error::invalid(
+                "guidance",
+                "this model has no null label (trained without label dropout); use guidance 1",
+            ));
+        }
+        let (lo, hi) = self.guidance_interval;
+        check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
+        self.sampler.validate()
+    }
+}
+
 /// Label and seed of each image; image i's noise depends on `seeds[i]` only.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImageInputs {
@@ -95,20 +116,11 @@ impl ModelConfig {
             self.fixed_grid(request, &preset, access)?
         };
         let guidance = request.guidance.or(preset.guidance).unwrap_or(self.defaults.guidance);
-        if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Error::invalid("guidance", format!("must be a finite number >= 0, got {guidance}")));
-        }
-        if guidance != 1.0 && self.null_label().is_none() {
-            return Err(Error::invalid(
-                "guidance",
-                "this model has no null label (trained without label dropout); use guidance 1",
-            ));
-        }
         let guidance_interval =
             request.guidance_interval.or(preset.guidance_interval).unwrap_or(self.guidance.interval);
-        check_guidance_interval(guidance_interval.0, guidance_interval.1)
-            .map_err(|e| Error::invalid("guidance_interval", e))?;
-        Ok(SolveSettings { sampler, steps, schedule, guidance, guidance_interval })
+        let settings = SolveSettings { sampler, steps, schedule, guidance, guidance_interval };
+        settings.check(self)?;
+        Ok(settings)
     }
 
     /// Steps and grid of a fixed-step sampler: an explicit or stored schedule fixes its own
@@ -122,9 +134,6 @@ impl ModelConfig {
         let text = request.schedule.as_ref().or(preset.schedule.as_ref()).unwrap_or(&self.defaults.schedule);
         let schedule = ScheduleSpec::resolve(text, &self.schedules, access)?;
         let steps = request.steps.or(schedule.own_steps()).or(preset.steps).unwrap_or(self.defaults.steps);
-        if steps == 0 {
-            return Err(Error::invalid("steps", "must be at least 1"));
-        }
         schedule.build(steps)?;
         Ok((steps, schedule))
     }

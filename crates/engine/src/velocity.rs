@@ -87,6 +87,9 @@ pub struct GuidedField<'a> {
     labels: Tensor,
     null_labels: Option<Tensor>,
     guidance: Guidance,
+    /// The guided-channel mask, built at the first guided evaluation (it needs the state's
+    /// channel count and dtype) and reused at every step after.
+    mask: std::sync::OnceLock<Option<Tensor>>,
 }
 
 impl<'a> GuidedField<'a> {
@@ -106,7 +109,7 @@ impl<'a> GuidedField<'a> {
             None
         };
         let labels = Tensor::from_vec(labels.to_vec(), labels.len(), device)?;
-        Ok(Self { model, labels, null_labels, guidance })
+        Ok(Self { model, labels, null_labels, guidance, mask: std::sync::OnceLock::new() })
     }
 
     /// Network times, kept in f32 whatever the model dtype (bf16 would round them coarsely).
@@ -118,6 +121,15 @@ impl<'a> GuidedField<'a> {
 
     /// (1, C, 1, 1) 0/1 mask of the guided channels; None when every channel is guided.
     fn channel_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(mask) = self.mask.get() {
+            return Ok(mask.clone());
+        }
+        let mask = self.build_channel_mask(x)?;
+        let _ = self.mask.set(mask.clone());
+        Ok(mask)
+    }
+
+    fn build_channel_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let channels = x.dim(1)?;
         let Some(list) = &self.guidance.channels else { return Ok(None) };
         let mut mask = vec![0f32; channels];

@@ -202,3 +202,24 @@ pub struct StoredJob {
     pub attempts: u32,
     pub inference_ms: Option<i64>,
 }
+
+impl StoredJob {
+    /// A job just admitted: queued, never started.
+    pub fn accepted(id: &str, owner: &str, spec: JobSpec, created_ms: i64) -> Self {
+        StoredJob {
+            id: id.to_string(),
+            owner: owner.to_string(),
+            idempotency_key: None,
+            request_hash: String::new(),
+            spec,
+            status: JobStatus::Queued,
+            created_ms,
+            started_ms: None,
+            finished_ms: None,
+            error: None,
+            nfe: None,
+            attempts: 0,
+            inference_ms: None,
+        }
+    }
+}

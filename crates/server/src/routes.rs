@@ -176,19 +176,9 @@ async fn submit(
         Admission::Existing(id) => Ok((id, false)),
         Admission::New(id) => {
             let job = StoredJob {
-                id: id.clone(),
-                owner: owner.to_string(),
                 idempotency_key: idempotency_key.clone(),
                 request_hash,
-                spec,
-                status: JobStatus::Queued,
-                created_ms: now_ms(),
-                started_ms: None,
-                finished_ms: None,
-                error: None,
-                nfe: None,
-                attempts: 0,
-                inference_ms: None,
+                ..StoredJob::accepted(&id, owner, spec, now_ms())
             };
             let queue = state.queue.clone();
             let (images, sampler, steps) = (job.spec.n(), job.spec.settings.sampler.clone(), job.spec.settings.steps);
@@ -362,7 +352,7 @@ async fn generation_image(
     let bytes = blocking(move || results.image(&target, index))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
-    let format = api::validate_output(Some(&view.output_format), None).unwrap_or(OutputFormat::Png);
+    let format = OutputFormat::parse(&view.output_format, None).unwrap_or(OutputFormat::Png);
     Ok((
         [
             (header::CONTENT_TYPE, format.content_type().to_string()),

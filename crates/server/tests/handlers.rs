@@ -440,28 +440,19 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
         // Journaled directly, as if accepted just before a crash.
         waiting = "gen_restored".to_string();
         let store = flowgen_server::store::Store::open(dir.path()).unwrap();
-        store
-            .insert(&flowgen_server::store::StoredJob {
-                id: waiting.clone(),
-                owner: "anonymous".into(),
-                idempotency_key: None,
-                request_hash: String::new(),
-                spec: flowgen_server::api::validate(
-                    &serde_json::from_value(json!({"seed": 5, "label": 2})).unwrap(),
-                    &h.state.models,
-                    &h.state.config.limits,
-                )
-                .unwrap(),
-                status: JobStatus::Running,
-                created_ms: 0,
-                started_ms: Some(0),
-                finished_ms: None,
-                error: None,
-                nfe: None,
-                attempts: 1,
-                inference_ms: None,
-            })
-            .unwrap();
+        let spec = flowgen_server::api::validate(
+            &serde_json::from_value(json!({"seed": 5, "label": 2})).unwrap(),
+            &h.state.models,
+            &h.state.config.limits,
+        )
+        .unwrap();
+        let job = flowgen_server::store::StoredJob {
+            status: JobStatus::Running,
+            started_ms: Some(0),
+            attempts: 1,
+            ..flowgen_server::store::StoredJob::accepted(&waiting, "anonymous", spec, 0)
+        };
+        store.insert(&job).unwrap();
         store.mark_running(std::slice::from_ref(&waiting), 0).unwrap();
     }
     let h = harness(1, configure).await;
@@ -735,23 +726,7 @@ async fn a_job_running_at_every_crash_fails_after_max_attempts_and_the_server_se
         for (id, attempts, seed) in [("gen_poison", 3, 1), ("gen_survivor", 2, 2)] {
             let body = serde_json::from_value(json!({"seed": seed, "label": 4})).unwrap();
             let spec = flowgen_server::api::validate(&body, &h.state.models, &h.state.config.limits).unwrap();
-            store
-                .insert(&flowgen_server::store::StoredJob {
-                    id: id.into(),
-                    owner: "anonymous".into(),
-                    idempotency_key: None,
-                    request_hash: String::new(),
-                    spec,
-                    status: JobStatus::Queued,
-                    created_ms: 0,
-                    started_ms: None,
-                    finished_ms: None,
-                    error: None,
-                    nfe: None,
-                    attempts: 0,
-                    inference_ms: None,
-                })
-                .unwrap();
+            store.insert(&flowgen_server::store::StoredJob::accepted(id, "anonymous", spec, 0)).unwrap();
             for _ in 0..attempts {
                 store.mark_running(&[id.to_string()], 0).unwrap();
             }

@@ -18,12 +18,10 @@ fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
         guidance_interval: Some((0.0, 1.0)),
         schedule: "uniform".into(),
     };
-    StoredJob {
-        id: id.into(),
-        owner: "anonymous".into(),
-        idempotency_key: None,
-        request_hash: String::new(),
-        spec: JobSpec {
+    StoredJob::accepted(
+        id,
+        "anonymous",
+        JobSpec {
             model: "m".into(),
             labels: vec![1],
             seeds: vec![seed],
@@ -32,15 +30,8 @@ fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
             output_format: "png".into(),
             output_compression: None,
         },
-        status: JobStatus::Queued,
-        created_ms: 1,
-        started_ms: None,
-        finished_ms: None,
-        error: None,
-        nfe: None,
-        attempts: 0,
-        inference_ms: None,
-    }
+        1,
+    )
 }
 
 fn open(dir: &std::path::Path) -> (LocalBackend, Arc<Jobs>, Recovery) {

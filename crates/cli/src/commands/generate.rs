@@ -251,7 +251,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let images = start..start + request.inputs.len();
         let generation =
             reply.recv().context("engine stopped")?.with_context(|| format!("generating images {images:?}"))?;
-        generation.require_all().with_context(|| format!("generating images {images:?}"))?;
+        generation.stats.require_all().with_context(|| format!("generating images {images:?}"))?;
         write_chunk((&args, format), &cfg.name, (start, &request), &generation, &mut manifest)?;
         all_images.extend(generation.images);
     }
