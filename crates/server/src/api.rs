@@ -182,7 +182,20 @@ fn validate_settings(
         guidance: body.guidance,
         guidance_interval: body.guidance_interval.map(|[lo, hi]| (lo, hi)),
     };
-    let settings = cfg.solve_settings(&request, ScheduleAccess::Named).map_err(engine_validation)?;
+    let mut settings = cfg.solve_settings(&request, ScheduleAccess::Named).map_err(engine_validation)?;
+    if let flowgen_engine::Sampler::Dopri5(opts) = &mut settings.sampler {
+        // The adaptive solver's cost is its NFE cap, not `steps`: the server bounds it.
+        let asked = body.sampler.as_deref().is_some_and(|s| s.to_ascii_lowercase().contains("max_nfe"));
+        if opts.max_nfe > limits.max_nfe {
+            if asked {
+                return Err(ApiError::validation(
+                    "sampler",
+                    format!("max_nfe {} exceeds the server's limit {} (limits.max_nfe)", opts.max_nfe, limits.max_nfe),
+                ));
+            }
+            opts.max_nfe = limits.max_nfe;
+        }
+    }
     if settings.steps > limits.max_steps {
         return Err(ApiError::validation(
             "schedule",
@@ -265,8 +278,12 @@ pub struct Limits {
     pub max_n: usize,
     pub max_steps: usize,
     pub max_guidance: f64,
+    /// Most evaluations an adaptive sampler (dopri5) may spend per image.
+    pub max_nfe: usize,
     pub max_batch: usize,
     pub queue_capacity: usize,
+    /// Jobs one API key may have queued at once.
+    pub max_queued_per_key: usize,
     pub body_limit_bytes: usize,
 }
 

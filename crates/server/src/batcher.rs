@@ -10,14 +10,33 @@ use tracing::Instrument;
 
 use crate::engine::{Engine, EngineOutput};
 use crate::jobs::now_ms;
-use crate::queue::{BatchJob, JobQueue, Outcome, QueueHead, Success};
+use crate::queue::{BatchJob, Outcome, QueueHead, Success};
 use crate::state::AppState;
+
+/// Outcomes the journal refused (a full or failing disk): kept and retried, so a job's final state
+/// reaches the journal, and then memory, as soon as the journal can be written again.
+type Unjournaled = Vec<(String, Outcome)>;
 
 /// Run batches until draining starts; the batch in flight always finishes first.
 pub async fn run(state: Arc<AppState>) {
     let mut draining = state.draining_receiver();
     let max_batch = state.config.queue.max_batch;
+    let mut unjournaled: Unjournaled = Vec::new();
     loop {
+        if !unjournaled.is_empty() {
+            unjournaled = journal(&state, std::mem::take(&mut unjournaled)).await;
+            if !unjournaled.is_empty() {
+                // No new batch while results cannot be stored: they would be lost.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = draining.changed() => {}
+                }
+                if *draining.borrow() {
+                    break;
+                }
+                continue;
+            }
+        }
         if *draining.borrow() {
             break;
         }
@@ -37,6 +56,7 @@ pub async fn run(state: Arc<AppState>) {
         let batch = match claimed.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             Ok(batch) => batch,
             Err(err) => {
+                state.journal_written(false);
                 tracing::error!(error = %err, "cannot claim a batch (journal unwritable?); retrying in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -47,9 +67,52 @@ pub async fn run(state: Arc<AppState>) {
         }
         let ids: Vec<&str> = batch.iter().map(|j| j.id.as_str()).collect();
         let span = tracing::info_span!("batch", jobs = ?ids, images = batch.iter().map(|j| j.spec.n()).sum::<usize>());
-        run_batch(&state, batch).instrument(span).await;
+        unjournaled = run_batch(&state, batch).instrument(span).await;
+    }
+    if !unjournaled.is_empty() {
+        unjournaled = journal(&state, unjournaled).await;
+        if !unjournaled.is_empty() {
+            tracing::error!(
+                jobs = unjournaled.len(),
+                "stopping with results the journal refused; those jobs rerun at the next start"
+            );
+        }
     }
     state.batcher_finished();
+}
+
+/// Journal each outcome (memory follows each write that lands); returns those the journal refused.
+async fn journal(state: &Arc<AppState>, outcomes: Unjournaled) -> Unjournaled {
+    let queue = state.queue.clone();
+    let writer = state.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut refused = Vec::new();
+        for (id, outcome) in outcomes {
+            match queue.ack(&id, &outcome) {
+                Ok(true) => record_outcome(&writer, &id, &outcome),
+                // Cancelled while it ran: the journal already says so, and memory follows it.
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(job = %id, error = %err, "cannot journal how a job ended; retrying");
+                    refused.push((id, outcome));
+                }
+            }
+        }
+        writer.journal_written(refused.is_empty());
+        refused
+    })
+    .await;
+    written.unwrap_or_else(|join| {
+        tracing::error!(error = %join, "journaling outcomes panicked; those jobs rerun at the next start");
+        Vec::new()
+    })
+}
+
+fn record_outcome(state: &AppState, id: &str, outcome: &Outcome) {
+    if let Outcome::Succeeded(done) = outcome {
+        state.metrics.images.inc_by(done.pngs.len() as u64);
+        tracing::info!(job = %id, images = done.pngs.len(), "job succeeded");
+    }
 }
 
 /// Wait for compatible jobs until the batch is full or the oldest job has waited enough.
@@ -74,27 +137,29 @@ async fn wait_for_company(state: &AppState, head: &QueueHead, draining: &mut tok
     }
 }
 
-async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) {
+async fn run_batch(state: &Arc<AppState>, batch: Vec<BatchJob>) -> Unjournaled {
     for job in &batch {
         state.metrics.queue_seconds.observe(job.waited.as_secs_f64());
     }
     match execute(state, &batch).await {
         Ok(solved) => record(state, &batch, solved).await,
-        Err(EngineError::Cancelled) => {}
+        Err(EngineError::Cancelled) => Vec::new(),
         Err(err) if batch.len() > 1 => {
             // Isolate the faulty job: run each job alone so only that one fails.
             tracing::warn!(error = %err, "batch failed; retrying its jobs one by one");
+            let mut refused = Vec::new();
             for job in batch {
                 if job.progress.is_cancelled() {
                     continue;
                 }
                 let single = vec![job];
-                match execute(state, &single).await {
+                refused.extend(match execute(state, &single).await {
                     Ok(solved) => record(state, &single, solved).await,
-                    Err(EngineError::Cancelled) => {}
+                    Err(EngineError::Cancelled) => Vec::new(),
                     Err(err) => fail(state, &single[0], &err).await,
-                }
+                });
             }
+            refused
         }
         Err(err) => fail(state, &batch[0], &err).await,
     }
@@ -157,14 +222,14 @@ async fn execute(state: &Arc<AppState>, batch: &[BatchJob]) -> Result<Solved, En
     Ok(Solved { settings, output, seconds })
 }
 
-/// Encode each job's images in its format and journal them together with its success.
-async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
+/// Encode each job's images in its format and journal them together with its success; returns
+/// the outcomes the journal refused.
+async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) -> Unjournaled {
     let Solved { settings, output, seconds } = solved;
-    let queue = state.queue.clone();
     let jobs: Vec<BatchJob> = batch.to_vec();
     let finished = now_ms();
     let inference_ms = (seconds * 1000.0).round() as i64;
-    let written = tokio::task::spawn_blocking(move || {
+    let encoded = tokio::task::spawn_blocking(move || {
         let mut outcomes = Vec::new();
         let mut offset = 0;
         for job in &jobs {
@@ -173,34 +238,31 @@ async fn record(state: &Arc<AppState>, batch: &[BatchJob], solved: Solved) {
             if job.progress.is_cancelled() {
                 continue;
             }
-            let finished = Finished { settings: &settings, output: &output, range, finished, inference_ms };
-            outcomes.push((job.id.clone(), store_job(queue.as_ref(), job, finished)));
+            let part = Finished { settings: &settings, output: &output, range, finished, inference_ms };
+            // A panic encoding one job's images fails that job only, never its batch-mates.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encode_job(job, part)))
+                .unwrap_or_else(|_| Err(JobFailure::Internal("encoding the images panicked".into())));
+            outcomes.push((job.id.clone(), result));
         }
         outcomes
     })
     .await;
-    let outcomes = match written {
+    let encoded = match encoded {
         Ok(o) => o,
-        Err(join) => {
-            for job in batch {
-                fail_with(state, &job.id, "internal", &format!("storing results failed: {join}")).await;
-            }
-            return;
-        }
+        Err(join) => batch.iter().map(|j| (j.id.clone(), Err(JobFailure::Internal(join.to_string())))).collect(),
     };
-    for (id, outcome) in outcomes {
-        match outcome {
-            Ok(true) => {
-                let n = batch.iter().find(|j| j.id == id).map(|j| j.spec.n()).unwrap_or(0);
-                state.metrics.images.inc_by(n as u64);
-                tracing::info!(job = %id, images = n, seconds, "job succeeded");
-            }
-            // Cancelled while the batch ran: the journal already says so.
-            Ok(false) => {}
-            Err(JobFailure::Engine(err)) => fail_with(state, &id, "engine", &err).await,
-            Err(JobFailure::Internal(err)) => fail_with(state, &id, "internal", &err).await,
-        }
-    }
+    let outcomes = encoded
+        .into_iter()
+        .map(|(id, result)| {
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(JobFailure::Engine(err)) => failure(state, &id, "engine", &err),
+                Err(JobFailure::Internal(err)) => failure(state, &id, "internal", &err),
+            };
+            (id, outcome)
+        })
+        .collect();
+    journal(state, outcomes).await
 }
 
 /// One job's share of a solved batch.
@@ -213,9 +275,8 @@ struct Finished<'a> {
     inference_ms: i64,
 }
 
-/// Encode a job's images in its format and acknowledge it with them; Ok(false) when a cancel
-/// won the race.
-fn store_job(queue: &dyn JobQueue, job: &BatchJob, part: Finished) -> Result<bool, JobFailure> {
+/// A job's success with its images encoded in its format.
+fn encode_job(job: &BatchJob, part: Finished) -> Result<Outcome, JobFailure> {
     let inputs = job.spec.inputs();
     let stats = part.output.stats.for_samples(part.range.clone());
     if let Err(unsolved) = stats.require_all() {
@@ -232,8 +293,7 @@ fn store_job(queue: &dyn JobQueue, job: &BatchJob, part: Finished) -> Result<boo
         })
         .collect::<Result<Vec<Vec<u8>>, _>>()
         .map_err(|e| JobFailure::Internal(e.to_string()))?;
-    let done = Success { finished_ms: part.finished, nfe, inference_ms: part.inference_ms, pngs };
-    queue.ack(&job.id, Outcome::Succeeded(done)).map_err(|e| JobFailure::Internal(e.to_string()))
+    Ok(Outcome::Succeeded(Success { finished_ms: part.finished, nfe, inference_ms: part.inference_ms, pngs }))
 }
 
 /// Why one job of a solved batch did not succeed.
@@ -244,25 +304,28 @@ enum JobFailure {
     Internal(String),
 }
 
-async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) {
-    let kind = match err {
-        EngineError::EnginePanicked(_) => "panic",
-        EngineError::Invalid { .. } | EngineError::Config { .. } => "invalid",
-        _ => "engine",
+async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) -> Unjournaled {
+    let outcome = match err {
+        EngineError::EnginePanicked(detail) => failure(state, &job.id, "panic", detail),
+        EngineError::Invalid { .. } | EngineError::Config { .. } => {
+            failure(state, &job.id, "invalid", &err.to_string())
+        }
+        _ => failure(state, &job.id, "engine", &err.to_string()),
     };
-    fail_with(state, &job.id, kind, &err.to_string()).await;
+    journal(state, vec![(job.id.clone(), outcome)]).await
 }
 
-async fn fail_with(state: &Arc<AppState>, id: &str, kind: &str, message: &str) {
-    tracing::error!(job = %id, kind, error = %message, "job failed");
+/// A failed outcome: the detail goes to the log; the job's error says what a client can act on,
+/// never internal text (SQLite, panics, join errors).
+fn failure(state: &AppState, id: &str, kind: &str, detail: &str) -> Outcome {
+    tracing::error!(job = %id, kind, error = %detail, "job failed");
     state.metrics.failure(kind);
-    let queue = state.queue.clone();
-    let (id_owned, error) = (id.to_string(), message.to_string());
-    match tokio::task::spawn_blocking(move || queue.ack(&id_owned, Outcome::Failed { error })).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
-        Err(e) => tracing::error!(job = %id, error = %e, "cannot journal a failure"),
-    }
+    let error = match kind {
+        "panic" => format!("the engine failed unexpectedly (a panic) while running this job; the server log has the details (job {id})"),
+        "internal" => format!("storing this job's results failed; the server log has the details (job {id})"),
+        _ => detail.to_string(),
+    };
+    Outcome::Failed { error }
 }
 
 /// One tiny generation per model so the first request does not pay for lazy set-up.

@@ -68,11 +68,20 @@ pub struct QueueSection {
     /// Starts of one job before it is failed for good: a job running whenever the process died
     /// (out of memory, a device fault) is not retried past this (a poison job).
     pub max_attempts: u32,
+    /// Jobs one API key may have queued at once (429 past it), so no key fills the shared queue.
+    pub max_queued_per_key: usize,
 }
 
 impl Default for QueueSection {
     fn default() -> Self {
-        QueueSection { capacity: 256, max_batch: 32, max_wait_ms: 20, result_ttl_s: 86_400, max_attempts: 3 }
+        QueueSection {
+            capacity: 256,
+            max_batch: 32,
+            max_wait_ms: 20,
+            result_ttl_s: 86_400,
+            max_attempts: 3,
+            max_queued_per_key: 64,
+        }
     }
 }
 
@@ -85,11 +94,13 @@ pub struct LimitsSection {
     pub max_steps: usize,
     /// Largest classifier-free guidance scale.
     pub max_guidance: f64,
+    /// Most velocity evaluations an adaptive sampler (dopri5) may spend per image.
+    pub max_nfe: usize,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
-        LimitsSection { max_n: 16, max_steps: 256, max_guidance: 20.0 }
+        LimitsSection { max_n: 16, max_steps: 256, max_guidance: 20.0, max_nfe: 1000 }
     }
 }
 
@@ -102,11 +113,18 @@ pub struct AuthSection {
     pub rate_limit_per_minute: u32,
     /// Submissions a key may make at once before the rate applies.
     pub rate_limit_burst: u32,
+    /// Keys (from api_keys) that may submit `priority: high`; others get 403 for it.
+    pub high_priority_keys: Vec<String>,
 }
 
 impl Default for AuthSection {
     fn default() -> Self {
-        AuthSection { api_keys: Vec::new(), rate_limit_per_minute: 0, rate_limit_burst: 10 }
+        AuthSection {
+            api_keys: Vec::new(),
+            rate_limit_per_minute: 0,
+            rate_limit_burst: 10,
+            high_priority_keys: Vec::new(),
+        }
     }
 }
 
@@ -184,6 +202,16 @@ impl ServerConfig {
         }
         if self.queue.capacity == 0 {
             return bad("queue.capacity", "must be at least 1".into());
+        }
+        if self.queue.max_queued_per_key == 0 {
+            return bad("queue.max_queued_per_key", "must be at least 1".into());
+        }
+        if self.limits.max_nfe < 6 {
+            return bad("limits.max_nfe", format!("must be at least 6 (one dopri5 step), got {}", self.limits.max_nfe));
+        }
+        if let Some(unknown) = self.auth.high_priority_keys.iter().find(|k| !self.auth.api_keys.contains(k)) {
+            let shown: String = unknown.chars().take(4).collect();
+            return bad("auth.high_priority_keys", format!("key {shown}... is not one of auth.api_keys"));
         }
         if self.queue.max_attempts == 0 {
             return bad("queue.max_attempts", "must be at least 1".into());

@@ -45,10 +45,11 @@ impl JobProgress for LiveJob {
 }
 
 pub enum Admission {
-    /// Go ahead and journal this job under this id.
-    New(String),
-    /// The Idempotency-Key was seen before with the same body.
-    Existing(String),
+    /// Go ahead and journal this job under this id; say how it went on `landed`.
+    New { id: String, landed: watch::Sender<Option<bool>> },
+    /// The Idempotency-Key was seen before with the same body; while that first request is still
+    /// being journaled, `landing` says when it is (true) or that it failed (false).
+    Existing { id: String, landing: Option<watch::Receiver<Option<bool>>> },
 }
 
 pub enum CancelOutcome {
@@ -57,20 +58,115 @@ pub enum CancelOutcome {
     Cancellable,
 }
 
+/// One priority's queued jobs: a FIFO per owner, owners taken in turn (round-robin), so one key
+/// cannot starve the others by queueing many jobs.
+#[derive(Default)]
+struct Lane {
+    turns: VecDeque<String>,
+    by_owner: HashMap<String, VecDeque<String>>,
+}
+
+impl Lane {
+    fn push_back(&mut self, owner: &str, id: String) {
+        let queue = self.by_owner.entry(owner.to_string()).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(owner.to_string());
+        }
+        queue.push_back(id);
+    }
+
+    /// Back at the head: the owner's turn comes first again.
+    fn push_front(&mut self, owner: &str, id: String) {
+        let queue = self.by_owner.entry(owner.to_string()).or_default();
+        queue.push_front(id);
+        self.turns.retain(|o| o != owner);
+        self.turns.push_front(owner.to_string());
+    }
+
+    fn remove(&mut self, owner: &str, id: &str) -> bool {
+        let Some(queue) = self.by_owner.get_mut(owner) else { return false };
+        let before = queue.len();
+        queue.retain(|x| x != id);
+        let removed = queue.len() != before;
+        if queue.is_empty() {
+            self.by_owner.remove(owner);
+            self.turns.retain(|o| o != owner);
+        }
+        removed
+    }
+
+    /// Owners that were just served go to the back of the turn order.
+    fn served(&mut self, owners: &[String]) {
+        for owner in owners {
+            if let Some(at) = self.turns.iter().position(|o| o == owner) {
+                if let Some(o) = self.turns.remove(at) {
+                    self.turns.push_back(o);
+                }
+            }
+        }
+    }
+
+    /// Service order: each owner's first job in turn order, then each one's second, and so on.
+    fn ordered(&self) -> Vec<&String> {
+        let queues: Vec<&VecDeque<String>> = self.turns.iter().filter_map(|o| self.by_owner.get(o)).collect();
+        let depth = queues.iter().map(|q| q.len()).max().unwrap_or(0);
+        let mut out = Vec::with_capacity(queues.iter().map(|q| q.len()).sum());
+        for d in 0..depth {
+            out.extend(queues.iter().filter_map(|q| q.get(d)));
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.by_owner.values().map(VecDeque::len).sum()
+    }
+
+    fn owner_len(&self, owner: &str) -> usize {
+        self.by_owner.get(owner).map_or(0, VecDeque::len)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    queues: [VecDeque<String>; 3],
+    lanes: [Lane; 3],
     entries: HashMap<String, Entry>,
     idempotency: HashMap<(String, String), (String, String)>,
-    reserved: usize,
+    /// Admitted jobs whose journal write is under way, by id; their replays wait on it.
+    landing: HashMap<String, watch::Receiver<Option<bool>>>,
+    /// Admitted, not yet journaled, per owner.
+    reserved: HashMap<String, usize>,
     /// Images per second over recent batches, for Retry-After.
     throughput: f64,
+}
+
+impl Inner {
+    /// Every queued id in service order: priority, then round-robin between owners.
+    fn ordered(&self) -> Vec<&String> {
+        self.lanes.iter().flat_map(Lane::ordered).collect()
+    }
+
+    fn queued(&self) -> usize {
+        self.lanes.iter().map(Lane::len).sum()
+    }
+
+    fn unqueue(&mut self, id: &str) {
+        let Some(e) = self.entries.get(id) else { return };
+        let (owner, rank) = (e.job.owner.clone(), e.spec.priority.rank());
+        self.lanes[rank].remove(&owner, id);
+    }
+
+    fn queue_back(&mut self, id: &str) {
+        let Some(e) = self.entries.get(id) else { return };
+        let (owner, rank) = (e.job.owner.clone(), e.spec.priority.rank());
+        self.lanes[rank].push_back(&owner, id.to_string());
+    }
 }
 
 pub struct Jobs {
     inner: Mutex<Inner>,
     pub wake: Notify,
     capacity: usize,
+    per_key: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -79,8 +175,9 @@ pub fn now_ms() -> i64 {
 }
 
 impl Jobs {
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
-        Jobs { inner: Mutex::new(Inner::default()), wake: Notify::new(), capacity, metrics }
+    /// A table that queues at most `capacity` jobs, `per_key` of them for one owner.
+    pub fn new(capacity: usize, per_key: usize, metrics: Arc<Metrics>) -> Self {
+        Jobs { inner: Mutex::new(Inner::default()), wake: Notify::new(), capacity, per_key, metrics }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -96,8 +193,7 @@ impl Jobs {
             let id = job.id.clone();
             insert(&mut inner, job);
             if queued {
-                let rank = inner.entries[&id].spec.priority.rank();
-                inner.queues[rank].push_back(id);
+                inner.queue_back(&id);
             }
         }
         self.refresh(&mut inner);
@@ -105,42 +201,74 @@ impl Jobs {
         self.wake.notify_one();
     }
 
-    /// Check idempotency and capacity, and hold a queue slot for a job about to be journaled.
+    /// Check idempotency, the owner's cap and capacity, and hold a queue slot for a job about to
+    /// be journaled; `enqueue` or `abandon` releases it.
     pub fn admit(&self, owner: &str, idempotency_key: Option<&str>, request_hash: &str) -> Result<Admission, ApiError> {
         let mut inner = self.lock();
         if let Some(key) = idempotency_key {
             if let Some((id, hash)) = inner.idempotency.get(&(owner.to_string(), key.to_string())) {
                 if hash == request_hash {
-                    return Ok(Admission::Existing(id.clone()));
+                    let landing = inner.landing.get(id).cloned();
+                    return Ok(Admission::Existing { id: id.clone(), landing });
                 }
                 return Err(ApiError::Conflict(format!(
                     "Idempotency-Key {key:?} was used for a different request (job {id})"
                 )));
             }
         }
-        let queued: usize = inner.queues.iter().map(VecDeque::len).sum();
-        if queued + inner.reserved >= self.capacity {
-            let images: usize =
-                inner.queues.iter().flatten().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
-            let retry = if inner.throughput > 0.0 { (images as f64 / inner.throughput).ceil() as u64 } else { 5 };
+        let reserved_total: usize = inner.reserved.values().sum();
+        let mine = inner.lanes.iter().map(|l| l.owner_len(owner)).sum::<usize>()
+            + inner.reserved.get(owner).copied().unwrap_or(0);
+        if mine >= self.per_key {
+            self.metrics.rejected("key_queue_full");
+            return Err(ApiError::Overloaded {
+                message: format!(
+                    "this API key already has {mine} jobs queued, the most one key may have (queue.max_queued_per_key = {}); \
+                     retry when some have started",
+                    self.per_key
+                ),
+                retry_after_s: self.retry_after(&inner),
+            });
+        }
+        if inner.queued() + reserved_total >= self.capacity {
             self.metrics.rejected("queue_full");
             return Err(ApiError::Overloaded {
                 message: format!("the queue is full ({} jobs); retry later", self.capacity),
-                retry_after_s: retry.clamp(1, 300),
+                retry_after_s: self.retry_after(&inner),
             });
         }
-        inner.reserved += 1;
+        *inner.reserved.entry(owner.to_string()).or_default() += 1;
         let id = format!("gen_{}", uuid::Uuid::new_v4().simple());
+        let (landed, landing) = watch::channel(None);
         if let Some(key) = idempotency_key {
             inner.idempotency.insert((owner.to_string(), key.to_string()), (id.clone(), request_hash.to_string()));
+            inner.landing.insert(id.clone(), landing);
         }
-        Ok(Admission::New(id))
+        Ok(Admission::New { id, landed })
     }
 
-    /// The journal refused the job: release its slot.
-    pub fn abandon(&self, owner: &str, idempotency_key: Option<&str>) {
+    /// Seconds until the queued images are likely done, for Retry-After.
+    fn retry_after(&self, inner: &Inner) -> u64 {
+        let images: usize =
+            inner.ordered().into_iter().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
+        let retry = if inner.throughput > 0.0 { (images as f64 / inner.throughput).ceil() as u64 } else { 5 };
+        retry.clamp(1, 300)
+    }
+
+    fn release_reservation(inner: &mut Inner, owner: &str) {
+        if let Some(count) = inner.reserved.get_mut(owner) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inner.reserved.remove(owner);
+            }
+        }
+    }
+
+    /// The journal refused job `id`: release its slot and its Idempotency-Key.
+    pub fn abandon(&self, id: &str, owner: &str, idempotency_key: Option<&str>) {
         let mut inner = self.lock();
-        inner.reserved = inner.reserved.saturating_sub(1);
+        Self::release_reservation(&mut inner, owner);
+        inner.landing.remove(id);
         if let Some(key) = idempotency_key {
             inner.idempotency.remove(&(owner.to_string(), key.to_string()));
         }
@@ -149,11 +277,11 @@ impl Jobs {
     /// The job is journaled: queue it.
     pub fn enqueue(&self, job: StoredJob) {
         let mut inner = self.lock();
-        inner.reserved = inner.reserved.saturating_sub(1);
+        Self::release_reservation(&mut inner, &job.owner);
         let id = job.id.clone();
-        let rank = job.spec.priority.rank();
+        inner.landing.remove(&id);
         insert(&mut inner, job);
-        inner.queues[rank].push_back(id);
+        inner.queue_back(&id);
         self.refresh(&mut inner);
         drop(inner);
         self.wake.notify_one();
@@ -214,9 +342,7 @@ impl Jobs {
     /// The journal recorded the cancellation: drop it from the queue or flag it for the batcher.
     pub fn mark_cancelled(&self, id: &str) {
         let mut inner = self.lock();
-        for q in inner.queues.iter_mut() {
-            q.retain(|x| x != id);
-        }
+        inner.unqueue(id);
         if let Some(e) = inner.entries.get_mut(id) {
             e.live.cancel.store(true, Ordering::SeqCst);
             e.job.status = JobStatus::Cancelled;
@@ -233,13 +359,11 @@ impl Jobs {
     /// The head job's batch key, when it was queued, and how many compatible images are waiting.
     pub fn head(&self) -> Option<QueueHead> {
         let inner = self.lock();
-        let head_id = inner.queues.iter().flatten().next()?;
-        let head = inner.entries.get(head_id)?;
+        let order = inner.ordered();
+        let head = inner.entries.get(*order.first()?)?;
         let key = head.spec.batch_key();
-        let images = inner
-            .queues
-            .iter()
-            .flatten()
+        let images = order
+            .into_iter()
             .filter_map(|id| inner.entries.get(id))
             .filter(|e| e.spec.batch_key() == key)
             .map(|e| e.spec.n())
@@ -247,33 +371,32 @@ impl Jobs {
         Some(QueueHead { key, enqueued: head.enqueued, images })
     }
 
-    /// Take the head job and every compatible queued job that fits, in priority then FIFO order.
+    /// Take the head job and every compatible queued job that fits, in service order (priority,
+    /// then owners in turn, each owner's jobs first come first served).
     pub fn take_batch(&self, max_images: usize) -> Vec<BatchJob> {
         let mut inner = self.lock();
-        let Some(key) =
-            inner.queues.iter().flatten().next().and_then(|id| inner.entries.get(id)).map(|e| e.spec.batch_key())
-        else {
+        let order: Vec<String> = inner.ordered().into_iter().cloned().collect();
+        let Some(key) = order.first().and_then(|id| inner.entries.get(id)).map(|e| e.spec.batch_key()) else {
             return Vec::new();
         };
         let mut chosen = Vec::new();
         let mut images = 0;
-        for rank in 0..3 {
-            let ids: Vec<String> = inner.queues[rank].iter().cloned().collect();
-            for id in ids {
-                let Some(e) = inner.entries.get(&id) else { continue };
-                if e.spec.batch_key() != key || images + e.spec.n() > max_images {
-                    continue;
-                }
-                images += e.spec.n();
-                chosen.push(id);
+        for id in order {
+            let Some(e) = inner.entries.get(&id) else { continue };
+            if e.spec.batch_key() != key || images + e.spec.n() > max_images {
+                continue;
             }
+            images += e.spec.n();
+            chosen.push(id);
         }
         let started = now_ms();
         let now = Instant::now();
         let mut batch = Vec::with_capacity(chosen.len());
+        let mut served: [Vec<String>; 3] = Default::default();
         for id in &chosen {
-            for q in inner.queues.iter_mut() {
-                q.retain(|x| x != id);
+            inner.unqueue(id);
+            if let Some(e) = inner.entries.get(id) {
+                served[e.spec.priority.rank()].push(e.job.owner.clone());
             }
             if let Some(e) = inner.entries.get_mut(id) {
                 e.job.status = JobStatus::Running;
@@ -291,6 +414,9 @@ impl Jobs {
                     waited: now.saturating_duration_since(e.enqueued),
                 });
             }
+        }
+        for (lane, owners) in inner.lanes.iter_mut().zip(&served) {
+            lane.served(owners);
         }
         self.refresh(&mut inner);
         batch
@@ -336,8 +462,44 @@ impl Jobs {
             e.job.status = JobStatus::Queued;
             e.job.attempts = e.job.attempts.saturating_sub(1);
             e.live.events.send_modify(|s| s.status = JobStatus::Queued);
-            let rank = e.spec.priority.rank();
-            inner.queues[rank].push_front(id.clone());
+            let (owner, rank) = (e.job.owner.clone(), e.spec.priority.rank());
+            inner.lanes[rank].push_front(&owner, id.clone());
+        }
+        self.refresh(&mut inner);
+    }
+
+    /// Make memory say what the journal says about a job (after a write that changed nothing or
+    /// failed): its status, times and error; a job no longer queued leaves the queue.
+    pub fn sync(&self, stored: &StoredJob) {
+        let mut inner = self.lock();
+        let Some(e) = inner.entries.get_mut(&stored.id) else { return };
+        let was = e.job.status;
+        if was == stored.status {
+            return;
+        }
+        e.job.status = stored.status;
+        e.job.started_ms = stored.started_ms;
+        e.job.finished_ms = stored.finished_ms;
+        e.job.error = stored.error.clone();
+        e.job.nfe = stored.nfe;
+        e.job.inference_ms = stored.inference_ms;
+        e.job.attempts = stored.attempts;
+        if stored.status == JobStatus::Cancelled {
+            e.live.cancel.store(true, Ordering::SeqCst);
+        }
+        let status = stored.status;
+        e.live.events.send_modify(|s| {
+            s.status = status;
+            s.position = None;
+        });
+        if status.is_final() {
+            self.metrics.job_finished(status.as_str());
+        }
+        if was == JobStatus::Queued {
+            inner.unqueue(&stored.id);
+        }
+        if status == JobStatus::Queued {
+            inner.queue_back(&stored.id);
         }
         self.refresh(&mut inner);
     }
@@ -352,7 +514,7 @@ impl Jobs {
     }
 
     pub fn queued(&self) -> usize {
-        self.lock().queues.iter().map(VecDeque::len).sum()
+        self.lock().queued()
     }
 
     pub fn forget(&self, ids: &[String]) {
@@ -370,7 +532,7 @@ impl Jobs {
     fn refresh(&self, inner: &mut Inner) {
         let mut position = 0;
         let mut images = 0;
-        for id in inner.queues.iter().flatten() {
+        for id in inner.ordered() {
             if let Some(e) = inner.entries.get(id) {
                 e.live.events.send_if_modified(|s| {
                     let changed = s.position != Some(position);

@@ -46,6 +46,15 @@ impl LocalBackend {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// Put the in-memory job in the state the journal holds for it.
+    fn follow_journal(&self, id: &str) {
+        match self.store.load(id) {
+            Ok(Some(stored)) => self.jobs.sync(&stored),
+            Ok(None) => {}
+            Err(err) => tracing::error!(job = %id, error = %err, "cannot read a job back from the journal"),
+        }
+    }
 }
 
 impl JobQueue for LocalBackend {
@@ -73,31 +82,39 @@ impl JobQueue for LocalBackend {
             return Ok(batch);
         }
         let ids: Vec<String> = batch.iter().map(|j| j.id.clone()).collect();
-        if let Err(err) = self.store.mark_running(&ids, now_ms()) {
-            // Without a journal entry the result could not be stored; leave the jobs queued.
-            self.jobs.requeue_front(&ids);
-            return Err(err);
+        let marked = match self.store.mark_running(&ids, now_ms()) {
+            Ok(marked) => marked,
+            Err(err) => {
+                // Without a journal entry the result could not be stored; leave the jobs queued.
+                self.jobs.requeue_front(&ids);
+                return Err(err);
+            }
+        };
+        if marked.len() == ids.len() {
+            return Ok(batch);
         }
-        Ok(batch)
+        // A job the journal had already ended (cancelled meanwhile) does not run; memory follows.
+        let (run, ended): (Vec<BatchJob>, Vec<BatchJob>) = batch.into_iter().partition(|j| marked.contains(&j.id));
+        for job in ended {
+            self.follow_journal(&job.id);
+        }
+        Ok(run)
     }
 
-    fn ack(&self, id: &str, outcome: Outcome) -> Result<bool> {
+    fn ack(&self, id: &str, outcome: &Outcome) -> Result<bool> {
+        let stored = match outcome {
+            Outcome::Succeeded(done) => self.store.finish_succeeded(id, done)?,
+            Outcome::Failed { error } => self.store.finish(id, JobStatus::Failed, now_ms(), Some(error))?,
+        };
         match outcome {
-            Outcome::Succeeded(done) => {
-                let stored = self.store.finish_succeeded(id, &done)?;
-                if stored {
-                    self.jobs.mark_succeeded(id, done.finished_ms, done.nfe, done.inference_ms);
-                }
-                Ok(stored)
+            Outcome::Succeeded(done) if stored => {
+                self.jobs.mark_succeeded(id, done.finished_ms, done.nfe, done.inference_ms)
             }
-            Outcome::Failed { error } => {
-                let stored = self.store.finish(id, JobStatus::Failed, now_ms(), Some(&error))?;
-                if stored {
-                    self.jobs.mark_failed(id, &error);
-                }
-                Ok(stored)
-            }
+            Outcome::Failed { error } if stored => self.jobs.mark_failed(id, error),
+            // It had ended already: whatever the journal says is what clients see.
+            _ => self.follow_journal(id),
         }
+        Ok(stored)
     }
 
     fn release(&self, ids: &[String]) {

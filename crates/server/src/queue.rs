@@ -82,7 +82,8 @@ pub trait JobQueue: Send + Sync + 'static {
     /// priority then arrival order; they are running (one more attempt each) once this returns.
     fn claim(&self, max_images: usize) -> Result<Vec<BatchJob>>;
     /// Record how a claimed job ended; false when it had already ended (a cancel won).
-    fn ack(&self, id: &str, outcome: Outcome) -> Result<bool>;
+    /// An error leaves the job as it was (running); the caller keeps the outcome and retries.
+    fn ack(&self, id: &str, outcome: &Outcome) -> Result<bool>;
     /// Give claimed jobs back at the head of the queue (their batch never started).
     fn release(&self, ids: &[String]);
     /// Cancel a queued or running job; false when it had already ended.

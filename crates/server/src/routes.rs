@@ -173,24 +173,52 @@ async fn submit(
         return Err(ApiError::Unavailable("the server is shutting down and accepts no new jobs".into()));
     }
     match state.jobs.admit(owner, idempotency_key.as_deref(), &request_hash)? {
-        Admission::Existing(id) => Ok((id, false)),
-        Admission::New(id) => {
+        Admission::Existing { id, landing: None } => Ok((id, false)),
+        Admission::Existing { id, landing: Some(mut landing) } => {
+            // The first request with this key is still being journaled: its outcome is this one's.
+            let landed = landing.wait_for(Option::is_some).await.map(|v| *v == Some(true)).unwrap_or(false);
+            if landed {
+                Ok((id, false))
+            } else {
+                Err(ApiError::Unavailable(
+                    "the first request with this Idempotency-Key could not be journaled; send it again".into(),
+                ))
+            }
+        }
+        Admission::New { id, landed } => {
             let job = StoredJob {
                 idempotency_key: idempotency_key.clone(),
                 request_hash,
                 ..StoredJob::accepted(&id, owner, spec, now_ms())
             };
-            let queue = state.queue.clone();
             let (images, sampler, steps) = (job.spec.n(), job.spec.settings.sampler.clone(), job.spec.settings.steps);
-            match blocking(move || queue.enqueue(job)).await {
-                Ok(()) => {
+            // The journal write and its bookkeeping run to their end in a task of their own, even
+            // when the client goes away or the request times out: no slot or key is left behind.
+            let worker = state.clone();
+            let (job_id, job_owner) = (id.clone(), owner.to_string());
+            let written = tokio::task::spawn_blocking(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.queue.enqueue(job)))
+                    .unwrap_or_else(|_| Err(crate::error::ServerError::Task("journaling a job panicked".into())));
+                if result.is_err() {
+                    worker.jobs.abandon(&job_id, &job_owner, idempotency_key.as_deref());
+                }
+                worker.journal_written(result.is_ok());
+                landed.send_replace(Some(result.is_ok()));
+                result
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
                     tracing::info!(job = %id, images, %sampler, steps, "job accepted");
                     Ok((id, true))
                 }
-                Err(err) => {
-                    state.jobs.abandon(owner, idempotency_key.as_deref());
-                    Err(err)
+                Ok(Err(err)) => {
+                    tracing::error!(job = %id, error = %err, "cannot journal a new job");
+                    Err(ApiError::Unavailable(
+                        "the job journal cannot be written just now; nothing was queued, retry".into(),
+                    ))
                 }
+                Err(join) => Err(ApiError::Internal(format!("journaling job {id}: {join}"))),
             }
         }
     }
@@ -207,11 +235,11 @@ fn hash_json<T: serde::Serialize>(value: &T) -> String {
     responses(
         (status = 202, description = "Accepted; poll the Location", body = JobView),
         (status = 200, description = "Idempotent replay of an earlier submission", body = JobView),
-        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, description = "priority high without the right to it", body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid; `field` names it", body = ErrorBody),
         (status = 429, description = "Queue full or rate limited; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody)),
+        (status = 503, description = "Shutting down, or the journal cannot be written", body = ErrorBody)),
     security(("bearer" = [])))]
 async fn create_generation(
     State(state): State<Arc<AppState>>,
@@ -223,6 +251,11 @@ async fn create_generation(
     state.check_rate(&caller.0)?;
     let body: GenerationBody = parse_body(body, state.config.server.body_limit_bytes)?;
     let spec = api::validate(&body, &state.models, &state.config.limits)?;
+    if spec.priority == Priority::High && !state.may_use_high_priority(&caller.0) {
+        return Err(ApiError::Forbidden(
+            "priority: \"high\" is reserved for keys listed in auth.high_priority_keys".into(),
+        ));
+    }
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
@@ -613,8 +646,10 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
             max_n: c.limits.max_n,
             max_steps: c.limits.max_steps,
             max_guidance: c.limits.max_guidance,
+            max_nfe: c.limits.max_nfe,
             max_batch: c.queue.max_batch,
             queue_capacity: c.queue.capacity,
+            max_queued_per_key: c.queue.max_queued_per_key,
             body_limit_bytes: c.server.body_limit_bytes,
         },
     })
@@ -626,13 +661,19 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Readiness: models loaded and warmed up, not draining.
-#[utoipa::path(get, path = "/ready", responses((status = 200, description = "Ready"), (status = 503, description = "Warming up or draining")))]
+/// Readiness: models loaded and warmed up, the journal writable, not draining.
+#[utoipa::path(get, path = "/ready", responses((status = 200, description = "Ready"), (status = 503, description = "Warming up, draining, or the journal cannot be written")))]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.is_ready() {
         Json(serde_json::json!({"status": "ready", "queued": state.queue.queued()})).into_response()
     } else {
-        let why = if state.is_draining() { "draining" } else { "warming_up" };
+        let why = if state.is_draining() {
+            "draining"
+        } else if !state.journal_ok() {
+            "journal_unwritable"
+        } else {
+            "warming_up"
+        };
         (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": why}))).into_response()
     }
 }

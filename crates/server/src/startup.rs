@@ -22,7 +22,7 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
     let journal = store.path().display().to_string();
     let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
     let expired = store.expire(now_ms() - ttl_ms)?;
-    let jobs = Arc::new(Jobs::new(config.queue.capacity, metrics.clone()));
+    let jobs = Arc::new(Jobs::new(config.queue.capacity, config.queue.max_queued_per_key, metrics.clone()));
     let (backend, recovery) = LocalBackend::open(store, jobs.clone(), config.queue.max_attempts)?;
     tracing::info!(jobs = recovery.jobs, queued = recovery.queued, requeued = recovery.requeued, expired = expired.len(), %journal, "journal loaded");
     if recovery.exhausted > 0 {
@@ -32,9 +32,17 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
             "failed jobs that were running at every one of their starts (poison jobs)"
         );
     }
+    #[cfg(any(test, feature = "testing"))]
+    let journal_handle = backend.store().clone();
     let backend = Arc::new(backend);
     let backends = Backends { jobs, queue: backend.clone(), results: backend.clone(), progress: backend, metrics };
-    let state = Arc::new(AppState::new(config, models, backends));
+    #[allow(unused_mut)]
+    let mut state = AppState::new(config, models, backends);
+    #[cfg(any(test, feature = "testing"))]
+    {
+        state.journal = Some(journal_handle);
+    }
+    let state = Arc::new(state);
     tokio::spawn(warm_then_batch(state.clone()));
     tokio::spawn(expire_results(state.clone(), ttl_ms));
     Ok(state)

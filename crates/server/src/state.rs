@@ -28,15 +28,27 @@ pub struct AppState {
     pub results: Arc<dyn JobStore>,
     pub progress: Arc<dyn ProgressHub>,
     pub metrics: Arc<Metrics>,
+    /// The embedded journal, for tests that make its writes fail.
+    #[cfg(any(test, feature = "testing"))]
+    pub journal: Option<crate::store::Store>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     key_hashes: Vec<[u8; 32]>,
+    /// Callers (as `authenticate` names them) allowed `priority: high`.
+    high_priority_callers: Vec<String>,
     ready: AtomicBool,
+    /// The last journal write succeeded; readiness is 503 while it does not.
+    journal_ok: AtomicBool,
     draining: watch::Sender<bool>,
     batcher_done: watch::Sender<bool>,
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
+}
+
+/// How a key's caller is named in the journal: the first 8 bytes of its hash, in hex.
+fn caller_name(hash: &[u8; 32]) -> String {
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The parts `AppState` is built from (start-up wiring lives in `startup`).
@@ -56,6 +68,8 @@ impl AppState {
                 _ => None,
             };
         let key_hashes = config.auth.api_keys.iter().map(|k| sha256(k.trim().as_bytes())).collect();
+        let high_priority_callers =
+            config.auth.high_priority_keys.iter().map(|k| caller_name(&sha256(k.trim().as_bytes()))).collect();
         let Backends { jobs, queue, results, progress, metrics } = backends;
         AppState {
             config,
@@ -65,9 +79,13 @@ impl AppState {
             results,
             progress,
             metrics,
+            #[cfg(any(test, feature = "testing"))]
+            journal: None,
             limiter,
             key_hashes,
+            high_priority_callers,
             ready: AtomicBool::new(false),
+            journal_ok: AtomicBool::new(true),
             draining: watch::channel(false).0,
             batcher_done: watch::channel(false).0,
         }
@@ -79,7 +97,26 @@ impl AppState {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_draining()
+        self.ready.load(Ordering::SeqCst) && !self.is_draining() && self.journal_ok()
+    }
+
+    pub fn journal_ok(&self) -> bool {
+        self.journal_ok.load(Ordering::SeqCst)
+    }
+
+    /// Record whether a journal write worked; readiness follows.
+    pub fn journal_written(&self, ok: bool) {
+        let was = self.journal_ok.swap(ok, Ordering::SeqCst);
+        if was && !ok {
+            tracing::error!("the job journal cannot be written: readiness is 503 until it can");
+        } else if !was && ok {
+            tracing::info!("the job journal is writable again");
+        }
+    }
+
+    /// `priority: high` is for keys granted it; an open API has one caller, who may order its own jobs.
+    pub fn may_use_high_priority(&self, caller: &str) -> bool {
+        self.key_hashes.is_empty() || self.high_priority_callers.iter().any(|c| c == caller)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -126,7 +163,7 @@ impl AppState {
             matched |= known.ct_eq(&offered);
         }
         if bool::from(matched) {
-            Ok(offered[..8].iter().map(|b| format!("{b:02x}")).collect())
+            Ok(caller_name(&offered))
         } else {
             Err(ApiError::Unauthorized)
         }

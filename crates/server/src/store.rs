@@ -80,18 +80,23 @@ impl Store {
         })
     }
 
-    /// Jobs the engine is starting now; counts an attempt each.
-    pub fn mark_running(&self, ids: &[String], started_ms: i64) -> Result<()> {
+    /// Jobs the engine is starting now; counts an attempt each. Returns the ids it marked: a job
+    /// left out had already ended in the journal (a cancel won the race) and must not run.
+    pub fn mark_running(&self, ids: &[String], started_ms: i64) -> Result<Vec<String>> {
         self.with(|c| {
             let tx = c.transaction()?;
+            let mut marked = Vec::with_capacity(ids.len());
             for id in ids {
-                tx.execute(
+                let changed = tx.execute(
                     "UPDATE jobs SET status = 'running', started_ms = ?2, attempts = attempts + 1 WHERE id = ?1 AND status IN ('queued', 'running')",
                     params![id, started_ms],
                 )?;
+                if changed == 1 {
+                    marked.push(id.clone());
+                }
             }
             tx.commit()?;
-            Ok(())
+            Ok(marked)
         })
     }
 
@@ -148,11 +153,20 @@ impl Store {
 
     /// Every journaled job in acceptance order.
     pub fn load_all(&self) -> Result<Vec<StoredJob>> {
+        self.select("ORDER BY seq", params![])
+    }
+
+    /// One journaled job, as the journal has it now.
+    pub fn load(&self, id: &str) -> Result<Option<StoredJob>> {
+        Ok(self.select("WHERE id = ?1", params![id])?.pop())
+    }
+
+    fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms FROM jobs ORDER BY seq",
-            )?;
-            let rows = stmt.query_map([], |r| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms FROM jobs {tail}"
+            ))?;
+            let rows = stmt.query_map(args, |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -193,6 +207,13 @@ impl Store {
             }
             Ok(jobs)
         })
+    }
+
+    /// Fault injection for tests: refuse (or allow again) every write, as a full or failing disk
+    /// would, through SQLite's own read-only switch.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn refuse_writes(&self, refuse: bool) -> Result<()> {
+        self.with(|c| Ok(c.pragma_update(None, "query_only", refuse)?))
     }
 
     pub fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {

@@ -595,11 +595,12 @@ async fn samplers_schedules_and_presets_are_canonical_and_named_never_paths() {
     // A parameterised sampler is journaled and shown in canonical form; an adaptive one has no steps.
     let id = submit(&h, json!({"sampler": "Dormand-Prince:atol=1e-3, rtol=1e-3", "steps": 7, "seed": 1})).await;
     let view = wait_for(&h, &id, JobStatus::Succeeded).await;
-    assert_eq!(view["sampler"], "dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000");
+    // Without a max_nfe of its own, the adaptive plan gets the server's cap (limits.max_nfe).
+    assert_eq!(view["sampler"], "dopri5:rtol=1e-3,atol=1e-3,max_nfe=1000");
     assert_eq!((view["steps"].as_u64(), view["schedule"].as_str()), (Some(0), Some("uniform")));
     let png = call(&h, "GET", &format!("/v1/generations/{id}/images/0"), None, &[]).await;
     let (_, text) = flowgen_engine::image::Image::from_png(&png.body).unwrap();
-    assert!(text.contains(&("sampler".to_string(), "dopri5:rtol=1e-3,atol=1e-3,max_nfe=2000".to_string())), "{text:?}");
+    assert!(text.contains(&("sampler".to_string(), "dopri5:rtol=1e-3,atol=1e-3,max_nfe=1000".to_string())), "{text:?}");
 
     // A stored schedule by name fixes the steps; a preset fills what the request leaves out.
     let id = submit(&h, json!({"schedule": "boss-3", "sampler": "euler"})).await;
@@ -627,11 +628,16 @@ async fn samplers_schedules_and_presets_are_canonical_and_named_never_paths() {
     rejected(json!({"sampler": "dopri5:rtol=0"}), "sampler", "rtol").await;
     rejected(json!({"sampler": "euler:order=2"}), "sampler", "unknown parameter").await;
     rejected(json!({"preset": "turbo"}), "preset", "fast").await;
+    rejected(json!({"sampler": "dopri5:max_nfe=5000"}), "sampler", "limits.max_nfe").await;
 
     let models = call(&h, "GET", "/v1/models", None, &[]).await.json();
     let model = &models["data"][0];
     assert_eq!((model["presets"].clone(), model["schedules"].clone()), (json!(["fast"]), json!(["boss-3"])));
     assert_eq!(model["default_sampler"], "heun");
+    assert_eq!(
+        (models["limits"]["max_nfe"].as_u64(), models["limits"]["max_queued_per_key"].as_u64()),
+        (Some(1000), Some(64))
+    );
     assert!(models["samplers"].as_array().unwrap().contains(&json!("dopri5[:rtol=R,atol=A,max_nfe=M]")), "{models}");
 }
 
@@ -774,4 +780,204 @@ async fn json_routes_refuse_bodies_not_sent_as_json() {
         .body(Body::from(body))
         .unwrap();
     assert_eq!(app(h.state.clone()).oneshot(req).await.unwrap().status(), StatusCode::ACCEPTED);
+}
+
+fn journal(h: &Harness) -> &flowgen_server::store::Store {
+    h.state.journal.as_ref().unwrap()
+}
+
+/// Memory and journal agree: every journaled job is known with the journal's status.
+fn assert_memory_follows_journal(h: &Harness) -> Vec<flowgen_server::store::StoredJob> {
+    let stored = journal(h).load_all().unwrap();
+    for job in &stored {
+        let view = h.state.jobs.view(&job.id).unwrap_or_else(|| panic!("journaled job {} unknown in memory", job.id));
+        assert_eq!(view.status, job.status, "job {}", job.id);
+    }
+    let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
+    assert_eq!(h.state.queue.queued(), queued, "queue length vs journal");
+    stored
+}
+
+/// Poll a request once (it reaches the journal write on a blocking thread), then drop it, as a
+/// client closing its connection or a request timeout does.
+async fn drop_after_first_poll(h: &Harness, body: Value, headers: &[(&str, &str)]) {
+    let mut req =
+        Request::builder().method("POST").uri("/v1/generations").header(header::CONTENT_TYPE, "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let fut = app(h.state.clone()).oneshot(req.body(Body::from(body.to_string())).unwrap());
+    let _ = tokio::time::timeout(Duration::ZERO, fut).await;
+}
+
+async fn settle(h: &Harness) {
+    // The journal writes of dropped requests finish on blocking threads; wait until they have.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = journal(h).load_all().unwrap().len();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_dropped_half_way_leave_no_slot_key_or_unknown_job_behind() {
+    let h = harness(1, |c, _| {
+        c.queue.capacity = 4096;
+        c.queue.max_queued_per_key = 4096;
+    })
+    .await;
+    h.fake.pause();
+    for i in 0..2000 {
+        let key = format!("drop-{i}");
+        drop_after_first_poll(&h, json!({"seed": i, "steps": 2}), &[("idempotency-key", &key)]).await;
+    }
+    settle(&h).await;
+    let stored = assert_memory_follows_journal(&h);
+    // Each key that was journaled replays to its job (never a 500); the others start afresh.
+    let mut replayed = 0;
+    for i in (0..2000).step_by(97) {
+        let key = format!("drop-{i}");
+        let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": i, "steps": 2})), &[("idempotency-key", &key)])
+            .await;
+        let known = stored.iter().find(|j| j.idempotency_key.as_deref() == Some(key.as_str()));
+        match known {
+            Some(job) => {
+                assert_eq!((r.status, r.json()["id"].as_str()), (StatusCode::OK, Some(job.id.as_str())), "{key}");
+                replayed += 1;
+            }
+            None => assert_eq!(r.status, StatusCode::ACCEPTED, "{key}"),
+        }
+    }
+    assert!(replayed > 0, "some dropped requests were journaled");
+    h.fake.resume();
+
+    // The journal refusing the write while the client is gone: slot and key are released.
+    let small = harness(1, |c, _| c.queue.capacity = 1).await;
+    journal(&small).refuse_writes(true).unwrap();
+    for i in 0..50 {
+        drop_after_first_poll(&small, json!({"seed": i}), &[("idempotency-key", &format!("refused-{i}"))]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = call(&small, "POST", "/v1/generations", Some(json!({"seed": 1})), &[]).await;
+    assert_eq!((r.status, r.json()["error_type"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")));
+    assert_eq!(call(&small, "GET", "/ready", None, &[]).await.json()["status"], "journal_unwritable");
+    journal(&small).refuse_writes(false).unwrap();
+    let r =
+        call(&small, "POST", "/v1/generations", Some(json!({"seed": 1})), &[("idempotency-key", "refused-7")]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "the one slot is free and the key unused");
+    assert_eq!(call(&small, "GET", "/ready", None, &[]).await.status, StatusCode::OK);
+    assert_memory_follows_journal(&small);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_dropped_half_way_leave_no_job_running() {
+    let h = harness(1, |c, _| {
+        c.queue.capacity = 1024;
+        c.queue.max_queued_per_key = 1024;
+    })
+    .await;
+    h.fake.pause();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(submit(&h, json!({"seed": i, "steps": 2})).await);
+    }
+    for id in &ids {
+        let req =
+            Request::builder().method("POST").uri(format!("/v1/generations/{id}/cancel")).body(Body::empty()).unwrap();
+        let _ = tokio::time::timeout(Duration::ZERO, app(h.state.clone()).oneshot(req)).await;
+    }
+    h.fake.resume();
+    settle(&h).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let views: Vec<JobStatus> = ids.iter().map(|id| h.state.jobs.view(id).unwrap().status).collect();
+        if views.iter().all(|s| s.is_final()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs left unfinished: {views:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = assert_memory_follows_journal(&h);
+    assert!(stored.iter().filter(|j| j.status == JobStatus::Cancelled).count() >= 190, "the cancels took effect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_follows_the_journal_when_its_writes_fail_and_recovers_with_it() {
+    let h = harness(1, |_, _| {}).await;
+    h.fake.pause();
+    let id = submit(&h, json!({"seed": 3, "steps": 3})).await;
+    wait_for(&h, &id, JobStatus::Running).await;
+    journal(&h).refuse_writes(true).unwrap();
+    h.fake.resume();
+    // The job is done but its success cannot be journaled: it stays running, as the journal says.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.state.jobs.view(&id).unwrap().status, JobStatus::Running);
+    assert_eq!(journal(&h).load(&id).unwrap().unwrap().status, JobStatus::Running);
+    let ready = call(&h, "GET", "/ready", None, &[]).await;
+    assert_eq!(
+        (ready.status, ready.json()["status"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("journal_unwritable"))
+    );
+    journal(&h).refuse_writes(false).unwrap();
+    let done = wait_for(&h, &id, JobStatus::Succeeded).await;
+    assert_eq!(done["images"].as_array().unwrap().len(), 1);
+    let png = call(&h, "GET", &format!("/v1/generations/{id}/images/0"), None, &[]).await;
+    assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(3, 0));
+    assert_eq!(call(&h, "GET", "/ready", None, &[]).await.status, StatusCode::OK);
+    assert_memory_follows_journal(&h);
+
+    // A panic's text stays in the log; the job says what happened and where to look.
+    let h = harness(1, |_, fake| fake.panic_label = Some(9)).await;
+    let id = submit(&h, json!({"label": 9})).await;
+    let failed = wait_for(&h, &id, JobStatus::Failed).await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("server log") && !error.contains("fake engine panics"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_can_neither_fill_the_queue_nor_jump_it() {
+    let (alice, bob, vip) = ("key-alice-123", "key-bob-4567", "key-vip-8910");
+    let h = harness(1, |c, _| {
+        c.auth.api_keys = vec![alice.into(), bob.into(), vip.into()];
+        c.auth.high_priority_keys = vec![vip.into()];
+        c.queue.max_queued_per_key = 3;
+        c.queue.max_batch = 1;
+        c.limits.max_n = 1;
+    })
+    .await;
+    let post = |key: &'static str, body: Value| {
+        let h = &h;
+        async move {
+            let auth = format!("Bearer {key}");
+            call(h, "POST", "/v1/generations", Some(body), &[("authorization", &auth)]).await
+        }
+    };
+    h.fake.pause();
+    let first = post(alice, json!({"seed": 10})).await.json()["id"].as_str().unwrap().to_string();
+    wait_for(&h, &first, JobStatus::Running).await;
+    for seed in [11, 12, 13] {
+        assert_eq!(post(alice, json!({"seed": seed})).await.status, StatusCode::ACCEPTED);
+    }
+    let over = post(alice, json!({"seed": 14})).await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(over.headers.contains_key(header::RETRY_AFTER));
+    assert!(over.json()["error"].as_str().unwrap().contains("queue.max_queued_per_key = 3"), "{}", over.json());
+    for seed in [21, 22] {
+        assert_eq!(post(bob, json!({"seed": seed})).await.status, StatusCode::ACCEPTED);
+    }
+    assert_eq!(post(bob, json!({"seed": 23, "priority": "high"})).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(post(vip, json!({"seed": 30, "priority": "high"})).await.status, StatusCode::ACCEPTED);
+    h.fake.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.fake.batches().len() < 7 {
+        assert!(Instant::now() < deadline, "{:?}", h.fake.batches());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // High first; then alice and bob take turns, each in their own order.
+    let order: Vec<u64> = h.fake.batches().into_iter().flatten().collect();
+    assert_eq!(order, [10, 30, 11, 21, 12, 22, 13]);
 }

@@ -35,7 +35,7 @@ fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
 }
 
 fn open(dir: &std::path::Path) -> (LocalBackend, Arc<Jobs>, Recovery) {
-    let jobs = Arc::new(Jobs::new(16, Arc::new(Metrics::new())));
+    let jobs = Arc::new(Jobs::new(16, 16, Arc::new(Metrics::new())));
     let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone(), 3).unwrap();
     (backend, jobs, recovery)
 }
@@ -61,10 +61,10 @@ fn claim_ack_release_cancel_and_crash_requeue() {
         assert_eq!(queue.queued(), 2);
         assert!(batch.iter().all(|j| jobs.view(&j.id).unwrap().status == JobStatus::Running));
         let done = Success { finished_ms: 5, nfe: 4, inference_ms: 3, pngs: vec![b"png-a".to_vec()] };
-        assert!(queue.ack("a", Outcome::Succeeded(done)).unwrap());
+        assert!(queue.ack("a", &Outcome::Succeeded(done)).unwrap());
         assert_eq!(queue.image("a", 0).unwrap().as_deref(), Some(&b"png-a"[..]));
         // A second acknowledgement of a finished job changes nothing.
-        assert!(!queue.ack("a", Outcome::Failed { error: "late".into() }).unwrap());
+        assert!(!queue.ack("a", &Outcome::Failed { error: "late".into() }).unwrap());
         // A batch that never started goes back to the head of its queue.
         let batch = queue.claim(32).unwrap();
         assert_eq!(ids(&batch), ["c", "d"]);
@@ -81,7 +81,7 @@ fn claim_ack_release_cancel_and_crash_requeue() {
     let batch = queue.claim(32).unwrap();
     assert_eq!(ids(&batch), ["b"], "requeued in acceptance order, compatible jobs together");
     assert_eq!(jobs.view("b").unwrap().attempts, 2, "the rerun counts as a second attempt");
-    assert!(queue.ack("b", Outcome::Failed { error: "engine said no".into() }).unwrap());
+    assert!(queue.ack("b", &Outcome::Failed { error: "engine said no".into() }).unwrap());
     assert_eq!(jobs.view("b").unwrap().error.as_deref(), Some("engine said no"));
     assert_eq!(ids(&queue.claim(32).unwrap()), ["c"]);
     assert_eq!(
