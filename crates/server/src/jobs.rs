@@ -149,6 +149,16 @@ impl Inner {
         self.lanes.iter().map(Lane::len).sum()
     }
 
+    /// Queued ids in no particular order, for sums that need no ordering.
+    fn queued_ids(&self) -> impl Iterator<Item = &String> {
+        self.lanes.iter().flat_map(|l| l.by_owner.values().flatten())
+    }
+
+    /// The job served next, without building the whole order.
+    fn first(&self) -> Option<&String> {
+        self.lanes.iter().find_map(|l| l.turns.front().and_then(|o| l.by_owner.get(o)).and_then(VecDeque::front))
+    }
+
     fn unqueue(&mut self, id: &str) {
         let Some(e) = self.entries.get(id) else { return };
         let (owner, rank) = (e.job.owner.clone(), e.spec.priority.rank());
@@ -249,8 +259,7 @@ impl Jobs {
 
     /// Seconds until the queued images are likely done, for Retry-After.
     fn retry_after(&self, inner: &Inner) -> u64 {
-        let images: usize =
-            inner.ordered().into_iter().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
+        let images: usize = inner.queued_ids().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
         let retry = if inner.throughput > 0.0 { (images as f64 / inner.throughput).ceil() as u64 } else { 5 };
         retry.clamp(1, 300)
     }
@@ -359,11 +368,10 @@ impl Jobs {
     /// The head job's batch key, when it was queued, and how many compatible images are waiting.
     pub fn head(&self) -> Option<QueueHead> {
         let inner = self.lock();
-        let order = inner.ordered();
-        let head = inner.entries.get(*order.first()?)?;
+        let head = inner.entries.get(inner.first()?)?;
         let key = head.spec.batch_key();
-        let images = order
-            .into_iter()
+        let images = inner
+            .queued_ids()
             .filter_map(|id| inner.entries.get(id))
             .filter(|e| e.spec.batch_key() == key)
             .map(|e| e.spec.n())
