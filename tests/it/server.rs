@@ -1,6 +1,7 @@
 //! End-to-end: `flowgen serve` as a real process on port 0 with a real (random-weights) model.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -210,4 +211,137 @@ fn bench_serve_reports_throughput_against_the_raw_engine() {
     );
     assert!(report["raw_engine_images_per_s"].as_f64().unwrap() > 0.0 && report["ratio"].as_f64().unwrap() > 0.0);
     assert!(String::from_utf8_lossy(&out.stdout).contains("server / raw"));
+}
+
+/// A connection that sends half a request head and then nothing.
+fn slow_client(addr: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+    stream
+}
+
+/// Whether the server has closed `stream` (end of file or a reset), waiting at most `wait`.
+fn closed_by_server(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// One request on a fresh connection; what came back before the server closed it.
+fn raw_exchange(addr: &str, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if !request.is_empty() {
+        stream.write_all(request.as_bytes()).unwrap();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_line(response: &str) -> &str {
+    response.lines().next().unwrap_or("")
+}
+
+#[test]
+fn slow_clients_past_the_connection_cap_leave_probes_answering_and_sigterm_ends_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = random_model(dir.path());
+    let data = dir.path().join("data");
+    let env = [
+        ("FLOWGEN_SERVER__MAX_CONNECTIONS", "4"),
+        ("FLOWGEN_SERVER__HEADER_TIMEOUT_S", "3"),
+        ("FLOWGEN_SERVER__BODY_TIMEOUT_S", "2"),
+        ("FLOWGEN_SERVER__SHUTDOWN_GRACE_S", "2"),
+        ("FLOWGEN_QUEUE__MAX_WAIT_MS", "0"),
+    ];
+    let server = Server::start(&model, &data, &dir.path().join("serve.log"), &env);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let health = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let post = "POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    // Let the pooled connections of the readiness polls time out first, so the counts below are exact.
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Slow clients take every full slot: probes still answer on the overflow, the API says 503.
+    let mut slow: Vec<TcpStream> = (0..4).map(|_| slow_client(&addr)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status_line(&raw_exchange(&addr, health)), "HTTP/1.1 200 OK");
+    let refused = raw_exchange(&addr, post);
+    assert_eq!(status_line(&refused), "HTTP/1.1 503 Service Unavailable", "{refused}");
+    assert!(refused.contains("server.max_connections"), "{refused}");
+    // Past the overflow too: an immediate 503, without reading the request.
+    let mut overflow: Vec<TcpStream> = (0..64).map(|_| slow_client(&addr)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = raw_exchange(&addr, "");
+    assert_eq!(status_line(&refused), "HTTP/1.1 503 Service Unavailable", "{refused}");
+    assert!(refused.contains("too many open connections"), "{refused}");
+
+    // The header timeout frees every slot, and the API answers again.
+    for stream in slow.iter_mut().chain(overflow.iter_mut()) {
+        assert!(closed_by_server(stream, Duration::from_secs(6)), "a slow client kept its connection");
+    }
+    let accepted = raw_exchange(&addr, post);
+    assert_eq!(status_line(&accepted), "HTTP/1.1 202 Accepted", "{accepted}");
+
+    // A body that trickles in is cut off with 408.
+    let mut trickle = TcpStream::connect(&addr).unwrap();
+    trickle
+        .write_all(b"POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"n\":")
+        .unwrap();
+    trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = trickle.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status_line(&answer), "HTTP/1.1 408 Request Timeout", "{answer}");
+
+    // SIGTERM with a long batch running, slow clients, an idle keep-alive and an open event stream:
+    // the process still ends within the grace period plus a few seconds.
+    let heavy: Vec<String> =
+        (0..3).map(|i| server.submit(json!({"sampler": "rk4", "steps": 256, "n": 16, "seed": i}))).collect();
+    server.wait(&heavy[0], "running", Duration::from_secs(60));
+    let mut events = TcpStream::connect(&addr).unwrap();
+    write!(events, "GET /v1/generations/{}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", heavy[2]).unwrap();
+    let mut keep_alive = TcpStream::connect(&addr).unwrap();
+    keep_alive.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let _slow: Vec<TcpStream> = (0..3).map(|_| slow_client(&addr)).collect();
+    events.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = events.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 OK"), "the event stream is open");
+    let mut server = server;
+    let signalled = Instant::now();
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(15), "server still running 15 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?} with a 2 s grace period");
+    eprintln!("SIGTERM to exit: {took:?}");
+
+    // Nothing accepted was lost: the interrupted batch and the queued jobs finish after a restart.
+    drop(server);
+    let server = Server::start(&model, &data, &dir.path().join("serve2.log"), &[]);
+    for id in &heavy {
+        server.wait(id, "succeeded", Duration::from_secs(300));
+    }
 }

@@ -24,6 +24,15 @@ pub struct ServerSection {
     pub shutdown_grace_s: u64,
     /// Origins allowed by CORS; empty keeps CORS closed.
     pub cors_origins: Vec<String>,
+    /// Open connections served in full; past it a few more answer only the probes, then 503.
+    pub max_connections: usize,
+    /// A client must send a request head within this long (also the idle keep-alive limit).
+    pub header_timeout_s: u64,
+    /// A request body must arrive within this long (408 otherwise).
+    pub body_timeout_s: u64,
+    /// Host names the API answers to besides IP literals and localhost (421 otherwise), so a DNS
+    /// rebinding page cannot reach it; ".example.com" allows subdomains, "*" any host.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -35,6 +44,10 @@ impl Default for ServerSection {
             body_limit_bytes: 64 * 1024,
             shutdown_grace_s: 30,
             cors_origins: Vec::new(),
+            max_connections: 512,
+            header_timeout_s: 10,
+            body_timeout_s: 30,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -193,6 +206,21 @@ impl ServerConfig {
         if self.server.request_timeout_s == 0 {
             return bad("server.request_timeout_s", "must be at least 1".into());
         }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.header_timeout_s == 0 {
+            return bad("server.header_timeout_s", "must be at least 1".into());
+        }
+        if self.server.body_timeout_s == 0 {
+            return bad("server.body_timeout_s", "must be at least 1".into());
+        }
+        if let Some(bad_host) = self.server.allowed_hosts.iter().find(|h| !valid_host_pattern(h)) {
+            return bad(
+                "server.allowed_hosts",
+                format!("{bad_host:?} is not a host name like api.example.com, .example.com or *"),
+            );
+        }
         if self.models.paths.is_empty() {
             return bad("models.paths", "name at least one model directory".into());
         }
@@ -245,7 +273,71 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Whether a request's `Host` header (port included or not) names this server: IP literals and
+    /// localhost always do, other names only when `server.allowed_hosts` lists them.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let name = host_name(host);
+        if name.parse::<std::net::IpAddr>().is_ok() || is_localhost(name) {
+            return true;
+        }
+        self.server.allowed_hosts.iter().any(|allowed| {
+            allowed == "*"
+                || allowed.eq_ignore_ascii_case(name)
+                || (allowed.starts_with('.')
+                    && name.len() > allowed.len()
+                    && name.get(name.len() - allowed.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(allowed)))
+        })
+    }
+
     pub fn listen_addr(&self) -> std::result::Result<SocketAddr, std::net::AddrParseError> {
         self.server.listen.parse()
+    }
+}
+
+/// The host of a `Host` header value: without its port, IPv6 literals without brackets.
+fn host_name(host: &str) -> &str {
+    let host = host.trim();
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+fn is_localhost(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name.len() > 10 && name.get(name.len() - 10..).is_some_and(|t| t.eq_ignore_ascii_case(".localhost"))
+}
+
+fn valid_host_pattern(pattern: &str) -> bool {
+    let name = pattern.strip_prefix('.').unwrap_or(pattern);
+    pattern == "*" || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_matched_without_port_and_case() {
+        let mut config = ServerConfig::default();
+        for host in ["127.0.0.1:8080", "[::1]:8080", "10.0.0.7", "localhost:8080", "LOCALHOST", "a.localhost"] {
+            assert!(config.host_allowed(host), "{host}");
+        }
+        for host in ["evil.example", "flowgen.internal:8080", "localhost.evil.example", "xlocalhost"] {
+            assert!(!config.host_allowed(host), "{host}");
+        }
+        config.server.allowed_hosts = vec!["flowgen.internal".into(), ".example.com".into()];
+        assert!(config.host_allowed("Flowgen.Internal:8080"));
+        assert!(config.host_allowed("api.example.com"));
+        assert!(!config.host_allowed("example.com"), "a leading dot allows subdomains only");
+        assert!(!config.host_allowed("evil.example"));
+        config.server.allowed_hosts = vec!["*".into()];
+        assert!(config.host_allowed("anything.at.all"));
+        config.server.allowed_hosts = vec!["http://x".into()];
+        assert!(config.validate().is_err());
     }
 }

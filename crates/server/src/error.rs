@@ -11,6 +11,8 @@ pub enum ServerError {
     Config(String),
     #[error("journal database: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("journal database readers: {0}")]
+    ReadPool(#[from] r2d2::Error),
     #[error("{context}: {error}")]
     Io { context: String, error: std::io::Error },
     #[error("engine: {0}")]
@@ -27,7 +29,7 @@ pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
-    /// validation | overloaded | not_found | unauthorized | forbidden | conflict | too_large | unavailable | timeout | internal
+    /// validation | overloaded | not_found | unauthorized | forbidden | conflict | too_large | unsupported_media_type | misdirected | unavailable | timeout | internal
     pub error_type: &'static str,
     /// The request field at fault, for validation errors.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,6 +55,10 @@ pub enum ApiError {
     /// The body is not declared as `application/json` (415): a cross-site form post, or a client bug.
     UnsupportedMediaType(String),
     Unavailable(String),
+    /// The Host header names a host this server does not answer to.
+    MisdirectedHost(String),
+    /// The request body arrived too slowly.
+    SlowBody(String),
     Timeout(String),
     /// The detail is logged, never sent.
     Internal(String),
@@ -101,6 +107,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m, Some("Content-Type".to_string()))
             }
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m, None),
+            ApiError::MisdirectedHost(m) => {
+                (StatusCode::MISDIRECTED_REQUEST, "misdirected", m, Some("Host".to_string()))
+            }
+            ApiError::SlowBody(m) => (StatusCode::REQUEST_TIMEOUT, "timeout", m, None),
             ApiError::Timeout(m) => (StatusCode::GATEWAY_TIMEOUT, "timeout", m, None),
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");

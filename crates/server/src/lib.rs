@@ -3,6 +3,7 @@
 pub mod api;
 pub mod batcher;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod error;
 pub mod job;
@@ -29,29 +30,28 @@ pub use startup::start;
 pub use state::AppState;
 
 /// Serve `state` on `listener` until `shutdown` resolves, then drain: readiness 503, no new jobs,
-/// the running batch gets `server.shutdown_grace_s` to finish, queued jobs stay journaled.
+/// the running batch gets `server.shutdown_grace_s` to finish while status and probes still answer,
+/// queued jobs stay journaled, and every connection is closed within the grace period (at least
+/// one second after the batch is done).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let router = app(state.clone());
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
     let draining = state.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(queued = draining.queue.queued(), "shutdown requested: draining");
-            draining.begin_drain();
-            if draining.wait_for_batcher(grace).await {
-                tracing::info!("running batch finished; queued jobs stay in the journal");
-            } else {
-                tracing::warn!(
-                    grace_s = grace.as_secs(),
-                    "running batch did not finish in the grace period; it reruns at the next start"
-                );
-            }
-        })
-        .await
-        .map_err(|error| ServerError::Io { context: "serving HTTP".into(), error })
+    let drain = move || async move {
+        tracing::info!(queued = draining.queue.queued(), "shutdown requested: draining");
+        draining.begin_drain();
+        if draining.wait_for_batcher(grace).await {
+            tracing::info!("running batch finished; queued jobs stay in the journal");
+        } else {
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "running batch did not finish in the grace period; it reruns at the next start"
+            );
+        }
+    };
+    connections::serve(listener, state.clone(), app(state.clone()), routes::probes(state), shutdown, drain).await;
+    Ok(())
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +20,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::TimeoutLayer;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_scalar::{Scalar, Servable};
@@ -42,7 +43,7 @@ type AppResult<T> = Result<T, ApiError>;
     info(title = "flowgen", description = "Flow-matching image generation: queued jobs, progress, cancellation."),
     paths(create_generation, list_generations, get_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
     components(schemas(GenerationBody, LabelValue, JobView, JobList, JobStatus, Priority, ErrorBody, ModelsResponse, ModelInfo, Limits, OpenAiImageRequest, OpenAiImageResponse, OpenAiImage)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &EdgeResponses)
 )]
 pub struct ApiDoc;
 
@@ -56,6 +57,41 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Answers every route can give before a handler runs: a Host not allowed (421), too many open
+/// connections (503), and for routes with a body, a body that arrives too slowly (408).
+struct EdgeResponses;
+
+impl utoipa::Modify for EdgeResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [item.get.as_mut(), item.post.as_mut()].into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                responses.entry("421".into()).or_insert_with(|| {
+                    error("The Host header names a host this server does not answer to (server.allowed_hosts)").into()
+                });
+                responses
+                    .entry("503".into())
+                    .or_insert_with(|| error("Too many open connections (server.max_connections)").into());
+                if operation.request_body.is_some() {
+                    responses.entry("408".into()).or_insert_with(|| {
+                        error("The request body did not arrive within server.body_timeout_s").into()
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -81,6 +117,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/images/generations", post(openai_generate))
         .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
         .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+        // A body that trickles in slower than this is cut off with 408, on every route.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(cfg.body_timeout_s)))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(TraceLayer::new_for_http());
     if !cfg.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = cfg.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
@@ -96,6 +135,35 @@ pub fn app(state: Arc<AppState>) -> Router {
         );
     }
     router.with_state(state)
+}
+
+/// DNS rebinding defence: a page that points its own name at this server still sends that name
+/// as `Host`, which is refused unless `server.allowed_hosts` lists it.
+async fn check_host(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    match host {
+        Some(host) if !state.config.host_allowed(host) => {
+            let shown: String = host.chars().take(64).collect();
+            ApiError::MisdirectedHost(format!(
+                "this server does not answer to Host {shown:?}: add the name to server.allowed_hosts"
+            ))
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// What a connection past `server.max_connections` is served: the probes, and 503 for the rest.
+pub fn probes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(|| async {
+            let mut response = ApiError::Unavailable(crate::connections::TOO_MANY_CONNECTIONS.into()).into_response();
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        })
+        .with_state(state)
 }
 
 /// The authenticated caller (a hash of its API key, or "anonymous" when auth is off).
@@ -129,6 +197,8 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: u
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!("the request body exceeds the limit of {limit} bytes"))
+        } else if caused_by::<TimeoutError>(&rejection) {
+            ApiError::SlowBody("the request body did not arrive within server.body_timeout_s".into())
         } else {
             ApiError::Malformed(rejection.body_text())
         }
@@ -144,6 +214,17 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: u
             ApiError::validation(field, inner.to_string())
         }
     })
+}
+
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<E>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// 404 for an unknown job, 403 for another key's job.

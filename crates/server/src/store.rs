@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Result, ServerError};
@@ -11,11 +12,18 @@ pub use crate::job::StoredJob;
 use crate::job::{JobSpec, JobStatus};
 use crate::queue::Success;
 
+/// One writer connection behind a mutex, and a pool of read-only connections beside it: in WAL
+/// mode readers never wait for the writer, so image downloads and status reads cannot delay commits.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
     path: PathBuf,
 }
+
+/// Read connections; more readers than this wait for one (at most `READ_WAIT`).
+pub const READERS: u32 = 4;
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,7 +63,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), path })
+        let manager = SqliteConnectionManager::file(&path).with_init(|c| {
+            c.busy_timeout(std::time::Duration::from_secs(5))?;
+            c.pragma_update(None, "query_only", true)
+        });
+        let readers =
+            r2d2::Pool::builder().max_size(READERS).min_idle(Some(1)).connection_timeout(READ_WAIT).build(manager)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), readers, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -66,6 +80,21 @@ impl Store {
         // A panic while holding the lock leaves SQLite consistent (transactions roll back), so go on.
         let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut conn)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.readers.get()?;
+        f(&conn)
+    }
+
+    /// Test hook: a read connection with an open read transaction, as a slow image download holds
+    /// one; the transaction ends when the guard is dropped.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn hold_read(&self) -> Result<HeldRead> {
+        let conn = self.readers.get()?;
+        conn.execute_batch("BEGIN")?;
+        conn.query_row("SELECT count(*) FROM jobs", [], |r| r.get::<_, i64>(0))?;
+        Ok(HeldRead(conn))
     }
 
     pub fn insert(&self, job: &StoredJob) -> Result<()> {
@@ -162,7 +191,7 @@ impl Store {
     }
 
     fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms FROM jobs {tail}"
             ))?;
@@ -217,7 +246,7 @@ impl Store {
     }
 
     pub fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
-        self.with(|c| {
+        self.read(|c| {
             Ok(c.query_row("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2", params![id, index as i64], |r| {
                 r.get(0)
             })
@@ -243,5 +272,16 @@ impl Store {
             tx.commit()?;
             Ok(ids)
         })
+    }
+}
+
+/// A read transaction held open by a test; rolled back before the connection returns to the pool.
+#[cfg(any(test, feature = "testing"))]
+pub struct HeldRead(r2d2::PooledConnection<SqliteConnectionManager>);
+
+#[cfg(any(test, feature = "testing"))]
+impl Drop for HeldRead {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
     }
 }

@@ -44,7 +44,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
@@ -58,7 +58,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         flowgen_server::serve(listener, state, shutdown_signal()).await.context("serving")?;
         println!("flowgen stopped");
         Ok(())
-    })
+    });
+    // A batch still running past the grace period is on a blocking thread: do not wait for it (it
+    // reruns from the journal at the next start).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// SIGTERM or Ctrl-C.
