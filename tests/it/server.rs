@@ -210,6 +210,7 @@ fn bench_serve_reports_throughput_against_the_raw_engine() {
         (Some(12), Some(0), Some(0))
     );
     assert!(report["raw_engine_images_per_s"].as_f64().unwrap() > 0.0 && report["ratio"].as_f64().unwrap() > 0.0);
+    assert!(report["image_get_p50_ms"].as_f64().unwrap() > 0.0, "image downloads are timed: {report}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("server / raw"));
 }
 

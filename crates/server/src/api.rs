@@ -16,30 +16,35 @@ pub use crate::job::{BatchKey, JobSettings, JobSpec, JobStatus, Priority};
 pub enum LabelValue {
     Index(i64),
     Name(String),
+    /// A JSON number with a fraction part, such as 3.0: an index when it is whole.
+    Number(f64),
 }
 
 /// Body of `POST /v1/generations`. Every field is optional; defaults come from the model.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationBody {
-    /// Model name (GET /v1/models); the first served model when absent.
+    /// Model name (GET /v1/models); the first served model when absent or "default".
     pub model: Option<String>,
     /// One label per image, cycled to `n`; all classes in turn when absent.
     pub labels: Option<Vec<LabelValue>>,
     /// Shorthand for `labels: [label]`.
     pub label: Option<LabelValue>,
     /// Number of images (default: number of labels, or 1).
+    #[serde(default, deserialize_with = "whole_number")]
     pub n: Option<i64>,
     /// Image i uses seed + i; random when absent. The seeds used are returned.
+    #[serde(default, deserialize_with = "whole_seed")]
     pub seed: Option<u64>,
     /// A named set of settings of the model (GET /v1/models lists them); fields given here win.
     pub preset: Option<String>,
     /// A sampler plan, e.g. "heun" or "dopri5:rtol=1e-4,atol=1e-4,max_nfe=500".
     pub sampler: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub steps: Option<i64>,
     pub guidance: Option<f64>,
-    /// Times s (0 noise, 1 data) between which guidance applies, as [lo, hi]; the model's
-    /// interval when absent.
+    /// Times s (0 noise, 1 data) between which guidance applies, as [lo, hi] (either order); the
+    /// model's interval when absent.
     pub guidance_interval: Option<[f64; 2]>,
     /// uniform, shift:<alpha>, an explicit list "0,0.5,1", or the name of a schedule the model
     /// stores (never a file path).
@@ -49,8 +54,38 @@ pub struct GenerationBody {
     /// png (default, settings in tEXt chunks), jpeg or webp (settings in XMP), as in OpenAI's API.
     pub output_format: Option<String>,
     /// JPEG quality 1-100 (jpeg only; default 90).
+    #[serde(default, deserialize_with = "whole_number")]
     pub output_compression: Option<i64>,
 }
+
+/// A JSON integer, also written with a zero fraction (3.0), as JSON Schema's "integer" allows.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let value = Option::<serde_json::Number>::deserialize(d)?;
+    match value {
+        None => Ok(None),
+        Some(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(Some(i)),
+            (None, Some(x)) if x.fract() == 0.0 && x.abs() <= MAX_SEED as f64 => Ok(Some(x as i64)),
+            _ => Err(serde::de::Error::custom(format!("expected a whole number, got {n}"))),
+        },
+    }
+}
+
+/// `whole_number` for the seed, which is never negative.
+fn whole_seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = Option::<serde_json::Number>::deserialize(d)?;
+    match value {
+        None => Ok(None),
+        Some(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(x)) if x.fract() == 0.0 && (0.0..=MAX_SEED as f64).contains(&x) => Ok(Some(x as u64)),
+            _ => Err(serde::de::Error::custom(format!("expected a whole number 0 or more, got {n}"))),
+        },
+    }
+}
+
+/// Largest seed: every image's seed (seed + i) stays exact in a JSON number any client can read.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
 
 /// An engine error about a request, as the 422 naming its field.
 fn engine_validation(err: EngineError) -> ApiError {
@@ -68,6 +103,10 @@ fn label(cfg: &ModelConfig, field: &str, value: &LabelValue) -> Result<u32, ApiE
             return Err(ApiError::validation(field, format!("{i} is out of range: classes are 0..{}", classes - 1)))
         }
         LabelValue::Name(name) => cfg.parse_label(name).map_err(|e| ApiError::validation(field, e.to_string()))?,
+        LabelValue::Number(x) if x.fract() == 0.0 && *x >= 0.0 && *x < classes as f64 => *x as u32,
+        LabelValue::Number(x) => {
+            return Err(ApiError::validation(field, format!("{x} is not a class index 0..{}", classes - 1)))
+        }
     };
     if index as usize >= classes {
         return Err(ApiError::validation(field, format!("{index} is out of range: classes are 0..{}", classes - 1)));
@@ -77,13 +116,20 @@ fn label(cfg: &ModelConfig, field: &str, value: &LabelValue) -> Result<u32, ApiE
 
 /// Check every field against the model and the limits; the error names the field and the limit.
 pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) -> Result<JobSpec, ApiError> {
-    let model = match &body.model {
-        Some(name) => name.clone(),
-        None => models.default_name().ok_or_else(|| ApiError::Unavailable("no model is loaded".into()))?.to_string(),
-    };
-    let engine = models.get(&model).ok_or_else(|| {
-        ApiError::validation("model", format!("unknown model {model:?}; served: {}", models.names().join(", ")))
+    if models.names().is_empty() {
+        return Err(ApiError::Unavailable("no model is loaded".into()));
+    }
+    let (model, engine) = models.resolve(body.model.as_deref()).ok_or_else(|| {
+        ApiError::validation(
+            "model",
+            format!(
+                "unknown model {:?}; served: {} (or \"default\")",
+                body.model.as_deref().unwrap_or(""),
+                models.names().join(", ")
+            ),
+        )
     })?;
+    let model = model.to_string();
     let cfg = engine.config();
     let labels = validate_labels(body, cfg, limits)?;
     let settings = validate_settings(body, cfg, limits)?;
@@ -92,6 +138,9 @@ pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) 
         None => Priority::Normal,
     };
     let output = validate_output(body.output_format.as_deref(), body.output_compression)?;
+    if let Some(seed) = body.seed.filter(|s| *s > MAX_SEED) {
+        return Err(ApiError::validation("seed", format!("must be at most {MAX_SEED} (2^53 - 1), got {seed}")));
+    }
     let seed = body.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let inputs = ImageInputs::cycle(&labels, labels.len(), seed);
     Ok(JobSpec {
@@ -114,7 +163,11 @@ pub fn validate_output(format: Option<&str>, compression: Option<i64>) -> Result
         Some(q) => Some(q as u8),
         None => None,
     };
-    OutputFormat::parse(format.unwrap_or("png"), quality).map_err(engine_validation)
+    let format = format.unwrap_or("png");
+    // As OpenAI-compatible servers do, a quality for a lossless format is ignored, not refused.
+    let quality =
+        if format.eq_ignore_ascii_case("jpeg") || format.eq_ignore_ascii_case("jpg") { quality } else { None };
+    OutputFormat::parse(format, quality).map_err(engine_validation)
 }
 
 /// One label per image (`n` of them, cycling over the given ones; all classes when none).
@@ -180,7 +233,8 @@ fn validate_settings(
         steps,
         schedule: body.schedule.clone(),
         guidance: body.guidance,
-        guidance_interval: body.guidance_interval.map(|[lo, hi]| (lo, hi)),
+        // "Between a and b" in either order.
+        guidance_interval: body.guidance_interval.map(|[a, b]| (a.min(b), a.max(b))),
     };
     let mut settings = cfg.solve_settings(&request, ScheduleAccess::Named).map_err(engine_validation)?;
     if let flowgen_engine::Sampler::Dopri5(opts) = &mut settings.sampler {
@@ -310,17 +364,29 @@ pub struct ModelsResponse {
 #[serde(deny_unknown_fields)]
 pub struct OpenAiImageRequest {
     pub prompt: String,
+    /// A served model name or "default"; the default model when absent.
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub n: Option<i64>,
     /// b64_json (default) or url.
     pub response_format: Option<String>,
     /// Must match the model's image size when given, e.g. "28x28".
     pub size: Option<String>,
+    #[serde(default, deserialize_with = "whole_seed")]
     pub seed: Option<u64>,
+    /// Accepted for OpenAI compatibility and ignored.
     pub user: Option<String>,
+    /// Accepted for OpenAI compatibility and ignored ("standard", "hd", "auto", ...): a flow model
+    /// has no quality switch; choose steps and sampler through /v1/generations instead.
+    pub quality: Option<String>,
+    /// Accepted for OpenAI compatibility and ignored.
+    pub style: Option<String>,
+    /// Accepted for OpenAI compatibility and ignored.
+    pub moderation: Option<String>,
     /// png (default), jpeg or webp.
     pub output_format: Option<String>,
     /// JPEG quality 1-100.
+    #[serde(default, deserialize_with = "whole_number")]
     pub output_compression: Option<i64>,
 }
 

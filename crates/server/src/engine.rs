@@ -29,6 +29,9 @@ impl Engine for EngineHandle {
     }
 }
 
+/// The model name that always means the default model (unless a served model has that name).
+pub const DEFAULT_ALIAS: &str = "default";
+
 /// The served models by name; the first is the default.
 #[derive(Clone)]
 pub struct Models {
@@ -42,6 +45,21 @@ impl Models {
 
     pub fn default_name(&self) -> Option<&str> {
         self.entries.first().map(|(n, _)| n.as_str())
+    }
+
+    /// The model a request names: its name, or the default for none or the alias "default"
+    /// (so OpenAI-style clients that must send a model id can name it without knowing it).
+    pub fn resolve(&self, name: Option<&str>) -> Option<(&str, &Arc<dyn Engine>)> {
+        let found = match name {
+            Some(name) => self.entries.iter().find(|(n, _)| n == name),
+            None => None,
+        };
+        let found = match (found, name) {
+            (Some(entry), _) => Some(entry),
+            (None, None | Some(DEFAULT_ALIAS)) => self.entries.first(),
+            (None, Some(_)) => None,
+        };
+        found.map(|(n, e)| (n.as_str(), e))
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Engine>> {

@@ -10,6 +10,7 @@ pub mod job;
 pub mod jobs;
 pub mod local;
 pub mod metrics;
+pub mod openapi;
 pub mod queue;
 pub mod routes;
 pub mod startup;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -61,7 +61,8 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// Answers every route can give before a handler runs: a Host not allowed (421), too many open
-/// connections (503), and for routes with a body, a body that arrives too slowly (408).
+/// connections (503), a missing key (401), an unreadable body, path or query (400), and for routes
+/// with a body, a body that arrives too slowly (408).
 struct EdgeResponses;
 
 impl utoipa::Modify for EdgeResponses {
@@ -85,6 +86,16 @@ impl utoipa::Modify for EdgeResponses {
                 responses
                     .entry("503".into())
                     .or_insert_with(|| error("Too many open connections (server.max_connections)").into());
+                if operation.security.is_some() {
+                    responses
+                        .entry("401".into())
+                        .or_insert_with(|| error("Missing or invalid API key (when auth.api_keys is set)").into());
+                }
+                if operation.request_body.is_some() || operation.parameters.is_some() {
+                    responses.entry("400".into()).or_insert_with(|| {
+                        error("The body is not JSON, or a path or query value cannot be read").into()
+                    });
+                }
                 if operation.request_body.is_some() {
                     responses.entry("408".into()).or_insert_with(|| {
                         error("The request body did not arrive within server.body_timeout_s").into()
@@ -99,6 +110,8 @@ impl utoipa::Modify for EdgeResponses {
 pub fn app(state: Arc<AppState>) -> Router {
     let cfg = &state.config.server;
     let timeout = Duration::from_secs(cfg.request_timeout_s);
+    let document = Arc::new(crate::openapi::document(&ApiDoc::openapi(), &state.config, &state.models));
+    let docs_page = Scalar::with_url("/docs", document.as_ref().clone());
     // Everything but the synchronous endpoint (it has its own deadline) and SSE (it streams).
     let bounded = Router::new()
         .route("/v1/generations", post(create_generation).get(list_generations))
@@ -109,13 +122,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
     let mut router = Router::new()
         .merge(bounded)
         .route("/v1/generations/{id}/events", get(generation_events))
         .route("/v1/images/generations", post(openai_generate))
-        .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
+        .merge(docs_page)
         .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
         // A body that trickles in slower than this is cut off with 408, on every route.
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(cfg.body_timeout_s)))
@@ -340,7 +353,7 @@ async fn create_generation(
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
-            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => Some(k.to_string()),
             _ => return Err(ApiError::validation("Idempotency-Key", "must be 1 to 255 visible ASCII characters")),
         },
     };
@@ -366,19 +379,21 @@ const MAX_LIST_LIMIT: usize = 500;
         ("limit" = Option<usize>, Query, description = "Jobs per page, 1..=500 (default 50)"),
         ("after" = Option<String>, Query, description = "Cursor: the last id of the previous page"),
     ),
-    responses((status = 200, body = JobList), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = JobList), (status = 404, description = "`after` names no job of the caller", body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn list_generations(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Query(params): Query<std::collections::HashMap<String, String>>,
+    query: Result<Query<std::collections::HashMap<String, String>>, QueryRejection>,
 ) -> AppResult<Json<JobList>> {
+    let Query(params) =
+        query.map_err(|rejection| ApiError::Malformed(format!("the query string: {}", rejection.body_text())))?;
     if let Some(unknown) = params.keys().find(|k| !matches!(k.as_str(), "status" | "limit" | "after")) {
         return Err(ApiError::validation(unknown, "unknown query parameter; use status, limit or after"));
     }
     let mut statuses = Vec::new();
     for name in params.get("status").map(|s| s.split(',')).into_iter().flatten().filter(|s| !s.is_empty()) {
-        statuses.push(JobStatus::parse(name.trim()).ok_or_else(|| {
+        statuses.push(JobStatus::parse(name).ok_or_else(|| {
             ApiError::validation(
                 "status",
                 format!("{name:?} is not one of {}", JobStatus::ALL.map(JobStatus::as_str).join(", ")),
@@ -397,9 +412,9 @@ async fn list_generations(
             }
         },
     };
-    let after = params.get("after").map(String::as_str);
+    let after = params.get("after").map(String::as_str).filter(|a| !a.is_empty());
     let (data, has_more) = state.jobs.list(&caller.0, &statuses, limit, after).ok_or_else(|| {
-        ApiError::validation("after", format!("{:?} is not one of your listed jobs (expired?)", after.unwrap_or("")))
+        ApiError::NotFound(format!("after: no job {:?} among your jobs (expired?)", after.unwrap_or("")))
     })?;
     Ok(Json(JobList { data, has_more }))
 }
@@ -452,8 +467,11 @@ async fn cancel_generation(
 async fn generation_image(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path((id, index)): Path<(String, usize)>,
+    path: Result<Path<(String, usize)>, PathRejection>,
 ) -> AppResult<Response> {
+    let Path((id, index)) = path.map_err(|rejection| {
+        ApiError::Malformed(format!("the image index must be a whole number 0 or more: {}", rejection.body_text()))
+    })?;
     let view = owned_view(&state, &caller, &id)?;
     if view.status != JobStatus::Succeeded {
         return Err(ApiError::Conflict(format!("job {id} is {} and has no images", view.status.as_str())));

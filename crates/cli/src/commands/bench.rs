@@ -74,6 +74,9 @@ struct Report {
     latency_p90_s: f64,
     latency_p99_s: f64,
     latency_max_s: f64,
+    /// One image download each, measured while other jobs run and commit.
+    image_get_p50_ms: f64,
+    image_get_p99_ms: f64,
     succeeded: usize,
     failed: usize,
     lost: usize,
@@ -98,6 +101,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[derive(Default)]
 struct ClientResults {
     latencies: Vec<f64>,
+    image_gets: Vec<f64>,
     failures: Vec<String>,
     ids: Vec<String>,
 }
@@ -233,8 +237,9 @@ fn drive_clients(args: &ServeBenchArgs, base: &str, classes: u32) -> ClientResul
                 let outcome = one_job(&agent, base, &body, args.n);
                 if let Ok(mut r) = results.lock() {
                     match outcome {
-                        Ok(id) => {
+                        Ok((id, gets)) => {
                             r.ids.push(id);
+                            r.image_gets.extend(gets);
                             r.latencies.push(started.elapsed().as_secs_f64());
                         }
                         Err(e) => r.failures.push(format!("job {i}: {e:#}")),
@@ -275,6 +280,8 @@ fn summarise(
     let mut lat = results.latencies;
     lat.sort_by(f64::total_cmp);
     let server_rate = (succeeded * args.n) as f64 / wall;
+    let mut gets = results.image_gets;
+    gets.sort_by(f64::total_cmp);
     Report {
         model: model.to_string(),
         sampler: args.sampler.clone(),
@@ -292,6 +299,8 @@ fn summarise(
         latency_p90_s: percentile(&lat, 90.0),
         latency_p99_s: percentile(&lat, 99.0),
         latency_max_s: lat.last().copied().unwrap_or(f64::NAN),
+        image_get_p50_ms: 1000.0 * percentile(&gets, 50.0),
+        image_get_p99_ms: 1000.0 * percentile(&gets, 99.0),
         succeeded,
         failed: results.failures.len(),
         lost: args.jobs - succeeded - results.failures.len(),
@@ -313,11 +322,13 @@ fn print_report(report: &Report) {
         "| latency p50 / p90 / p99 / max (s) | {:.3} / {:.3} / {:.3} / {:.3} |",
         report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s
     );
+    println!("| image GET p50 / p99 (ms) | {:.2} / {:.2} |", report.image_get_p50_ms, report.image_get_p99_ms);
     println!("| succeeded / failed / lost | {} / {} / {} |", report.succeeded, report.failed, report.lost);
 }
 
-/// Submit, follow the SSE stream to the final event, fetch every PNG; returns the job id.
-fn one_job(agent: &ureq::Agent, base: &str, body: &serde_json::Value, n: usize) -> Result<String> {
+/// Submit, follow the SSE stream to the final event, fetch every PNG; returns the job id and the
+/// seconds each image download took.
+fn one_job(agent: &ureq::Agent, base: &str, body: &serde_json::Value, n: usize) -> Result<(String, Vec<f64>)> {
     let created: serde_json::Value =
         agent.post(&format!("{base}/v1/generations")).send_json(body.clone())?.into_json()?;
     let id = created["id"].as_str().context("no id in the 202 response")?.to_string();
@@ -335,12 +346,15 @@ fn one_job(agent: &ureq::Agent, base: &str, body: &serde_json::Value, n: usize) 
     if last_event != "succeeded" {
         bail!("job {id} ended with {last_event:?}");
     }
+    let mut gets = Vec::with_capacity(n);
     for i in 0..n {
         let mut png = Vec::new();
+        let started = Instant::now();
         agent.get(&format!("{base}/v1/generations/{id}/images/{i}")).call()?.into_reader().read_to_end(&mut png)?;
+        gets.push(started.elapsed().as_secs_f64());
         if !png.starts_with(b"\x89PNG") {
             bail!("image {i} of {id} is not a PNG");
         }
     }
-    Ok(id)
+    Ok((id, gets))
 }
