@@ -28,17 +28,21 @@ pub struct Recovery {
     pub requeued: usize,
     /// Jobs failed for good: they had been started `max_attempts` times (poison jobs).
     pub exhausted: usize,
+    /// Queued jobs with more images than `queue.max_batch` allows now, failed at start.
+    pub oversized: usize,
 }
 
 impl LocalBackend {
     /// Open the journal, put back what a crash interrupted (failing jobs already started
     /// `max_attempts` times), and load every job into `jobs`.
-    pub fn open(store: Store, jobs: Arc<Jobs>, max_attempts: u32) -> Result<(Self, Recovery)> {
+    pub fn open(store: Store, jobs: Arc<Jobs>, max_attempts: u32, max_batch: usize) -> Result<(Self, Recovery)> {
         let requeued = store.requeue_interrupted()?;
         let exhausted = store.fail_exhausted(max_attempts, now_ms())?;
-        let stored = store.load_all()?;
+        let mut stored = store.load_all()?;
+        let oversized = fail_oversized(&store, &mut stored, max_batch)?;
         let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
-        let recovery = Recovery { jobs: stored.len(), queued, requeued: requeued.saturating_sub(exhausted), exhausted };
+        let requeued = requeued.saturating_sub(exhausted);
+        let recovery = Recovery { jobs: stored.len(), queued, requeued, exhausted, oversized };
         jobs.restore(stored);
         Ok((LocalBackend { store, jobs }, recovery))
     }
@@ -55,6 +59,27 @@ impl LocalBackend {
             Err(err) => tracing::error!(job = %id, error = %err, "cannot read a job back from the journal"),
         }
     }
+}
+
+/// A job accepted under a larger `queue.max_batch` could never be batched now (it would sit at
+/// the head of the queue for ever): fail it, in the journal and in `stored`, saying why.
+fn fail_oversized(store: &Store, stored: &mut [StoredJob], max_batch: usize) -> Result<usize> {
+    let mut failed = 0;
+    for job in stored.iter_mut().filter(|j| j.status == JobStatus::Queued && j.spec.n() > max_batch) {
+        let error = format!(
+            "this job has {} images but queue.max_batch is now {max_batch} (the configuration changed after it \
+             was accepted), so it cannot run; submit it again with n <= {max_batch}",
+            job.spec.n()
+        );
+        let finished = now_ms();
+        if store.finish(&job.id, JobStatus::Failed, finished, Some(&error))? {
+            job.status = JobStatus::Failed;
+            job.finished_ms = Some(finished);
+            job.error = Some(error);
+            failed += 1;
+        }
+    }
+    Ok(failed)
 }
 
 impl JobQueue for LocalBackend {

@@ -23,13 +23,21 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
     let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
     let expired = store.expire(now_ms() - ttl_ms)?;
     let jobs = Arc::new(Jobs::new(config.queue.capacity, config.queue.max_queued_per_key, metrics.clone()));
-    let (backend, recovery) = LocalBackend::open(store, jobs.clone(), config.queue.max_attempts)?;
+    let (backend, recovery) =
+        LocalBackend::open(store, jobs.clone(), config.queue.max_attempts, config.queue.max_batch)?;
     tracing::info!(jobs = recovery.jobs, queued = recovery.queued, requeued = recovery.requeued, expired = expired.len(), %journal, "journal loaded");
     if recovery.exhausted > 0 {
         tracing::error!(
             jobs = recovery.exhausted,
             max_attempts = config.queue.max_attempts,
             "failed jobs that were running at every one of their starts (poison jobs)"
+        );
+    }
+    if recovery.oversized > 0 {
+        tracing::error!(
+            jobs = recovery.oversized,
+            max_batch = config.queue.max_batch,
+            "failed queued jobs with more images than queue.max_batch allows now"
         );
     }
     #[cfg(any(test, feature = "testing"))]

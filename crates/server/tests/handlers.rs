@@ -761,6 +761,34 @@ async fn a_job_running_at_every_crash_fails_after_max_attempts_and_the_server_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_larger_than_a_lowered_max_batch_fails_at_start_and_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let h = harness(1, |c, _| c.server.data_dir = dir.path().to_path_buf()).await;
+        h.state.begin_drain();
+        let store = flowgen_server::store::Store::open(dir.path()).unwrap();
+        for (id, n) in [("gen_big", 8), ("gen_small", 2)] {
+            let body = serde_json::from_value(json!({"seed": 1, "n": n})).unwrap();
+            let spec = flowgen_server::api::validate(&body, &h.state.models, &h.state.config.limits).unwrap();
+            store.insert(&flowgen_server::store::StoredJob::accepted(id, "anonymous", spec, 0)).unwrap();
+        }
+    }
+    // Restarted with a smaller batch limit than the one the big job was accepted under.
+    let h = harness(1, |c, _| {
+        c.server.data_dir = dir.path().to_path_buf();
+        c.queue.max_batch = 4;
+        c.limits.max_n = 4;
+    })
+    .await;
+    let big = wait_for(&h, "gen_big", JobStatus::Failed).await;
+    assert!(big["error"].as_str().unwrap().contains("queue.max_batch is now 4"), "{big}");
+    wait_for(&h, "gen_small", JobStatus::Succeeded).await;
+    let fresh = submit(&h, json!({"seed": 9, "n": 4})).await;
+    wait_for(&h, &fresh, JobStatus::Succeeded).await;
+    assert_eq!(journal(&h).load("gen_big").unwrap().unwrap().status, JobStatus::Failed, "the journal agrees");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_routes_refuse_bodies_not_sent_as_json() {
     let h = harness(1, |_, _| {}).await;
     let body = json!({"seed": 1}).to_string();

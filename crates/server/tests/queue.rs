@@ -36,7 +36,7 @@ fn job(id: &str, priority: Priority, sampler: &str, seed: u64) -> StoredJob {
 
 fn open(dir: &std::path::Path) -> (LocalBackend, Arc<Jobs>, Recovery) {
     let jobs = Arc::new(Jobs::new(16, 16, Arc::new(Metrics::new())));
-    let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone(), 3).unwrap();
+    let (backend, recovery) = LocalBackend::open(Store::open(dir).unwrap(), jobs.clone(), 3, 32).unwrap();
     (backend, jobs, recovery)
 }
 
@@ -49,7 +49,7 @@ fn claim_ack_release_cancel_and_crash_requeue() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (queue, jobs, recovery) = open(dir.path());
-        assert_eq!(recovery, Recovery { jobs: 0, queued: 0, requeued: 0, exhausted: 0 });
+        assert_eq!(recovery, Recovery { jobs: 0, queued: 0, requeued: 0, exhausted: 0, oversized: 0 });
         queue.enqueue(job("b", Priority::Normal, "euler", 2)).unwrap();
         queue.enqueue(job("c", Priority::Normal, "heun", 3)).unwrap();
         queue.enqueue(job("a", Priority::High, "euler", 1)).unwrap();
@@ -77,7 +77,7 @@ fn claim_ack_release_cancel_and_crash_requeue() {
         // "b" and "c" are claimed but never acknowledged: the process dies here.
     }
     let (queue, jobs, recovery) = open(dir.path());
-    assert_eq!(recovery, Recovery { jobs: 4, queued: 2, requeued: 2, exhausted: 0 });
+    assert_eq!(recovery, Recovery { jobs: 4, queued: 2, requeued: 2, exhausted: 0, oversized: 0 });
     let batch = queue.claim(32).unwrap();
     assert_eq!(ids(&batch), ["b"], "requeued in acceptance order, compatible jobs together");
     assert_eq!(jobs.view("b").unwrap().attempts, 2, "the rerun counts as a second attempt");
