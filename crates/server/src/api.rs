@@ -58,30 +58,31 @@ pub struct GenerationBody {
     pub output_compression: Option<i64>,
 }
 
-/// A JSON integer, also written with a zero fraction (3.0), as JSON Schema's "integer" allows.
-fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    let value = Option::<serde_json::Number>::deserialize(d)?;
-    match value {
-        None => Ok(None),
-        Some(n) => match (n.as_i64(), n.as_f64()) {
-            (Some(i), _) => Ok(Some(i)),
-            (None, Some(x)) if x.fract() == 0.0 && x.abs() <= MAX_SEED as f64 => Ok(Some(x as i64)),
-            _ => Err(serde::de::Error::custom(format!("expected a whole number, got {n}"))),
-        },
+/// A JSON number's integer value, also when written with a zero fraction (3.0), as JSON Schema's
+/// "integer" allows; None for a fraction or a float beyond `MAX_SEED`.
+fn integral(n: &serde_json::Number) -> Option<i128> {
+    match (n.as_i64(), n.as_u64(), n.as_f64()) {
+        (Some(i), _, _) => Some(i.into()),
+        (None, Some(u), _) => Some(u.into()),
+        (None, None, Some(x)) if x.fract() == 0.0 && x.abs() <= MAX_SEED as f64 => Some(x as i128),
+        _ => None,
     }
 }
 
-/// `whole_number` for the seed, which is never negative.
+/// `integral` for an `Option<i64>` field.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<serde_json::Number>::deserialize(d)?
+        .map(|n| integral(&n).and_then(|i| i64::try_from(i).ok()).ok_or(n))
+        .transpose()
+        .map_err(|n| serde::de::Error::custom(format!("expected a whole number, got {n}")))
+}
+
+/// `integral` for the seed, which is never negative.
 fn whole_seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let value = Option::<serde_json::Number>::deserialize(d)?;
-    match value {
-        None => Ok(None),
-        Some(n) => match (n.as_u64(), n.as_f64()) {
-            (Some(u), _) => Ok(Some(u)),
-            (None, Some(x)) if x.fract() == 0.0 && (0.0..=MAX_SEED as f64).contains(&x) => Ok(Some(x as u64)),
-            _ => Err(serde::de::Error::custom(format!("expected a whole number 0 or more, got {n}"))),
-        },
-    }
+    Option::<serde_json::Number>::deserialize(d)?
+        .map(|n| integral(&n).and_then(|i| u64::try_from(i).ok()).ok_or(n))
+        .transpose()
+        .map_err(|n| serde::de::Error::custom(format!("expected a whole number 0 or more, got {n}")))
 }
 
 /// Largest seed: every image's seed (seed + i) stays exact in a JSON number any client can read.
@@ -116,7 +117,7 @@ fn label(cfg: &ModelConfig, field: &str, value: &LabelValue) -> Result<u32, ApiE
 
 /// Check every field against the model and the limits; the error names the field and the limit.
 pub fn validate(body: &GenerationBody, models: &Models, limits: &LimitsSection) -> Result<JobSpec, ApiError> {
-    if models.names().is_empty() {
+    if models.is_empty() {
         return Err(ApiError::Unavailable("no model is loaded".into()));
     }
     let (model, engine) = models.resolve(body.model.as_deref()).ok_or_else(|| {

@@ -118,43 +118,20 @@ fn http_builder(header_timeout: Duration, keep_alive: bool) -> Builder {
 /// Accept until `shutdown` resolves; then `drain` runs (the batcher's grace period) while the
 /// server still answers, and afterwards every connection is closed within `MIN_CLOSE_WINDOW` or
 /// what is left of `grace`, whichever is longer.
-pub async fn serve<D>(
+pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     router: Router,
     probes: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    drain: impl FnOnce() -> D,
-) where
-    D: Future<Output = ()>,
-{
+    shutdown: impl Future<Output = ()>,
+    drain: impl Future<Output = ()>,
+) {
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
     let mut accepting = Listener::new(&state, router, probes);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => accepting.spawn(stream),
-                Err(error) => accept_failed(error).await,
-            },
-            Some(_) = accepting.connections.join_next(), if !accepting.connections.is_empty() => {}
-            () = &mut shutdown => break,
-        }
-    }
+    accept_until(&listener, &mut accepting, shutdown).await;
     let started = Instant::now();
-    let drain = drain();
-    tokio::pin!(drain);
     // Keep answering status polls and probes while the running batch finishes.
-    loop {
-        tokio::select! {
-            () = &mut drain => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => accepting.spawn(stream),
-                Err(error) => accept_failed(error).await,
-            },
-            Some(_) = accepting.connections.join_next(), if !accepting.connections.is_empty() => {}
-        }
-    }
+    accept_until(&listener, &mut accepting, drain).await;
     drop(listener);
     let window = grace.saturating_sub(started.elapsed()).max(MIN_CLOSE_WINDOW);
     let Listener { graceful, mut connections, .. } = accepting;
@@ -164,6 +141,21 @@ pub async fn serve<D>(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// Serve new connections, and reap finished ones, until `until` resolves.
+async fn accept_until(listener: &TcpListener, accepting: &mut Listener, until: impl Future<Output = ()>) {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            () = &mut until => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => accepting.spawn(stream),
+                Err(error) => accept_failed(error).await,
+            },
+            Some(_) = accepting.connections.join_next(), if !accepting.connections.is_empty() => {}
+        }
+    }
 }
 
 async fn accept_failed(error: io::Error) {

@@ -51,15 +51,20 @@ impl Models {
     /// (so OpenAI-style clients that must send a model id can name it without knowing it).
     pub fn resolve(&self, name: Option<&str>) -> Option<(&str, &Arc<dyn Engine>)> {
         let found = match name {
-            Some(name) => self.entries.iter().find(|(n, _)| n == name),
-            None => None,
-        };
-        let found = match (found, name) {
-            (Some(entry), _) => Some(entry),
-            (None, None | Some(DEFAULT_ALIAS)) => self.entries.first(),
-            (None, Some(_)) => None,
+            None => self.entries.first(),
+            Some(name) => self.entries.iter().find(|(n, _)| n == name).or_else(|| {
+                if name == DEFAULT_ALIAS {
+                    self.entries.first()
+                } else {
+                    None
+                }
+            }),
         };
         found.map(|(n, e)| (n.as_str(), e))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Engine>> {

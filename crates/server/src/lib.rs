@@ -41,7 +41,8 @@ pub async fn serve(
 ) -> Result<()> {
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
     let draining = state.clone();
-    let drain = move || async move {
+    // Lazy: it starts only once `shutdown` has resolved.
+    let drain = async move {
         tracing::info!(queued = draining.queue.queued(), "shutdown requested: draining");
         draining.begin_drain();
         if draining.wait_for_batcher(grace).await {

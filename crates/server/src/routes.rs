@@ -110,8 +110,10 @@ impl utoipa::Modify for EdgeResponses {
 pub fn app(state: Arc<AppState>) -> Router {
     let cfg = &state.config.server;
     let timeout = Duration::from_secs(cfg.request_timeout_s);
-    let document = Arc::new(crate::openapi::document(&ApiDoc::openapi(), &state.config, &state.models));
-    let docs_page = Scalar::with_url("/docs", document.as_ref().clone());
+    let document = crate::openapi::document(&ApiDoc::openapi(), &state.config, &state.models);
+    // Serialized once: each request gets a cheap clone of the bytes.
+    let document_bytes = Bytes::from(document.to_string());
+    let docs_page = Scalar::with_url("/docs", document);
     // Everything but the synchronous endpoint (it has its own deadline) and SSE (it streams).
     let bounded = Router::new()
         .route("/v1/generations", post(create_generation).get(list_generations))
@@ -122,7 +124,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(move || async move { Json(document.as_ref().clone()) }))
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], document_bytes.clone()) }),
+        )
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
     let mut router = Router::new()
         .merge(bounded)
