@@ -153,6 +153,7 @@ async fn every_invalid_field_is_named_with_its_limit() {
         assert_eq!(err["field"], field, "{body}: {err}");
         assert!(err["error"].as_str().unwrap().contains(needle), "{body}: {err}");
     }
+    assert!(h.fake.batches().is_empty(), "nothing invalid ran");
     // JSON Schema's integers include 2.0; an interval may be given in either order.
     let id = submit(&h, json!({"n": 2.0, "seed": 5.0, "steps": 3.0, "guidance_interval": [0.6, 0.2]})).await;
     let view = h.state.jobs.view(&id).unwrap();
