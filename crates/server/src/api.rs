@@ -339,6 +339,10 @@ pub struct Limits {
     pub queue_capacity: usize,
     /// Jobs one API key may have queued at once.
     pub max_queued_per_key: usize,
+    /// Jobs one API key may keep stored (finished ones until they expire or are deleted).
+    pub max_stored_per_key: usize,
+    /// Seconds a finished job and its images are kept.
+    pub result_ttl_s: u64,
     pub body_limit_bytes: usize,
 }
 

@@ -83,6 +83,9 @@ pub struct QueueSection {
     pub max_attempts: u32,
     /// Jobs one API key may have queued at once (429 past it), so no key fills the shared queue.
     pub max_queued_per_key: usize,
+    /// Jobs one API key may keep stored, finished ones included until they expire or are deleted
+    /// (429 past it), so no key fills the disk.
+    pub max_stored_per_key: usize,
 }
 
 impl Default for QueueSection {
@@ -94,6 +97,7 @@ impl Default for QueueSection {
             result_ttl_s: 86_400,
             max_attempts: 3,
             max_queued_per_key: 64,
+            max_stored_per_key: 10_000,
         }
     }
 }
@@ -233,6 +237,12 @@ impl ServerConfig {
         }
         if self.queue.max_queued_per_key == 0 {
             return bad("queue.max_queued_per_key", "must be at least 1".into());
+        }
+        if self.queue.max_stored_per_key < self.queue.max_queued_per_key {
+            return bad(
+                "queue.max_stored_per_key",
+                format!("must be at least queue.max_queued_per_key ({})", self.queue.max_queued_per_key),
+            );
         }
         if self.limits.max_nfe < 6 {
             return bad("limits.max_nfe", format!("must be at least 6 (one dopri5 step), got {}", self.limits.max_nfe));

@@ -201,6 +201,15 @@ pub struct StoredJob {
     pub nfe: Option<usize>,
     pub attempts: u32,
     pub inference_ms: Option<i64>,
+    /// Sampler steps it got through (kept when it ends, for views served from the journal).
+    pub steps: Steps,
+}
+
+/// Sampler steps completed, and the total when the sampler has a fixed one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Steps {
+    pub done: usize,
+    pub total: Option<usize>,
 }
 
 impl StoredJob {
@@ -220,6 +229,7 @@ impl StoredJob {
             nfe: None,
             attempts: 0,
             inference_ms: None,
+            steps: Steps::default(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! In-memory job table and priority queue. The SQLite journal is the source of truth for what was
-//! accepted and how it ended; this table serves reads, queue order and progress.
+//! In-memory table of live jobs (queued and running) and the priority queue. The SQLite journal
+//! is the source of truth for what was accepted and how it ended, and a job that ends leaves this
+//! table: the journal serves it from then on, so memory holds what is live, not a day of results.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,8 +11,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::api::{JobSpec, JobStatus, JobView};
 use crate::error::ApiError;
+use crate::job::Steps;
 use crate::metrics::Metrics;
-use crate::queue::{BatchJob, JobProgress, QueueHead, Snapshot};
+use crate::queue::{BatchJob, JobProgress, QueueHead, Removed, Snapshot};
 use crate::store::StoredJob;
 
 struct Entry {
@@ -50,12 +52,8 @@ pub enum Admission {
     /// The Idempotency-Key was seen before with the same body; while that first request is still
     /// being journaled, `landing` says when it is (true) or that it failed (false).
     Existing { id: String, landing: Option<watch::Receiver<Option<bool>>> },
-}
-
-pub enum CancelOutcome {
-    NotFound,
-    AlreadyFinal(JobStatus),
-    Cancellable,
+    /// The owner already stores `stored` jobs, the most one key may keep.
+    StoreFull { stored: usize },
 }
 
 /// One priority's queued jobs: a FIFO per owner, owners taken in turn (round-robin), so one key
@@ -135,6 +133,8 @@ struct Inner {
     landing: HashMap<String, watch::Receiver<Option<bool>>>,
     /// Admitted, not yet journaled, per owner.
     reserved: HashMap<String, usize>,
+    /// Journaled jobs (live or finished, not yet expired or deleted), per owner.
+    stored: HashMap<String, usize>,
     /// Images per second over recent batches, for Retry-After.
     throughput: f64,
 }
@@ -177,6 +177,7 @@ pub struct Jobs {
     pub wake: Notify,
     capacity: usize,
     per_key: usize,
+    stored_per_key: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -185,20 +186,22 @@ pub fn now_ms() -> i64 {
 }
 
 impl Jobs {
-    /// A table that queues at most `capacity` jobs, `per_key` of them for one owner.
-    pub fn new(capacity: usize, per_key: usize, metrics: Arc<Metrics>) -> Self {
-        Jobs { inner: Mutex::new(Inner::default()), wake: Notify::new(), capacity, per_key, metrics }
+    /// A table that queues at most `capacity` jobs, `per_key` of them for one owner, and admits
+    /// no job for an owner who already stores `stored_per_key`.
+    pub fn new(capacity: usize, per_key: usize, stored_per_key: usize, metrics: Arc<Metrics>) -> Self {
+        Jobs { inner: Mutex::new(Inner::default()), wake: Notify::new(), capacity, per_key, stored_per_key, metrics }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Load the journal at start-up; queued jobs keep their acceptance order.
-    pub fn restore(&self, jobs: Vec<StoredJob>) {
+    /// Load the journal's live jobs at start-up (queued ones keep their acceptance order) and
+    /// how many jobs each owner stores.
+    pub fn restore(&self, live: Vec<StoredJob>, stored: Vec<(String, usize)>) {
         let mut inner = self.lock();
-        for mut job in jobs {
-            job.spec.settings.canonicalise();
+        inner.stored = stored.into_iter().collect();
+        for job in live.into_iter().filter(|j| !j.status.is_final()) {
             let queued = job.status == JobStatus::Queued;
             let id = job.id.clone();
             insert(&mut inner, job);
@@ -215,16 +218,13 @@ impl Jobs {
     /// be journaled; `enqueue` or `abandon` releases it.
     pub fn admit(&self, owner: &str, idempotency_key: Option<&str>, request_hash: &str) -> Result<Admission, ApiError> {
         let mut inner = self.lock();
-        if let Some(key) = idempotency_key {
-            if let Some((id, hash)) = inner.idempotency.get(&(owner.to_string(), key.to_string())) {
-                if hash == request_hash {
-                    let landing = inner.landing.get(id).cloned();
-                    return Ok(Admission::Existing { id: id.clone(), landing });
-                }
-                return Err(ApiError::Conflict(format!(
-                    "Idempotency-Key {key:?} was used for a different request (job {id})"
-                )));
-            }
+        if let Some(existing) = Self::replay_locked(&inner, owner, idempotency_key, request_hash)? {
+            return Ok(existing);
+        }
+        let stored = inner.stored.get(owner).copied().unwrap_or(0) + inner.reserved.get(owner).copied().unwrap_or(0);
+        if stored >= self.stored_per_key {
+            self.metrics.rejected("key_store_full");
+            return Ok(Admission::StoreFull { stored });
         }
         let reserved_total: usize = inner.reserved.values().sum();
         let mine = inner.lanes.iter().map(|l| l.owner_len(owner)).sum::<usize>()
@@ -257,6 +257,32 @@ impl Jobs {
         Ok(Admission::New { id, landed })
     }
 
+    /// A live job submitted with this Idempotency-Key (ended ones are in the journal).
+    pub fn replay(
+        &self,
+        owner: &str,
+        idempotency_key: &str,
+        request_hash: &str,
+    ) -> Result<Option<Admission>, ApiError> {
+        Self::replay_locked(&self.lock(), owner, Some(idempotency_key), request_hash)
+    }
+
+    fn replay_locked(
+        inner: &Inner,
+        owner: &str,
+        idempotency_key: Option<&str>,
+        request_hash: &str,
+    ) -> Result<Option<Admission>, ApiError> {
+        let Some(key) = idempotency_key else { return Ok(None) };
+        let Some((id, hash)) = inner.idempotency.get(&(owner.to_string(), key.to_string())) else { return Ok(None) };
+        if hash != request_hash {
+            return Err(ApiError::Conflict(format!(
+                "Idempotency-Key {key:?} was used for a different request (job {id})"
+            )));
+        }
+        Ok(Some(Admission::Existing { id: id.clone(), landing: inner.landing.get(id).cloned() }))
+    }
+
     /// Seconds until the queued images are likely done, for Retry-After.
     fn retry_after(&self, inner: &Inner) -> u64 {
         let images: usize = inner.queued_ids().filter_map(|id| inner.entries.get(id)).map(|e| e.spec.n()).sum();
@@ -287,6 +313,7 @@ impl Jobs {
     pub fn enqueue(&self, job: StoredJob) {
         let mut inner = self.lock();
         Self::release_reservation(&mut inner, &job.owner);
+        *inner.stored.entry(job.owner.clone()).or_default() += 1;
         let id = job.id.clone();
         inner.landing.remove(&id);
         insert(&mut inner, job);
@@ -296,72 +323,48 @@ impl Jobs {
         self.wake.notify_one();
     }
 
-    pub fn owner(&self, id: &str) -> Option<String> {
-        self.lock().entries.get(id).map(|e| e.job.owner.clone())
+    /// A live job's owner and view; None once it has ended (the journal has it then).
+    pub fn view(&self, id: &str) -> Option<(String, JobView)> {
+        let inner = self.lock();
+        inner.entries.get(id).map(|e| (e.job.owner.clone(), view_of_entry(e)))
     }
 
-    /// `owner`'s jobs with one of `statuses` (all when empty), newest first, starting after the
-    /// job `after` (a cursor from the previous page); also says whether more follow. None when
-    /// `after` is not one of those jobs (expired, or filtered out).
-    pub fn list(
-        &self,
-        owner: &str,
-        statuses: &[JobStatus],
-        limit: usize,
-        after: Option<&str>,
-    ) -> Option<(Vec<JobView>, bool)> {
+    /// Views of those of `ids` that are live, in the same order.
+    pub fn live_views(&self, ids: &[&str]) -> Vec<Option<JobView>> {
         let inner = self.lock();
-        let mut mine: Vec<&Entry> = inner
-            .entries
-            .values()
-            .filter(|e| e.job.owner == owner && (statuses.is_empty() || statuses.contains(&e.job.status)))
-            .collect();
-        // Admission order breaks ties within a millisecond (ids are random).
-        mine.sort_by(|a, b| (b.job.created_ms, b.enqueued, &b.job.id).cmp(&(a.job.created_ms, a.enqueued, &a.job.id)));
-        let start = match after {
-            Some(cursor) => mine.iter().position(|e| e.job.id == cursor)? + 1,
-            None => 0,
-        };
-        let page: Vec<JobView> = mine.iter().skip(start).take(limit).map(|e| view_of(e)).collect();
-        let more = mine.len() > start + page.len();
-        Some((page, more))
+        ids.iter().map(|id| inner.entries.get(*id).map(view_of_entry)).collect()
     }
 
-    pub fn view(&self, id: &str) -> Option<JobView> {
-        let inner = self.lock();
-        inner.entries.get(id).map(view_of)
+    /// Jobs in memory: queued, running, nothing else.
+    pub fn live(&self) -> usize {
+        self.lock().entries.len()
     }
 
     pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
         self.lock().entries.get(id).map(|e| e.live.events.subscribe())
     }
 
-    pub fn status(&self, id: &str) -> Option<JobStatus> {
-        self.lock().entries.get(id).map(|e| e.job.status)
+    /// The steps a live job has reported (all of them once it succeeded).
+    pub fn steps(&self, id: &str) -> Steps {
+        let inner = self.lock();
+        let Some(e) = inner.entries.get(id) else { return Steps::default() };
+        let snap = e.live.events.borrow();
+        Steps { done: snap.step, total: snap.total }
     }
 
-    pub fn can_cancel(&self, id: &str) -> CancelOutcome {
-        match self.lock().entries.get(id) {
-            None => CancelOutcome::NotFound,
-            Some(e) if e.job.status.is_final() => CancelOutcome::AlreadyFinal(e.job.status),
-            Some(_) => CancelOutcome::Cancellable,
-        }
-    }
-
-    /// The journal recorded the cancellation: drop it from the queue or flag it for the batcher.
+    /// The journal recorded the cancellation: flag it for the batcher, tell its watchers, and
+    /// let it go.
     pub fn mark_cancelled(&self, id: &str) {
         let mut inner = self.lock();
-        inner.unqueue(id);
-        if let Some(e) = inner.entries.get_mut(id) {
+        if let Some(e) = inner.entries.get(id) {
             e.live.cancel.store(true, Ordering::SeqCst);
-            e.job.status = JobStatus::Cancelled;
-            e.job.finished_ms = Some(now_ms());
             e.live.events.send_modify(|s| {
                 s.status = JobStatus::Cancelled;
                 s.position = None;
             });
+            self.metrics.job_finished("cancelled");
         }
-        self.metrics.job_finished("cancelled");
+        retire(&mut inner, id);
         self.refresh(&mut inner);
     }
 
@@ -430,32 +433,22 @@ impl Jobs {
         batch
     }
 
-    pub fn mark_succeeded(&self, id: &str, finished_ms: i64, nfe: usize, inference_ms: i64) {
+    /// The journal recorded how a job ended: tell its watchers and let it go.
+    pub fn mark_finished(&self, id: &str, status: JobStatus) {
         let mut inner = self.lock();
-        if let Some(e) = inner.entries.get_mut(id) {
-            if e.job.status != JobStatus::Running {
-                return;
+        let Some(e) = inner.entries.get(id) else { return };
+        e.live.events.send_modify(|s| {
+            s.status = status;
+            s.position = None;
+            if status == JobStatus::Succeeded {
+                s.step = s.total.unwrap_or(s.step);
             }
-            e.job.status = JobStatus::Succeeded;
-            e.job.finished_ms = Some(finished_ms);
-            e.job.nfe = Some(nfe);
-            e.job.inference_ms = Some(inference_ms);
-            e.live.events.send_modify(|s| s.status = JobStatus::Succeeded);
-            self.metrics.job_finished("succeeded");
-        }
-    }
-
-    pub fn mark_failed(&self, id: &str, error: &str) {
-        let mut inner = self.lock();
-        if let Some(e) = inner.entries.get_mut(id) {
-            if e.job.status.is_final() {
-                return;
-            }
-            e.job.status = JobStatus::Failed;
-            e.job.finished_ms = Some(now_ms());
-            e.job.error = Some(error.to_string());
-            e.live.events.send_modify(|s| s.status = JobStatus::Failed);
-            self.metrics.job_finished("failed");
+        });
+        self.metrics.job_finished(status.as_str());
+        let was_queued = e.job.status == JobStatus::Queued;
+        retire(&mut inner, id);
+        if was_queued {
+            self.refresh(&mut inner);
         }
     }
 
@@ -485,6 +478,15 @@ impl Jobs {
         if was == stored.status {
             return;
         }
+        if stored.status.is_final() {
+            drop(inner);
+            if stored.status == JobStatus::Cancelled {
+                self.mark_cancelled(&stored.id);
+            } else {
+                self.mark_finished(&stored.id, stored.status);
+            }
+            return;
+        }
         e.job.status = stored.status;
         e.job.started_ms = stored.started_ms;
         e.job.finished_ms = stored.finished_ms;
@@ -492,17 +494,11 @@ impl Jobs {
         e.job.nfe = stored.nfe;
         e.job.inference_ms = stored.inference_ms;
         e.job.attempts = stored.attempts;
-        if stored.status == JobStatus::Cancelled {
-            e.live.cancel.store(true, Ordering::SeqCst);
-        }
         let status = stored.status;
         e.live.events.send_modify(|s| {
             s.status = status;
             s.position = None;
         });
-        if status.is_final() {
-            self.metrics.job_finished(status.as_str());
-        }
         if was == JobStatus::Queued {
             inner.unqueue(&stored.id);
         }
@@ -525,12 +521,15 @@ impl Jobs {
         self.lock().queued()
     }
 
-    pub fn forget(&self, ids: &[String]) {
+    /// Jobs deleted from the journal no longer count against their owners.
+    pub fn forget(&self, removed: &[Removed]) {
         let mut inner = self.lock();
-        for id in ids {
-            if let Some(e) = inner.entries.remove(id) {
-                if let Some(key) = e.job.idempotency_key {
-                    inner.idempotency.remove(&(e.job.owner, key));
+        for job in removed {
+            retire(&mut inner, &job.id);
+            if let Some(count) = inner.stored.get_mut(&job.owner) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    inner.stored.remove(&job.owner);
                 }
             }
         }
@@ -567,10 +566,29 @@ fn insert(inner: &mut Inner, job: StoredJob) {
     inner.entries.insert(entry.job.id.clone(), entry);
 }
 
-fn view_of(e: &Entry) -> JobView {
+/// A job that ended leaves memory: the journal serves it from now on.
+fn retire(inner: &mut Inner, id: &str) {
+    inner.unqueue(id);
+    inner.landing.remove(id);
+    if let Some(e) = inner.entries.remove(id) {
+        if let Some(key) = e.job.idempotency_key {
+            inner.idempotency.remove(&(e.job.owner, key));
+        }
+    }
+}
+
+fn view_of_entry(e: &Entry) -> JobView {
     let snap = e.live.events.borrow().clone();
-    let job = &e.job;
-    let spec = &e.spec;
+    view_of(&e.job, Some(&snap))
+}
+
+/// What clients see of a job: live progress from `live`, or what the journal kept of it.
+pub fn view_of(job: &StoredJob, live: Option<&Snapshot>) -> JobView {
+    let spec = &job.spec;
+    let (position, step, total) = match live {
+        Some(snap) => (snap.position, snap.step, snap.total),
+        None => (None, job.steps.done, job.steps.total),
+    };
     let images = if job.status == JobStatus::Succeeded {
         (0..spec.n()).map(|i| format!("/v1/generations/{}/images/{i}", job.id)).collect()
     } else {
@@ -580,9 +598,9 @@ fn view_of(e: &Entry) -> JobView {
         id: job.id.clone(),
         status: job.status,
         model: spec.model.clone(),
-        queue_position: if job.status == JobStatus::Queued { snap.position } else { None },
-        step: if job.status == JobStatus::Succeeded { snap.total.unwrap_or(snap.step) } else { snap.step },
-        total: snap.total,
+        queue_position: if job.status == JobStatus::Queued { position } else { None },
+        step: if job.status == JobStatus::Succeeded { total.unwrap_or(step) } else { step },
+        total,
         n: spec.n(),
         labels: spec.labels.clone(),
         seeds: spec.seeds.clone(),

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::error::Result;
-use crate::job::{JobStatus, StoredJob};
+use crate::job::{JobStatus, Steps, StoredJob};
 use crate::jobs::{now_ms, Jobs};
-use crate::queue::{BatchJob, JobQueue, JobStore, Outcome, ProgressHub, QueueHead, Snapshot};
+use crate::queue::{BatchJob, JobQueue, JobStore, Outcome, ProgressHub, QueueHead, Removed, Snapshot};
 use crate::store::Store;
 
 /// The embedded backend: the SQLite journal is the truth for what was accepted and how it
-/// ended; the in-memory table orders the queue, serves reads and fans out progress.
+/// ended, and serves every job that ended; the in-memory table holds the live ones, orders the
+/// queue and fans out progress.
 pub struct LocalBackend {
     store: Store,
     jobs: Arc<Jobs>,
@@ -34,16 +35,18 @@ pub struct Recovery {
 
 impl LocalBackend {
     /// Open the journal, put back what a crash interrupted (failing jobs already started
-    /// `max_attempts` times), and load every job into `jobs`.
+    /// `max_attempts` times), and load the live jobs into `jobs`.
     pub fn open(store: Store, jobs: Arc<Jobs>, max_attempts: u32, max_batch: usize) -> Result<(Self, Recovery)> {
         let requeued = store.requeue_interrupted()?;
         let exhausted = store.fail_exhausted(max_attempts, now_ms())?;
-        let mut stored = store.load_all()?;
-        let oversized = fail_oversized(&store, &mut stored, max_batch)?;
-        let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
+        let mut live = store.load_live()?;
+        let oversized = fail_oversized(&store, &mut live, max_batch)?;
+        let queued = live.iter().filter(|j| j.status == JobStatus::Queued).count();
         let requeued = requeued.saturating_sub(exhausted);
-        let recovery = Recovery { jobs: stored.len(), queued, requeued, exhausted, oversized };
-        jobs.restore(stored);
+        let per_owner = store.count_by_owner()?;
+        let total = per_owner.iter().map(|(_, n)| n).sum();
+        let recovery = Recovery { jobs: total, queued, requeued, exhausted, oversized };
+        jobs.restore(live, per_owner);
         Ok((LocalBackend { store, jobs }, recovery))
     }
 
@@ -72,7 +75,7 @@ fn fail_oversized(store: &Store, stored: &mut [StoredJob], max_batch: usize) -> 
             job.spec.n()
         );
         let finished = now_ms();
-        if store.finish(&job.id, JobStatus::Failed, finished, Some(&error))? {
+        if store.finish(&job.id, JobStatus::Failed, finished, Some(&error), Steps::default())? {
             job.status = JobStatus::Failed;
             job.finished_ms = Some(finished);
             job.error = Some(error);
@@ -127,17 +130,21 @@ impl JobQueue for LocalBackend {
     }
 
     fn ack(&self, id: &str, outcome: &Outcome) -> Result<bool> {
-        let stored = match outcome {
-            Outcome::Succeeded(done) => self.store.finish_succeeded(id, done)?,
-            Outcome::Failed { error } => self.store.finish(id, JobStatus::Failed, now_ms(), Some(error))?,
-        };
-        match outcome {
-            Outcome::Succeeded(done) if stored => {
-                self.jobs.mark_succeeded(id, done.finished_ms, done.nfe, done.inference_ms)
+        let steps = self.jobs.steps(id);
+        let (stored, status) = match outcome {
+            Outcome::Succeeded(done) => {
+                let all = Steps { done: steps.total.unwrap_or(steps.done), ..steps };
+                (self.store.finish_succeeded(id, done, all)?, JobStatus::Succeeded)
             }
-            Outcome::Failed { error } if stored => self.jobs.mark_failed(id, error),
+            Outcome::Failed { error } => {
+                (self.store.finish(id, JobStatus::Failed, now_ms(), Some(error), steps)?, JobStatus::Failed)
+            }
+        };
+        if stored {
+            self.jobs.mark_finished(id, status);
+        } else {
             // It had ended already: whatever the journal says is what clients see.
-            _ => self.follow_journal(id),
+            self.follow_journal(id);
         }
         Ok(stored)
     }
@@ -148,7 +155,9 @@ impl JobQueue for LocalBackend {
 
     fn cancel(&self, id: &str) -> Result<bool> {
         // The journal decides races with the batcher: whichever final state lands first wins.
-        let cancelled = self.store.finish(id, JobStatus::Cancelled, now_ms(), Some("cancelled by the client"))?;
+        let steps = self.jobs.steps(id);
+        let cancelled =
+            self.store.finish(id, JobStatus::Cancelled, now_ms(), Some("cancelled by the client"), steps)?;
         if cancelled {
             self.jobs.mark_cancelled(id);
         }
@@ -161,19 +170,61 @@ impl JobQueue for LocalBackend {
 }
 
 impl JobStore for LocalBackend {
+    fn load(&self, id: &str) -> Result<Option<StoredJob>> {
+        self.store.load(id)
+    }
+
+    fn idempotent(&self, owner: &str, key: &str) -> Result<Option<(String, String)>> {
+        self.store.idempotent(owner, key)
+    }
+
+    fn list(
+        &self,
+        owner: &str,
+        statuses: &[JobStatus],
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Option<(Vec<StoredJob>, bool)>> {
+        self.store.list(owner, statuses, limit, after)
+    }
+
+    fn first_finished(&self, owner: &str) -> Result<Option<i64>> {
+        self.store.first_finished(owner)
+    }
+
     fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
         self.store.image(id, index)
     }
 
-    fn expire(&self, before_ms: i64) -> Result<Vec<String>> {
-        let ids = self.store.expire(before_ms)?;
-        self.jobs.forget(&ids);
-        Ok(ids)
+    fn delete(&self, id: &str, owner: &str) -> Result<bool> {
+        let deleted = self.store.delete(id, owner)?;
+        if deleted {
+            self.jobs.forget(&[Removed { id: id.to_string(), owner: owner.to_string() }]);
+        }
+        Ok(deleted)
+    }
+
+    fn expire(&self, before_ms: i64) -> Result<Vec<Removed>> {
+        let removed = self.store.expire(before_ms)?;
+        self.jobs.forget(&removed);
+        Ok(removed)
     }
 }
 
 impl ProgressHub for LocalBackend {
+    /// A live job's channel; for a job that ended, one that holds its final state.
     fn subscribe(&self, id: &str) -> Option<watch::Receiver<Snapshot>> {
-        self.jobs.subscribe(id)
+        if let Some(live) = self.jobs.subscribe(id) {
+            return Some(live);
+        }
+        let job = match self.store.load(id) {
+            Ok(job) => job?,
+            Err(err) => {
+                tracing::error!(job = %id, error = %err, "cannot read a job from the journal");
+                return None;
+            }
+        };
+        let last = Snapshot { status: job.status, position: None, step: job.steps.done, total: job.steps.total };
+        Some(watch::channel(last).1)
     }
 }

@@ -92,12 +92,37 @@ pub trait JobQueue: Send + Sync + 'static {
     fn queued(&self) -> usize;
 }
 
-/// Finished jobs' results and their expiry.
+/// A job deleted from the store (expired, or deleted by its owner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub id: String,
+    pub owner: String,
+}
+
+/// Every accepted job as stored, finished jobs' results, and their expiry. Jobs that ended are
+/// served from here alone: the live table keeps only queued and running ones.
 pub trait JobStore: Send + Sync + 'static {
+    /// A job as stored now.
+    fn load(&self, id: &str) -> Result<Option<StoredJob>>;
+    /// The id and request hash of the job `owner` submitted with this Idempotency-Key.
+    fn idempotent(&self, owner: &str, key: &str) -> Result<Option<(String, String)>>;
+    /// One page of `owner`'s jobs, newest first, with one of `statuses` (any when empty), after
+    /// the job `after`, and whether more follow; None when `after` is not a job of `owner`.
+    fn list(
+        &self,
+        owner: &str,
+        statuses: &[JobStatus],
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Option<(Vec<StoredJob>, bool)>>;
+    /// When the first of `owner`'s finished jobs finished (it expires first).
+    fn first_finished(&self, owner: &str) -> Result<Option<i64>>;
     /// Encoded image `index` of a succeeded job.
     fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>>;
-    /// Delete jobs (and results) that finished before `before_ms`; their ids.
-    fn expire(&self, before_ms: i64) -> Result<Vec<String>>;
+    /// Delete a finished job of `owner` and its results; false when there is none.
+    fn delete(&self, id: &str, owner: &str) -> Result<bool>;
+    /// Delete jobs (and results) that finished before `before_ms`.
+    fn expire(&self, before_ms: i64) -> Result<Vec<Removed>>;
 }
 
 /// Job state changes fanned out to any number of watchers (SSE streams).

@@ -30,7 +30,7 @@ use crate::api::{
     OpenAiImageRequest, OpenAiImageResponse, Priority,
 };
 use crate::error::{ApiError, ErrorBody};
-use crate::jobs::{now_ms, Admission, CancelOutcome};
+use crate::jobs::{now_ms, view_of, Admission};
 use crate::queue::Snapshot;
 use crate::state::AppState;
 use crate::store::StoredJob;
@@ -41,7 +41,7 @@ type AppResult<T> = Result<T, ApiError>;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "flowgen", description = "Flow-matching image generation: queued jobs, progress, cancellation."),
-    paths(create_generation, list_generations, get_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
+    paths(create_generation, list_generations, get_generation, delete_generation, generation_events, cancel_generation, generation_image, openai_generate, list_models, health, ready, metrics),
     components(schemas(GenerationBody, LabelValue, JobView, JobList, JobStatus, Priority, ErrorBody, ModelsResponse, ModelInfo, Limits, OpenAiImageRequest, OpenAiImageResponse, OpenAiImage)),
     modifiers(&BearerAuth, &EdgeResponses)
 )]
@@ -117,7 +117,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     // Everything but the synchronous endpoint (it has its own deadline) and SSE (it streams).
     let bounded = Router::new()
         .route("/v1/generations", post(create_generation).get(list_generations))
-        .route("/v1/generations/{id}", get(get_generation))
+        .route("/v1/generations/{id}", get(get_generation).delete(delete_generation))
         .route("/v1/generations/{id}/cancel", post(cancel_generation))
         .route("/v1/generations/{id}/images/{index}", get(generation_image))
         .route("/v1/models", get(list_models))
@@ -144,7 +144,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(origins))
-                .allow_methods([Method::GET, Method::POST])
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
                 .allow_headers([
                     header::AUTHORIZATION,
                     header::CONTENT_TYPE,
@@ -246,13 +246,13 @@ fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 }
 
 /// 404 for an unknown job, 403 for another key's job.
-fn owned_view(state: &AppState, caller: &Caller, id: &str) -> AppResult<JobView> {
-    let owner =
-        state.jobs.owner(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
+async fn owned_view(state: &AppState, caller: &Caller, id: &str) -> AppResult<JobView> {
+    let (owner, view) =
+        state.find(id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
     if owner != caller.0 {
         return Err(ApiError::Forbidden(format!("job {id:?} belongs to another API key")));
     }
-    state.jobs.view(id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))
+    Ok(view)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::error::Result<T> + Send + 'static) -> AppResult<T> {
@@ -271,7 +271,24 @@ async fn submit(
         state.metrics.rejected("draining");
         return Err(ApiError::Unavailable("the server is shutting down and accepts no new jobs".into()));
     }
+    if let Some(key) = idempotency_key.as_deref() {
+        // Live jobs are found in memory, ended ones only in the store; `admit` looks in memory
+        // again, for a first request that lands in between.
+        if state.jobs.replay(owner, key, &request_hash)?.is_none() {
+            let results = state.results.clone();
+            let (who, what) = (owner.to_string(), key.to_string());
+            if let Some((id, hash)) = blocking(move || results.idempotent(&who, &what)).await? {
+                if hash != request_hash {
+                    return Err(ApiError::Conflict(format!(
+                        "Idempotency-Key {key:?} was used for a different request (job {id})"
+                    )));
+                }
+                return Ok((id, false));
+            }
+        }
+    }
     match state.jobs.admit(owner, idempotency_key.as_deref(), &request_hash)? {
+        Admission::StoreFull { stored } => Err(store_full(state, owner, stored).await),
         Admission::Existing { id, landing: None } => Ok((id, false)),
         Admission::Existing { id, landing: Some(mut landing) } => {
             // The first request with this key is still being journaled: its outcome is this one's.
@@ -323,6 +340,29 @@ async fn submit(
     }
 }
 
+/// 429 for a key that keeps as many jobs as it may: its oldest finished job expiring (or one it
+/// deletes) frees a place.
+async fn store_full(state: &AppState, owner: &str, stored: usize) -> ApiError {
+    let cap = state.config.queue.max_stored_per_key;
+    let ttl_ms = (state.config.queue.result_ttl_s as i64).saturating_mul(1000);
+    let results = state.results.clone();
+    let who = owner.to_string();
+    let first = blocking(move || results.first_finished(&who)).await.ok().flatten();
+    let retry_after_s = match first {
+        Some(finished) => ((finished.saturating_add(ttl_ms) - now_ms()).max(0) as u64).div_ceil(1000).max(1),
+        None => 5,
+    };
+    ApiError::Overloaded {
+        message: format!(
+            "this API key stores {stored} jobs, the most one key may keep (queue.max_stored_per_key = {cap}); \
+             finished jobs expire queue.result_ttl_s = {}s after they finish (the next in {retry_after_s}s), \
+             or DELETE /v1/generations/{{id}} frees a place",
+            state.config.queue.result_ttl_s
+        ),
+        retry_after_s,
+    }
+}
+
 fn hash_json<T: serde::Serialize>(value: &T) -> String {
     let text = serde_json::to_string(value).unwrap_or_default();
     Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
@@ -337,7 +377,7 @@ fn hash_json<T: serde::Serialize>(value: &T) -> String {
         (status = 401, body = ErrorBody), (status = 403, description = "priority high without the right to it", body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, description = "The body is not sent as application/json", body = ErrorBody),
         (status = 422, description = "A field is invalid; `field` names it", body = ErrorBody),
-        (status = 429, description = "Queue full or rate limited; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Queue full, this key's queue or store full, or rate limited; see Retry-After", body = ErrorBody),
         (status = 503, description = "Shutting down, or the journal cannot be written", body = ErrorBody)),
     security(("bearer" = [])))]
 async fn create_generation(
@@ -365,7 +405,7 @@ async fn create_generation(
     // The body hash only matters for detecting a reused Idempotency-Key.
     let request_hash = if idempotency_key.is_some() { hash_json(&body) } else { String::new() };
     let (id, new) = submit(&state, &caller.0, idempotency_key, request_hash, spec).await?;
-    let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished after submission")))?;
+    let view = owned_view(&state, &caller, &id).await?;
     let status = if new { StatusCode::ACCEPTED } else { StatusCode::OK };
     let mut response = (status, Json(view)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/generations/{id}")) {
@@ -417,10 +457,17 @@ async fn list_generations(
             }
         },
     };
-    let after = params.get("after").map(String::as_str).filter(|a| !a.is_empty());
-    let (data, has_more) = state.jobs.list(&caller.0, &statuses, limit, after).ok_or_else(|| {
-        ApiError::NotFound(format!("after: no job {:?} among your jobs (expired?)", after.unwrap_or("")))
+    let after = params.get("after").filter(|a| !a.is_empty()).cloned();
+    let results = state.results.clone();
+    let (owner, cursor) = (caller.0.clone(), after.clone());
+    let page = blocking(move || results.list(&owner, &statuses, limit, cursor.as_deref())).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("after: no job {:?} among your jobs (expired?)", after.unwrap_or_default()))
     })?;
+    let (stored, has_more) = page;
+    // Live jobs show their progress; the store has the rest as it ended.
+    let ids: Vec<&str> = stored.iter().map(|j| j.id.as_str()).collect();
+    let live = state.jobs.live_views(&ids);
+    let data = stored.iter().zip(live).map(|(job, live)| live.unwrap_or_else(|| view_of(job, None))).collect();
     Ok(Json(JobList { data, has_more }))
 }
 
@@ -433,7 +480,31 @@ async fn get_generation(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<JobView>> {
-    owned_view(&state, &caller, &id).map(Json)
+    owned_view(&state, &caller, &id).await.map(Json)
+}
+
+/// Delete a finished job and its images (they would expire after queue.result_ttl_s anyway);
+/// a queued or running job is cancelled first.
+#[utoipa::path(delete, path = "/v1/generations/{id}", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted with its images"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "Still queued or running: cancel it first", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_generation(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<StatusCode> {
+    let view = owned_view(&state, &caller, &id).await?;
+    if !view.status.is_final() {
+        return Err(ApiError::Conflict(format!("job {id} is {}: cancel it before deleting it", view.status.as_str())));
+    }
+    let results = state.results.clone();
+    let (target, owner) = (id.clone(), caller.0.clone());
+    if blocking(move || results.delete(&target, &owner)).await? {
+        tracing::info!(job = %id, "job deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no job {id:?} (already deleted or expired)")))
+    }
 }
 
 /// Cancel a job: a queued one at once, a running one within one sampler step (batch-mates go on).
@@ -445,23 +516,19 @@ async fn cancel_generation(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<JobView>> {
-    owned_view(&state, &caller, &id)?;
-    match state.jobs.can_cancel(&id) {
-        CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id:?}"))),
-        CancelOutcome::AlreadyFinal(status) => {
-            return Err(ApiError::Conflict(format!("job {id} already {}", status.as_str())));
-        }
-        CancelOutcome::Cancellable => {}
+    let view = owned_view(&state, &caller, &id).await?;
+    if view.status.is_final() {
+        return Err(ApiError::Conflict(format!("job {id} already {}", view.status.as_str())));
     }
     let queue = state.queue.clone();
     let target = id.clone();
     if blocking(move || queue.cancel(&target)).await? {
         tracing::info!(job = %id, "job cancelled");
     } else {
-        let status = state.jobs.status(&id).map(JobStatus::as_str).unwrap_or("finished");
-        return Err(ApiError::Conflict(format!("job {id} already {status}")));
+        let now = owned_view(&state, &caller, &id).await?;
+        return Err(ApiError::Conflict(format!("job {id} already {}", now.status.as_str())));
     }
-    owned_view(&state, &caller, &id).map(Json)
+    owned_view(&state, &caller, &id).await.map(Json)
 }
 
 /// One generated image in the job's format (PNG with the settings as text chunks; JPEG and WebP
@@ -477,7 +544,7 @@ async fn generation_image(
     let Path((id, index)) = path.map_err(|rejection| {
         ApiError::Malformed(format!("the image index must be a whole number 0 or more: {}", rejection.body_text()))
     })?;
-    let view = owned_view(&state, &caller, &id)?;
+    let view = owned_view(&state, &caller, &id).await?;
     if view.status != JobStatus::Succeeded {
         return Err(ApiError::Conflict(format!("job {id} is {} and has no images", view.status.as_str())));
     }
@@ -510,8 +577,8 @@ async fn generation_events(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
-    owned_view(&state, &caller, &id)?;
-    let rx = state.progress.subscribe(&id).ok_or_else(|| ApiError::NotFound(format!("no job {id:?}")))?;
+    owned_view(&state, &caller, &id).await?;
+    let rx = subscribe(&state, &id).await?;
     let mut response = Sse::new(event_stream(state, id, rx)).keep_alive(KeepAlive::default()).into_response();
     response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
@@ -524,6 +591,8 @@ struct EventCursor {
     draining: watch::Receiver<bool>,
     last: Option<Snapshot>,
     pending: std::collections::VecDeque<Event>,
+    /// The final status seen; its event (with the job's final view) is sent last.
+    ended: Option<JobStatus>,
     done: bool,
 }
 
@@ -564,9 +633,7 @@ impl EventCursor {
             JobStatus::Cancelled => {}
         }
         if now.status.is_final() {
-            let view = self.state.jobs.view(&self.id);
-            self.pending.push_back(event(now.status.as_str(), serde_json::to_value(view).unwrap_or_default()));
-            self.done = true;
+            self.ended = Some(now.status);
         }
         self.last = Some(now);
     }
@@ -578,7 +645,8 @@ fn event_stream(
     rx: watch::Receiver<Snapshot>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let draining = state.draining_receiver();
-    let cursor = EventCursor { state, id, rx, draining, last: None, pending: Default::default(), done: false };
+    let cursor =
+        EventCursor { state, id, rx, draining, last: None, pending: Default::default(), ended: None, done: false };
     stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(ev) = c.pending.pop_front() {
@@ -587,8 +655,16 @@ fn event_stream(
             if c.done {
                 return None;
             }
+            if let Some(status) = c.ended {
+                let view = c.state.find(&c.id).await.ok().flatten().map(|(_, view)| view);
+                c.pending.push_back(event(status.as_str(), serde_json::to_value(view).unwrap_or_default()));
+                c.done = true;
+                continue;
+            }
             if c.last.is_some() {
                 tokio::select! {
+                    // A job that ended leaves the live table and its channel closes, but only
+                    // after its final state, which `changed` still reports.
                     changed = c.rx.changed() => if changed.is_err() { return None },
                     _ = c.draining.wait_for(|d| *d) => return None,
                 }
@@ -597,6 +673,17 @@ fn event_stream(
             c.transitions(now);
         }
     })
+}
+
+/// A job's progress channel (one holding the final state for a job that ended, which may take a
+/// store read).
+async fn subscribe(state: &Arc<AppState>, id: &str) -> AppResult<watch::Receiver<Snapshot>> {
+    let progress = state.progress.clone();
+    let target = id.to_string();
+    let rx = tokio::task::spawn_blocking(move || progress.subscribe(&target))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    rx.ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))
 }
 
 fn prompt_label(prompt: &str) -> LabelValue {
@@ -631,7 +718,7 @@ async fn openai_generate(
     let spec = openai_spec(&state, &req)?;
     let (id, _) = submit(&state, &caller.0, None, String::new(), spec).await?;
     let status = wait_until_final(&state, &id).await?;
-    let view = state.jobs.view(&id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    let view = owned_view(&state, &caller, &id).await?;
     if status != JobStatus::Succeeded {
         return Err(ApiError::Internal(format!("job {id} {}: {}", status.as_str(), view.error.unwrap_or_default())));
     }
@@ -689,8 +776,8 @@ fn openai_spec(state: &AppState, req: &OpenAiImageRequest) -> AppResult<api::Job
 }
 
 /// Wait for job `id` to end, at most the request timeout; 503 when the server starts draining.
-async fn wait_until_final(state: &AppState, id: &str) -> AppResult<JobStatus> {
-    let mut rx = state.progress.subscribe(id).ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+async fn wait_until_final(state: &Arc<AppState>, id: &str) -> AppResult<JobStatus> {
+    let mut rx = subscribe(state, id).await?;
     let mut draining = state.draining_receiver();
     let deadline = Duration::from_secs(state.config.server.request_timeout_s);
     let finished = tokio::time::timeout(deadline, async {
@@ -754,6 +841,8 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
             max_batch: c.queue.max_batch,
             queue_capacity: c.queue.capacity,
             max_queued_per_key: c.queue.max_queued_per_key,
+            max_stored_per_key: c.queue.max_stored_per_key,
+            result_ttl_s: c.queue.result_ttl_s,
             body_limit_bytes: c.server.body_limit_bytes,
         },
     })

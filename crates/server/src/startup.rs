@@ -22,7 +22,12 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
     let journal = store.path().display().to_string();
     let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
     let expired = store.expire(now_ms() - ttl_ms)?;
-    let jobs = Arc::new(Jobs::new(config.queue.capacity, config.queue.max_queued_per_key, metrics.clone()));
+    let jobs = Arc::new(Jobs::new(
+        config.queue.capacity,
+        config.queue.max_queued_per_key,
+        config.queue.max_stored_per_key,
+        metrics.clone(),
+    ));
     let (backend, recovery) =
         LocalBackend::open(store, jobs.clone(), config.queue.max_attempts, config.queue.max_batch)?;
     tracing::info!(jobs = recovery.jobs, queued = recovery.queued, requeued = recovery.requeued, expired = expired.len(), %journal, "journal loaded");

@@ -12,17 +12,18 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
+use crate::api::JobView;
 use crate::config::ServerConfig;
 use crate::engine::Models;
 use crate::error::ApiError;
-use crate::jobs::Jobs;
+use crate::jobs::{view_of, Jobs};
 use crate::metrics::Metrics;
 use crate::queue::{JobQueue, JobStore, ProgressHub};
 
 pub struct AppState {
     pub config: ServerConfig,
     pub models: Models,
-    /// The live job table: views, listings, admission (capacity and Idempotency-Key).
+    /// The live job table (queued and running jobs): views, admission (capacity, Idempotency-Key).
     pub jobs: Arc<Jobs>,
     pub queue: Arc<dyn JobQueue>,
     pub results: Arc<dyn JobStore>,
@@ -112,6 +113,19 @@ impl AppState {
         } else if !was && ok {
             tracing::info!("the job journal is writable again");
         }
+    }
+
+    /// A job's owner and view: live from memory, else as the store keeps it (every job that ended).
+    pub async fn find(&self, id: &str) -> Result<Option<(String, JobView)>, ApiError> {
+        if let Some(live) = self.jobs.view(id) {
+            return Ok(Some(live));
+        }
+        let results = self.results.clone();
+        let target = id.to_string();
+        let stored = tokio::task::spawn_blocking(move || results.load(&target))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        Ok(stored.map(|job| (job.owner.clone(), view_of(&job, None))))
     }
 
     /// `priority: high` is for keys granted it; an open API has one caller, who may order its own jobs.

@@ -9,8 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{Result, ServerError};
 pub use crate::job::StoredJob;
-use crate::job::{JobSpec, JobStatus};
-use crate::queue::Success;
+use crate::job::{JobSpec, JobStatus, Steps};
+use crate::queue::{Removed, Success};
 
 /// One writer connection behind a mutex, and a pool of read-only connections beside it: in WAL
 /// mode readers never wait for the writer, so image downloads and status reads cannot delay commits.
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     inference_ms INTEGER
 );
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE TABLE IF NOT EXISTS images (
@@ -63,6 +64,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
         let manager = SqliteConnectionManager::file(&path).with_init(|c| {
             c.busy_timeout(std::time::Duration::from_secs(5))?;
             c.pragma_update(None, "query_only", true)
@@ -130,13 +132,13 @@ impl Store {
     }
 
     /// Store the images and mark succeeded, atomically; false when the job was cancelled meanwhile.
-    pub fn finish_succeeded(&self, id: &str, done: &Success) -> Result<bool> {
+    pub fn finish_succeeded(&self, id: &str, done: &Success, steps: Steps) -> Result<bool> {
         let Success { finished_ms, nfe, inference_ms, pngs } = done;
         self.with(|c| {
             let tx = c.transaction()?;
             let changed = tx.execute(
-                "UPDATE jobs SET status = 'succeeded', finished_ms = ?2, nfe = ?3, inference_ms = ?4 WHERE id = ?1 AND status = 'running'",
-                params![id, finished_ms, *nfe as i64, inference_ms],
+                "UPDATE jobs SET status = 'succeeded', finished_ms = ?2, nfe = ?3, inference_ms = ?4, steps_done = ?5, steps_total = ?6 WHERE id = ?1 AND status = 'running'",
+                params![id, finished_ms, *nfe as i64, inference_ms, steps.done as i64, steps.total.map(|t| t as i64)],
             )?;
             if changed == 0 {
                 return Ok(false);
@@ -149,12 +151,20 @@ impl Store {
         })
     }
 
-    /// Mark failed or cancelled unless already final; false when it was.
-    pub fn finish(&self, id: &str, status: JobStatus, finished_ms: i64, error: Option<&str>) -> Result<bool> {
+    /// Mark failed or cancelled unless already final, with the steps it got through; false when
+    /// it was final.
+    pub fn finish(
+        &self,
+        id: &str,
+        status: JobStatus,
+        finished_ms: i64,
+        error: Option<&str>,
+        steps: Steps,
+    ) -> Result<bool> {
         self.with(|c| {
             let changed = c.execute(
-                "UPDATE jobs SET status = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1 AND status IN ('queued', 'running')",
-                params![id, status.as_str(), finished_ms, error],
+                "UPDATE jobs SET status = ?2, finished_ms = ?3, error = ?4, steps_done = ?5, steps_total = ?6 WHERE id = ?1 AND status IN ('queued', 'running')",
+                params![id, status.as_str(), finished_ms, error, steps.done as i64, steps.total.map(|t| t as i64)],
             )?;
             Ok(changed == 1)
         })
@@ -185,15 +195,93 @@ impl Store {
         self.select("ORDER BY seq", params![])
     }
 
+    /// Jobs not yet final (queued, or running when a crash interrupted them), in acceptance order.
+    pub fn load_live(&self) -> Result<Vec<StoredJob>> {
+        self.select("WHERE status IN ('queued', 'running') ORDER BY seq", params![])
+    }
+
     /// One journaled job, as the journal has it now.
     pub fn load(&self, id: &str) -> Result<Option<StoredJob>> {
         Ok(self.select("WHERE id = ?1", params![id])?.pop())
     }
 
+    /// The job `owner` submitted with this Idempotency-Key: its id and request hash.
+    pub fn idempotent(&self, owner: &str, key: &str) -> Result<Option<(String, String)>> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT id, request_hash FROM jobs WHERE owner = ?1 AND idempotency_key = ?2",
+                params![owner, key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })
+    }
+
+    /// One page of `owner`'s jobs, newest first, with one of `statuses` (any when empty), after
+    /// the job `after`; whether more follow. None when `after` is not a job of `owner`.
+    pub fn list(
+        &self,
+        owner: &str,
+        statuses: &[JobStatus],
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Option<(Vec<StoredJob>, bool)>> {
+        let below = match after {
+            None => i64::MAX,
+            Some(cursor) => {
+                let seq = self.read(|c| {
+                    Ok(c.query_row("SELECT seq FROM jobs WHERE id = ?1 AND owner = ?2", params![cursor, owner], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .optional()?)
+                })?;
+                match seq {
+                    Some(seq) => seq,
+                    None => return Ok(None),
+                }
+            }
+        };
+        // Statuses are our own fixed words, never client text, so they may be spelled into the SQL.
+        let filter = if statuses.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+            format!("AND status IN ({})", names.join(", "))
+        };
+        let fetch = limit.saturating_add(1).min(i64::MAX as usize) as i64;
+        let mut jobs = self.select(
+            &format!("WHERE owner = ?1 AND seq < ?2 {filter} ORDER BY seq DESC LIMIT ?3"),
+            params![owner, below, fetch],
+        )?;
+        let more = jobs.len() > limit;
+        jobs.truncate(limit);
+        Ok(Some((jobs, more)))
+    }
+
+    /// How many jobs each owner has in the journal.
+    pub fn count_by_owner(&self) -> Result<Vec<(String, usize)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT owner, count(*) FROM jobs GROUP BY owner")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as usize)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    /// When `owner`'s earliest-finished job finished, if any has.
+    pub fn first_finished(&self, owner: &str) -> Result<Option<i64>> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT min(finished_ms) FROM jobs WHERE owner = ?1 AND status IN ('succeeded', 'failed', 'cancelled')",
+                params![owner],
+                |r| r.get::<_, Option<i64>>(0),
+            )?)
+        })
+    }
+
     fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
         self.read(|c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms FROM jobs {tail}"
+                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms, steps_done, steps_total FROM jobs {tail}"
             ))?;
             let rows = stmt.query_map(args, |r| {
                 Ok((
@@ -210,12 +298,14 @@ impl Store {
                     r.get::<_, Option<i64>>(10)?,
                     r.get::<_, i64>(11)?,
                     r.get::<_, Option<i64>>(12)?,
+                    Steps { done: r.get::<_, i64>(13)?.max(0) as usize, total: r.get::<_, Option<i64>>(14)?.map(|t| t.max(0) as usize) },
                 ))
             })?;
             let mut jobs = Vec::new();
             for row in rows {
-                let (id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms) = row?;
-                let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| ServerError::Corrupt { id: id.clone(), message: e.to_string() })?;
+                let (id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms, steps) = row?;
+                let mut spec: JobSpec = serde_json::from_str(&spec).map_err(|e| ServerError::Corrupt { id: id.clone(), message: e.to_string() })?;
+                spec.settings.canonicalise();
                 let status = JobStatus::parse(&status)
                     .ok_or_else(|| ServerError::Corrupt { id: id.clone(), message: format!("unknown status {status:?}") })?;
                 jobs.push(StoredJob {
@@ -232,6 +322,7 @@ impl Store {
                     nfe: nfe.map(|v| v as usize),
                     attempts: attempts as u32,
                     inference_ms,
+                    steps,
                 });
             }
             Ok(jobs)
@@ -254,25 +345,53 @@ impl Store {
         })
     }
 
-    /// Delete finished jobs (and images) that finished before `before_ms`; returns their ids.
-    pub fn expire(&self, before_ms: i64) -> Result<Vec<String>> {
+    /// Delete finished jobs (and images) that finished before `before_ms`; returns them.
+    pub fn expire(&self, before_ms: i64) -> Result<Vec<Removed>> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let ids: Vec<String> = {
+            let removed: Vec<Removed> = {
                 let mut stmt = tx.prepare(
-                    "SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_ms < ?1",
+                    "SELECT id, owner FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_ms < ?1",
                 )?;
-                let rows = stmt.query_map(params![before_ms], |r| r.get(0))?;
+                let rows = stmt.query_map(params![before_ms], |r| Ok(Removed { id: r.get(0)?, owner: r.get(1)? }))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
-            for id in &ids {
-                tx.execute("DELETE FROM images WHERE job_id = ?1", params![id])?;
-                tx.execute("DELETE FROM jobs WHERE id = ?1", params![id])?;
+            for job in &removed {
+                tx.execute("DELETE FROM images WHERE job_id = ?1", params![job.id])?;
+                tx.execute("DELETE FROM jobs WHERE id = ?1", params![job.id])?;
             }
             tx.commit()?;
-            Ok(ids)
+            Ok(removed)
         })
     }
+
+    /// Delete one finished job of `owner` and its images; false when there is no such job.
+    pub fn delete(&self, id: &str, owner: &str) -> Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let deleted = tx.execute(
+                "DELETE FROM jobs WHERE id = ?1 AND owner = ?2 AND status IN ('succeeded', 'failed', 'cancelled')",
+                params![id, owner],
+            )?;
+            if deleted == 1 {
+                tx.execute("DELETE FROM images WHERE job_id = ?1", params![id])?;
+            }
+            tx.commit()?;
+            Ok(deleted == 1)
+        })
+    }
+}
+
+/// Columns later releases added, so a journal written by an earlier one opens unchanged.
+fn add_missing_columns(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('jobs')")?;
+    let present: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for (name, definition) in [("steps_done", "INTEGER NOT NULL DEFAULT 0"), ("steps_total", "INTEGER")] {
+        if !present.iter().any(|p| p == name) {
+            conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {definition}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// A read transaction held open by a test; rolled back before the connection returns to the pool.

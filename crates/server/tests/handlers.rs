@@ -75,10 +75,15 @@ async fn submit(h: &Harness, body: Value) -> String {
     r.json()["id"].as_str().unwrap().to_string()
 }
 
+/// A job's view as clients see it: from memory while live, from the journal once it ended.
+async fn job_view(h: &Harness, id: &str) -> flowgen_server::api::JobView {
+    h.state.find(id).await.unwrap().unwrap_or_else(|| panic!("job {id} unknown")).1
+}
+
 async fn wait_for(h: &Harness, id: &str, status: JobStatus) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let view = h.state.jobs.view(id).unwrap();
+        let view = job_view(h, id).await;
         if view.status == status {
             return serde_json::to_value(view).unwrap();
         }
@@ -156,7 +161,7 @@ async fn every_invalid_field_is_named_with_its_limit() {
     assert!(h.fake.batches().is_empty(), "nothing invalid ran");
     // JSON Schema's integers include 2.0; an interval may be given in either order.
     let id = submit(&h, json!({"n": 2.0, "seed": 5.0, "steps": 3.0, "guidance_interval": [0.6, 0.2]})).await;
-    let view = h.state.jobs.view(&id).unwrap();
+    let view = job_view(&h, &id).await;
     assert_eq!((view.n, view.seeds.clone(), view.steps), (2, vec![5, 6], 3));
     assert_eq!(view.guidance_interval, Some([0.2, 0.6]));
     h.state.queue.cancel(&id).unwrap();
@@ -244,7 +249,7 @@ async fn cancel_queued_at_once_and_running_without_hurting_batch_mates() {
     wait_for(&h, &mate, JobStatus::Succeeded).await;
     let png = call(&h, "GET", &format!("/v1/generations/{mate}/images/0"), None, &[]).await;
     assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(20, 2));
-    assert_eq!(h.state.jobs.view(&doomed).unwrap().status, JobStatus::Cancelled);
+    assert_eq!(job_view(&h, &doomed).await.status, JobStatus::Cancelled);
     assert_eq!(
         call(&h, "GET", &format!("/v1/generations/{doomed}/images/0"), None, &[]).await.status,
         StatusCode::CONFLICT
@@ -256,7 +261,7 @@ async fn cancel_queued_at_once_and_running_without_hurting_batch_mates() {
     // A running job alone stops within a step of the cancel, and the engine takes the next job.
     let long = submit(&h, json!({"steps": 256, "seed": 99})).await;
     wait_for(&h, &long, JobStatus::Running).await;
-    while h.state.jobs.view(&long).unwrap().step < 3 {
+    while job_view(&h, &long).await.step < 3 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(call(&h, "POST", &format!("/v1/generations/{long}/cancel"), None, &[]).await.status, StatusCode::OK);
@@ -468,7 +473,7 @@ async fn a_restart_requeues_journaled_jobs_and_keeps_results() {
     let png = call(&h, "GET", &format!("/v1/generations/{waiting}/images/0"), None, &[]).await;
     assert_eq!(flowgen_engine::image::Image::from_png(&png.body).unwrap().0, h.fake.image_for(5, 2));
     assert_eq!(call(&h, "GET", &format!("/v1/generations/{done}/images/0"), None, &[]).await.status, StatusCode::OK);
-    assert_eq!(h.state.jobs.view(&done).unwrap().attempts, 1, "a finished job is not rerun");
+    assert_eq!(job_view(&h, &done).await.attempts, 1, "a finished job is not rerun");
 }
 
 #[test]
@@ -826,19 +831,24 @@ fn journal(h: &Harness) -> &flowgen_server::store::Store {
     h.state.journal.as_ref().unwrap()
 }
 
-/// Memory and journal agree: every journaled job is known with the journal's status. A claim
-/// marks its jobs running in memory a moment before its journal write lands, so allow it that moment.
+/// Memory and journal agree: every live journaled job is in memory with the journal's status, and
+/// no job that ended is. A claim marks its jobs running in memory a moment before its journal
+/// write lands, and a job leaves memory a moment after its end lands, so allow that moment.
 async fn assert_memory_follows_journal(h: &Harness) -> Vec<flowgen_server::store::StoredJob> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let stored = journal(h).load_all().unwrap();
         let mut disagreement = None;
         for job in &stored {
-            let view =
-                h.state.jobs.view(&job.id).unwrap_or_else(|| panic!("journaled job {} unknown in memory", job.id));
-            if view.status != job.status {
-                disagreement = Some(format!("job {}: memory {:?}, journal {:?}", job.id, view.status, job.status));
+            let memory = h.state.jobs.view(&job.id).map(|(_, v)| v.status);
+            let expected = (!job.status.is_final()).then_some(job.status);
+            if memory != expected {
+                disagreement = Some(format!("job {}: memory {memory:?}, journal {:?}", job.id, job.status));
             }
+        }
+        let live = stored.iter().filter(|j| !j.status.is_final()).count();
+        if disagreement.is_none() && h.state.jobs.live() != live {
+            disagreement = Some(format!("{} jobs in memory, {live} live in the journal", h.state.jobs.live()));
         }
         let queued = stored.iter().filter(|j| j.status == JobStatus::Queued).count();
         if disagreement.is_none() && h.state.queue.queued() != queued {
@@ -948,7 +958,10 @@ async fn cancels_dropped_half_way_leave_no_job_running() {
     settle(&h).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let views: Vec<JobStatus> = ids.iter().map(|id| h.state.jobs.view(id).unwrap().status).collect();
+        let mut views = Vec::new();
+        for id in &ids {
+            views.push(job_view(&h, id).await.status);
+        }
         if views.iter().all(|s| s.is_final()) {
             break;
         }
@@ -969,7 +982,7 @@ async fn memory_follows_the_journal_when_its_writes_fail_and_recovers_with_it() 
     h.fake.resume();
     // The job is done but its success cannot be journaled: it stays running, as the journal says.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(h.state.jobs.view(&id).unwrap().status, JobStatus::Running);
+    assert_eq!(h.state.jobs.view(&id).unwrap().1.status, JobStatus::Running, "still live in memory");
     assert_eq!(journal(&h).load(&id).unwrap().unwrap().status, JobStatus::Running);
     let ready = call(&h, "GET", "/ready", None, &[]).await;
     assert_eq!(
@@ -1069,11 +1082,205 @@ async fn reads_in_flight_do_not_hold_up_commits() {
     // Every read connection busy in a read transaction, as slow image downloads keep them.
     let held: Vec<_> = (0..flowgen_server::store::READERS).map(|_| journal(&h).hold_read().unwrap()).collect();
     let started = Instant::now();
+    h.fake.pause();
     let id = submit(&h, json!({"seed": 2, "n": 2})).await;
-    wait_for(&h, &id, JobStatus::Succeeded).await;
+    // Watched through its live channel: a finished job's status is read from the journal.
+    let mut events = h.state.jobs.subscribe(&id).unwrap();
+    h.fake.resume();
+    let status = tokio::time::timeout(Duration::from_secs(5), events.wait_for(|s| s.status.is_final()))
+        .await
+        .expect("the job ended within 5 s though every reader was busy")
+        .map(|s| s.status)
+        .unwrap();
+    assert_eq!(status, JobStatus::Succeeded);
     eprintln!("accepted, run and committed in {:?} with every reader busy", started.elapsed());
     drop(held);
     let png = call(&h, "GET", &format!("/v1/generations/{id}/images/1"), None, &[]).await;
     assert_eq!(png.status, StatusCode::OK);
     assert_eq!(journal(&h).load(&id).unwrap().unwrap().status.as_str(), "succeeded");
+}
+
+/// Every id on every page of the caller's listing, newest first.
+async fn list_all(h: &Harness, query: &str, limit: usize, headers: &[(&str, &str)]) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let mut uri = format!("/v1/generations?limit={limit}{query}");
+        if let Some(last) = all.last() {
+            uri.push_str(&format!("&after={}", last["id"].as_str().unwrap()));
+        }
+        let r = call(h, "GET", &uri, None, headers).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        let page = r.json()["data"].as_array().unwrap().clone();
+        assert!(page.len() <= limit);
+        all.extend(page);
+        if r.json()["has_more"] == false {
+            return all;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_leave_memory_and_the_journal_serves_them_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let configure = |c: &mut ServerConfig, _: &mut FakeEngine| {
+        c.server.data_dir = dir.path().to_path_buf();
+        c.queue.max_batch = 4;
+        c.limits.max_n = 4;
+    };
+    let h = harness(1, configure).await;
+    // 120 jobs with three step counts (so several batches), one with an Idempotency-Key.
+    let keyed =
+        call(&h, "POST", "/v1/generations", Some(json!({"seed": 0, "steps": 2})), &[("idempotency-key", "k-0")])
+            .await
+            .json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let mut ids = vec![keyed.clone()];
+    for seed in 1..120 {
+        ids.push(submit(&h, json!({"seed": seed, "steps": 2 + seed % 3, "n": 1 + (seed % 2)})).await);
+    }
+    let live_view = job_view(&h, &ids[119]).await;
+    for id in &ids {
+        wait_for(&h, id, JobStatus::Succeeded).await;
+    }
+    // Memory holds what is live, and nothing is.
+    assert_memory_follows_journal(&h).await;
+    assert_eq!(h.state.jobs.live(), 0, "finished jobs left memory");
+
+    // What clients see of a finished job is what they saw while it ran, plus how it ended.
+    let done = call(&h, "GET", &format!("/v1/generations/{}", ids[119]), None, &[]).await.json();
+    assert_eq!(
+        (done["status"].as_str(), done["step"].clone(), done["total"].clone()),
+        (Some("succeeded"), json!(4), json!(4))
+    );
+    for field in ["model", "labels", "seeds", "sampler", "steps", "guidance", "schedule", "created_at_ms", "n"] {
+        assert_eq!(done[field], serde_json::to_value(&live_view).unwrap()[field], "{field}");
+    }
+    assert_eq!(done["images"].as_array().unwrap().len(), 2);
+    assert!(done["nfe"].as_u64().unwrap() > 0 && done["finished_at_ms"].as_i64().is_some());
+    let png = call(&h, "GET", &format!("/v1/generations/{}/images/1", ids[119]), None, &[]).await;
+    assert_eq!((png.status, png.headers[header::CONTENT_TYPE].to_str().unwrap()), (StatusCode::OK, "image/png"));
+    // A late subscriber gets the end at once, with the full view.
+    let events = read_events(&h, &ids[5]).await;
+    let (name, data) = events.last().unwrap();
+    assert_eq!(
+        (name.as_str(), data["id"].as_str(), data["images"].as_array().map(Vec::len)),
+        ("succeeded", Some(ids[5].as_str()), Some(2))
+    );
+    // Cancelling a finished job is a conflict, as before.
+    let r = call(&h, "POST", &format!("/v1/generations/{}/cancel", ids[3]), None, &[]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    // Its Idempotency-Key still replays it, and refuses a different body.
+    let r =
+        call(&h, "POST", "/v1/generations", Some(json!({"seed": 0, "steps": 2})), &[("idempotency-key", "k-0")]).await;
+    assert_eq!(
+        (r.status, r.json()["id"].as_str(), r.json()["status"].as_str()),
+        (StatusCode::OK, Some(keyed.as_str()), Some("succeeded"))
+    );
+    let r =
+        call(&h, "POST", "/v1/generations", Some(json!({"seed": 1, "steps": 2})), &[("idempotency-key", "k-0")]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    // Listings come from the journal, newest first, in pages, with live jobs among them.
+    h.fake.pause();
+    let running = submit(&h, json!({"seed": 500})).await;
+    let queued = submit(&h, json!({"seed": 501, "steps": 9})).await;
+    wait_for(&h, &running, JobStatus::Running).await;
+    let all = list_all(&h, "", 7, &[]).await;
+    let listed: Vec<&str> = all.iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.extend([running.as_str(), queued.as_str()]);
+    expected.reverse();
+    assert_eq!(listed, expected);
+    assert_eq!((all[0]["status"].as_str(), all[0]["queue_position"].as_u64()), (Some("queued"), Some(0)));
+    assert_eq!(all[1]["status"], "running");
+    let live = list_all(&h, "&status=queued,running", 500, &[]).await;
+    assert_eq!(live.len(), 2);
+    assert_eq!(h.state.jobs.live(), 2);
+    h.fake.resume();
+    wait_for(&h, &queued, JobStatus::Succeeded).await;
+
+    // After a restart only live jobs are loaded; the rest is read from the journal as before.
+    h.state.begin_drain();
+    drop(h);
+    let h = harness(1, configure).await;
+    assert_eq!(h.state.jobs.live(), 0);
+    assert_eq!(list_all(&h, "&status=succeeded", 500, &[]).await.len(), 122);
+    assert_eq!(call(&h, "GET", &format!("/v1/generations/{}", ids[0]), None, &[]).await.json()["status"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_storing_its_most_jobs_gets_429_until_one_is_deleted_or_expires() {
+    let keys = |c: &mut ServerConfig| c.auth.api_keys = vec!["key-alice-123".into(), "key-bob-4567".into()];
+    let h = harness(1, |c, _| {
+        keys(c);
+        c.queue.max_stored_per_key = 3;
+        c.queue.max_queued_per_key = 3;
+    })
+    .await;
+    let (alice, bob) = ([("authorization", "Bearer key-alice-123")], [("authorization", "Bearer key-bob-4567")]);
+    let mut mine = Vec::new();
+    for seed in 0..3 {
+        let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": seed})), &alice).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        mine.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    for id in &mine {
+        wait_for(&h, id, JobStatus::Succeeded).await;
+    }
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": 9})), &alice).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let message = r.json()["error"].as_str().unwrap().to_string();
+    assert!(message.contains("queue.max_stored_per_key = 3") && message.contains("DELETE"), "{message}");
+    let retry: u64 = r.headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((86_390..=86_400).contains(&retry), "Retry-After {retry}: when the first result expires");
+    // Another key is not affected.
+    assert_eq!(call(&h, "POST", "/v1/generations", Some(json!({"seed": 9})), &bob).await.status, StatusCode::ACCEPTED);
+    // Deleting: not another key's job, not twice; its images go with it.
+    let uri = format!("/v1/generations/{}", mine[0]);
+    assert_eq!(call(&h, "DELETE", &uri, None, &bob).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(call(&h, "DELETE", &uri, None, &alice).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(call(&h, "DELETE", &uri, None, &alice).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(call(&h, "GET", &uri, None, &alice).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(call(&h, "GET", &format!("{uri}/images/0"), None, &alice).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(journal(&h).load(&mine[0]).unwrap().map(|j| j.id), None);
+    // The freed place takes one job, and a live job cannot be deleted.
+    h.fake.pause();
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": 10})), &alice).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let live = r.json()["id"].as_str().unwrap().to_string();
+    let r = call(&h, "DELETE", &format!("/v1/generations/{live}"), None, &alice).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.json()["error"].as_str().unwrap().contains("cancel it"), "{}", r.json());
+    assert_eq!(
+        call(&h, "POST", "/v1/generations", Some(json!({"seed": 11})), &alice).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    h.fake.resume();
+    wait_for(&h, &live, JobStatus::Succeeded).await;
+
+    // Expiry frees places too.
+    let h = harness(1, |c, _| {
+        c.queue.max_stored_per_key = 2;
+        c.queue.max_queued_per_key = 2;
+        c.queue.result_ttl_s = 1;
+    })
+    .await;
+    for seed in 0..2 {
+        let id = submit(&h, json!({"seed": seed})).await;
+        wait_for(&h, &id, JobStatus::Succeeded).await;
+    }
+    let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": 2})), &[]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() <= 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = call(&h, "POST", "/v1/generations", Some(json!({"seed": 2})), &[]).await;
+        if r.status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expired jobs still count against the key: {}", r.json());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
