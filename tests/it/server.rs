@@ -346,3 +346,87 @@ fn slow_clients_past_the_connection_cap_leave_probes_answering_and_sigterm_ends_
         server.wait(id, "succeeded", Duration::from_secs(300));
     }
 }
+
+/// Every job of the caller, following the listing's cursor.
+fn list_all(server: &Server, query: &str) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let mut url = server.url(&format!("/v1/generations?limit=500{query}"));
+        if let Some(last) = all.last() {
+            url.push_str(&format!("&after={}", last["id"].as_str().unwrap()));
+        }
+        let page: Value = ureq::get(&url).call().unwrap().into_json().unwrap();
+        all.extend(page["data"].as_array().unwrap().iter().cloned());
+        if page["has_more"] == false {
+            return all;
+        }
+    }
+}
+
+#[test]
+fn two_thousand_clients_closing_right_after_their_post_leave_no_slot_key_or_job_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = random_model(dir.path());
+    let env = [
+        // Room for every one of them: any request admitted is journaled, its client already gone.
+        ("FLOWGEN_QUEUE__CAPACITY", "4096"),
+        ("FLOWGEN_QUEUE__MAX_QUEUED_PER_KEY", "4096"),
+        ("FLOWGEN_QUEUE__MAX_WAIT_MS", "0"),
+    ];
+    let server = Server::start(&model, &dir.path().join("data"), &dir.path().join("serve.log"), &env);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let body = r#"{"sampler": "euler", "steps": 2}"#;
+    // Each client sends a whole POST and closes at once, never reading the answer.
+    for i in 0..2000 {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        let request = format!(
+            "POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nIdempotency-Key: close-{i}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    // Whatever was accepted runs to its end; nothing stays queued or running.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let jobs = loop {
+        let jobs = list_all(&server, "");
+        let ready: Value = ureq::get(&server.url("/ready")).call().unwrap().into_json().unwrap();
+        if ready["queued"] == 0 && jobs.iter().all(|j| j["status"] == "succeeded") {
+            break jobs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jobs still live: {:?}",
+            jobs.iter().filter(|j| j["status"] != "succeeded").count()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // A request the server had not admitted when its client left is dropped whole; one it had
+    // admitted is journaled and runs.
+    assert!(!jobs.is_empty(), "some closed clients' requests were admitted");
+    // No slot is left reserved and memory holds nothing: the journal has it all.
+    let metrics = ureq::get(&server.url("/metrics")).call().unwrap().into_string().unwrap();
+    for gauge in ["flowgen_admissions_in_flight 0", "flowgen_live_jobs 0", "flowgen_queue_depth 0"] {
+        assert!(metrics.lines().any(|l| l == gauge), "{gauge} not in\n{metrics}");
+    }
+    let fresh = server.submit(serde_json::from_str(body).unwrap());
+    server.wait(&fresh, "succeeded", Duration::from_secs(60));
+    // Each key that was journaled replays to its job; each that was not starts a job (never a 500).
+    let mut replayed = 0;
+    for i in (0..2000).step_by(41) {
+        let resp = ureq::post(&server.url("/v1/generations"))
+            .set("Idempotency-Key", &format!("close-{i}"))
+            .set("Content-Type", "application/json")
+            .send_string(body)
+            .unwrap_or_else(|e| panic!("replaying key close-{i}: {e}"));
+        let status = resp.status();
+        let view: Value = resp.into_json().unwrap();
+        if status == 200 {
+            assert!(jobs.iter().any(|j| j["id"] == view["id"]), "replayed to an unknown job: {view}");
+            replayed += 1;
+        } else {
+            assert_eq!(status, 202, "{view}");
+        }
+    }
+    eprintln!("{} of 2000 closed clients' jobs were accepted and ran; {replayed} keys replayed", jobs.len());
+}

@@ -248,6 +248,7 @@ impl Jobs {
             });
         }
         *inner.reserved.entry(owner.to_string()).or_default() += 1;
+        self.count(&inner);
         let id = format!("gen_{}", uuid::Uuid::new_v4().simple());
         let (landed, landing) = watch::channel(None);
         if let Some(key) = idempotency_key {
@@ -307,6 +308,7 @@ impl Jobs {
         if let Some(key) = idempotency_key {
             inner.idempotency.remove(&(owner.to_string(), key.to_string()));
         }
+        self.count(&inner);
     }
 
     /// The job is journaled: queue it.
@@ -449,6 +451,8 @@ impl Jobs {
         retire(&mut inner, id);
         if was_queued {
             self.refresh(&mut inner);
+        } else {
+            self.count(&inner);
         }
     }
 
@@ -552,6 +556,13 @@ impl Jobs {
         }
         self.metrics.queue_depth.set(position as i64);
         self.metrics.queued_images.set(images as i64);
+        self.count(inner);
+    }
+
+    /// The gauges of what memory holds.
+    fn count(&self, inner: &Inner) {
+        self.metrics.live_jobs.set(inner.entries.len() as i64);
+        self.metrics.admissions_in_flight.set(inner.reserved.values().sum::<usize>() as i64);
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Metrics {
     registry: Registry,
     pub queue_depth: Gauge,
     pub queued_images: Gauge,
+    pub live_jobs: Gauge,
+    pub admissions_in_flight: Gauge,
     pub batch_size: Histogram,
     pub queue_seconds: Histogram,
     pub inference_seconds: Histogram,
@@ -43,6 +45,8 @@ impl Metrics {
             registry: Registry::default(),
             queue_depth: Gauge::default(),
             queued_images: Gauge::default(),
+            live_jobs: Gauge::default(),
+            admissions_in_flight: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             queue_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
@@ -53,6 +57,12 @@ impl Metrics {
         };
         registry.register("queue_depth", "Jobs waiting in the queue", m.queue_depth.clone());
         registry.register("queued_images", "Images waiting in the queue", m.queued_images.clone());
+        registry.register("live_jobs", "Jobs held in memory: queued and running", m.live_jobs.clone());
+        registry.register(
+            "admissions_in_flight",
+            "Admitted jobs whose journal write is under way (each holds a queue slot)",
+            m.admissions_in_flight.clone(),
+        );
         registry.register("batch_size", "Images per engine batch", m.batch_size.clone());
         registry.register("queue_seconds", "Time a job waited before its batch started", m.queue_seconds.clone());
         registry.register("inference_seconds", "Engine time per batch", m.inference_seconds.clone());

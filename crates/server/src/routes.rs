@@ -78,7 +78,7 @@ impl utoipa::Modify for EdgeResponses {
                 .build()
         };
         for item in openapi.paths.paths.values_mut() {
-            for operation in [item.get.as_mut(), item.post.as_mut()].into_iter().flatten() {
+            for operation in [item.get.as_mut(), item.post.as_mut(), item.delete.as_mut()].into_iter().flatten() {
                 let responses = &mut operation.responses.responses;
                 responses.entry("421".into()).or_insert_with(|| {
                     error("The Host header names a host this server does not answer to (server.allowed_hosts)").into()
