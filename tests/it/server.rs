@@ -430,3 +430,31 @@ fn two_thousand_clients_closing_right_after_their_post_leave_no_slot_key_or_job_
     }
     eprintln!("{} of 2000 closed clients' jobs were accepted and ran; {replayed} keys replayed", jobs.len());
 }
+
+#[test]
+fn a_job_that_takes_the_process_down_at_every_start_fails_after_three_and_the_server_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = random_model(dir.path());
+    let data = dir.path().join("data");
+    let env = [("FLOWGEN_QUEUE__MAX_WAIT_MS", "0")];
+    // SIGKILL while it runs is what the kernel's out-of-memory killer does to the process.
+    let server = Server::start(&model, &data, &dir.path().join("serve0.log"), &env);
+    let poison = server.submit(json!({"sampler": "rk4", "steps": 256, "n": 16, "seed": 1}));
+    server.wait(&poison, "running", Duration::from_secs(60));
+    drop(server);
+    for start in 1..3 {
+        let server = Server::start(&model, &data, &dir.path().join(format!("serve{start}.log")), &env);
+        let view = server.wait(&poison, "running", Duration::from_secs(60));
+        assert_eq!(view["attempts"], start + 1, "start {start}: {view}");
+        drop(server);
+    }
+    // The fourth start does not run it again: it fails, saying why, and everything else is served.
+    let server = Server::start(&model, &data, &dir.path().join("serve3.log"), &env);
+    let view = server.job(&poison);
+    assert_eq!((view["status"].as_str(), view["attempts"].as_u64()), (Some("failed"), Some(3)), "{view}");
+    assert!(view["error"].as_str().unwrap().contains("queue.max_attempts = 3"), "{view}");
+    let fresh = server.submit(json!({"steps": 2, "seed": 2}));
+    server.wait(&fresh, "succeeded", Duration::from_secs(60));
+    let log = std::fs::read_to_string(dir.path().join("serve3.log")).unwrap();
+    assert!(log.contains("poison"), "the start logs the poison job: {log}");
+}
