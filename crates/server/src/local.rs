@@ -196,6 +196,10 @@ impl JobStore for LocalBackend {
         self.store.image(id, index)
     }
 
+    fn load_with_image(&self, id: &str, index: usize) -> Result<Option<(StoredJob, Option<Vec<u8>>)>> {
+        self.store.load_with_image(id, index)
+    }
+
     fn delete(&self, id: &str, owner: &str) -> Result<bool> {
         let deleted = self.store.delete(id, owner)?;
         if deleted {

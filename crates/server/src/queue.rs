@@ -119,6 +119,8 @@ pub trait JobStore: Send + Sync + 'static {
     fn first_finished(&self, owner: &str) -> Result<Option<i64>>;
     /// Encoded image `index` of a succeeded job.
     fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>>;
+    /// A job as stored and, when it succeeded, its image `index`, in one read (a download).
+    fn load_with_image(&self, id: &str, index: usize) -> Result<Option<(StoredJob, Option<Vec<u8>>)>>;
     /// Delete a finished job of `owner` and its results; false when there is none.
     fn delete(&self, id: &str, owner: &str) -> Result<bool>;
     /// Delete jobs (and results) that finished before `before_ms`.

@@ -544,18 +544,28 @@ async fn generation_image(
     let Path((id, index)) = path.map_err(|rejection| {
         ApiError::Malformed(format!("the image index must be a whole number 0 or more: {}", rejection.body_text()))
     })?;
-    let view = owned_view(&state, &caller, &id).await?;
+    // A live job has no images yet; one that ended is read with its image in one go.
+    let (owner, view, bytes) = match state.jobs.view(&id) {
+        Some((owner, view)) => (owner, view, None),
+        None => {
+            let results = state.results.clone();
+            let target = id.clone();
+            let (job, bytes) = blocking(move || results.load_with_image(&target, index))
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("no job {id:?} (unknown or expired)")))?;
+            (job.owner.clone(), view_of(&job, None), bytes)
+        }
+    };
+    if owner != caller.0 {
+        return Err(ApiError::Forbidden(format!("job {id:?} belongs to another API key")));
+    }
     if view.status != JobStatus::Succeeded {
         return Err(ApiError::Conflict(format!("job {id} is {} and has no images", view.status.as_str())));
     }
     if index >= view.n {
         return Err(ApiError::NotFound(format!("job {id} has images 0..{}", view.n - 1)));
     }
-    let results = state.results.clone();
-    let target = id.clone();
-    let bytes = blocking(move || results.image(&target, index))
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
+    let bytes = bytes.ok_or_else(|| ApiError::NotFound(format!("image {index} of job {id} is gone (expired)")))?;
     let format = OutputFormat::parse(&view.output_format, None).unwrap_or(OutputFormat::Png);
     Ok((
         [

@@ -278,55 +278,17 @@ impl Store {
         })
     }
 
-    fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
+    /// A job and, when it succeeded, its image `index`, read in one go (an image download).
+    pub fn load_with_image(&self, id: &str, index: usize) -> Result<Option<(StoredJob, Option<Vec<u8>>)>> {
         self.read(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms, steps_done, steps_total FROM jobs {tail}"
-            ))?;
-            let rows = stmt.query_map(args, |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, Option<i64>>(7)?,
-                    r.get::<_, Option<i64>>(8)?,
-                    r.get::<_, Option<String>>(9)?,
-                    r.get::<_, Option<i64>>(10)?,
-                    r.get::<_, i64>(11)?,
-                    r.get::<_, Option<i64>>(12)?,
-                    Steps { done: r.get::<_, i64>(13)?.max(0) as usize, total: r.get::<_, Option<i64>>(14)?.map(|t| t.max(0) as usize) },
-                ))
-            })?;
-            let mut jobs = Vec::new();
-            for row in rows {
-                let (id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms, steps) = row?;
-                let mut spec: JobSpec = serde_json::from_str(&spec).map_err(|e| ServerError::Corrupt { id: id.clone(), message: e.to_string() })?;
-                spec.settings.canonicalise();
-                let status = JobStatus::parse(&status)
-                    .ok_or_else(|| ServerError::Corrupt { id: id.clone(), message: format!("unknown status {status:?}") })?;
-                jobs.push(StoredJob {
-                    id,
-                    owner,
-                    idempotency_key,
-                    request_hash,
-                    spec,
-                    status,
-                    created_ms,
-                    started_ms,
-                    finished_ms,
-                    error,
-                    nfe: nfe.map(|v| v as usize),
-                    attempts: attempts as u32,
-                    inference_ms,
-                    steps,
-                });
-            }
-            Ok(jobs)
+            let Some(job) = select_on(c, "WHERE id = ?1", params![id])?.pop() else { return Ok(None) };
+            let image = if job.status == JobStatus::Succeeded { image_on(c, id, index)? } else { None };
+            Ok(Some((job, image)))
         })
+    }
+
+    fn select(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
+        self.read(|c| select_on(c, tail, args))
     }
 
     /// Fault injection for tests: refuse (or allow again) every write, as a full or failing disk
@@ -337,12 +299,7 @@ impl Store {
     }
 
     pub fn image(&self, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
-        self.read(|c| {
-            Ok(c.query_row("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2", params![id, index as i64], |r| {
-                r.get(0)
-            })
-            .optional()?)
-        })
+        self.read(|c| image_on(c, id, index))
     }
 
     /// Delete finished jobs (and images) that finished before `before_ms`; returns them.
@@ -380,6 +337,79 @@ impl Store {
             Ok(deleted == 1)
         })
     }
+}
+
+fn select_on(c: &Connection, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<StoredJob>> {
+    let mut stmt = c.prepare_cached(&format!(
+            "SELECT id, owner, idempotency_key, request_hash, spec, status, created_ms, started_ms, finished_ms, error, nfe, attempts, inference_ms, steps_done, steps_total FROM jobs {tail}"
+        ))?;
+    let rows = stmt.query_map(args, |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
+            r.get::<_, i64>(6)?,
+            r.get::<_, Option<i64>>(7)?,
+            r.get::<_, Option<i64>>(8)?,
+            r.get::<_, Option<String>>(9)?,
+            r.get::<_, Option<i64>>(10)?,
+            r.get::<_, i64>(11)?,
+            r.get::<_, Option<i64>>(12)?,
+            Steps {
+                done: r.get::<_, i64>(13)?.max(0) as usize,
+                total: r.get::<_, Option<i64>>(14)?.map(|t| t.max(0) as usize),
+            },
+        ))
+    })?;
+    let mut jobs = Vec::new();
+    for row in rows {
+        let (
+            id,
+            owner,
+            idempotency_key,
+            request_hash,
+            spec,
+            status,
+            created_ms,
+            started_ms,
+            finished_ms,
+            error,
+            nfe,
+            attempts,
+            inference_ms,
+            steps,
+        ) = row?;
+        let mut spec: JobSpec =
+            serde_json::from_str(&spec).map_err(|e| ServerError::Corrupt { id: id.clone(), message: e.to_string() })?;
+        spec.settings.canonicalise();
+        let status = JobStatus::parse(&status)
+            .ok_or_else(|| ServerError::Corrupt { id: id.clone(), message: format!("unknown status {status:?}") })?;
+        jobs.push(StoredJob {
+            id,
+            owner,
+            idempotency_key,
+            request_hash,
+            spec,
+            status,
+            created_ms,
+            started_ms,
+            finished_ms,
+            error,
+            nfe: nfe.map(|v| v as usize),
+            attempts: attempts as u32,
+            inference_ms,
+            steps,
+        });
+    }
+    Ok(jobs)
+}
+
+fn image_on(c: &Connection, id: &str, index: usize) -> Result<Option<Vec<u8>>> {
+    let mut stmt = c.prepare_cached("SELECT png FROM images WHERE job_id = ?1 AND idx = ?2")?;
+    Ok(stmt.query_row(params![id, index as i64], |r| r.get(0)).optional()?)
 }
 
 /// Columns later releases added, so a journal written by an earlier one opens unchanged.
