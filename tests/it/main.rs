@@ -384,19 +384,77 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
     assert_eq!(runs, [("euler", 1), ("euler", 3), ("dopri5:rtol=1e-5,atol=1e-5,max_nfe=5000", 0)], "{stdout}");
     assert!(results.iter().all(|r| r.get("rmse_vs_reference").is_none()), "{stdout}");
     assert_eq!(results[1]["nfe_per_image"], 3.0);
-    // The sweep table: every fixed-step sampler at each step count, then Dormand-Prince.
-    let sweep = tmp.path().join("sweep");
-    let stdout =
-        eval(&["--n", "10", "--sweep", "--sweep-steps", "1,2", "--straightness", "--out", sweep.to_str().unwrap()]);
-    assert!(stdout.contains("FD floor"), "{stdout}");
-    let csv = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
-    let samplers: Vec<&str> =
-        csv.lines().skip(1).map(|l| l.trim_start_matches('"').split([',', ':']).next().unwrap()).collect();
-    assert_eq!(samplers, ["euler", "euler", "heun", "heun", "rk4", "rk4", "dopri5"], "{csv}");
-    assert!(csv.contains("\"dopri5:rtol=1e-5,atol=1e-5,max_nfe=5000\","), "{csv}");
-    assert!(std::fs::read_to_string(sweep.join("sweep.md")).unwrap().contains("Straightness"));
-    for plot in ["sweep_fd.png", "sweep_accuracy.png"] {
-        assert!(sweep.join(plot).exists(), "{plot}");
+    // The sampler benchmark: every family at each budget it can spend exactly, then the reference.
+    let bench = tmp.path().join("bench");
+    let stdout = run(&[
+        "bench",
+        "samplers",
+        "--model",
+        model.to_str().unwrap(),
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--data",
+        data,
+        "--n",
+        "16",
+        "--batch",
+        "8",
+        "--alone",
+        "1",
+        "--nfe",
+        "1,2,4",
+        "--samplers",
+        "euler,heun,rk4,dopri5",
+        "--schedules",
+        "uniform,shift:2",
+        "--out",
+        bench.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("FD floor") && stdout.contains("GEMM"), "{stdout}");
+    let csv = std::fs::read_to_string(bench.join("samplers.csv")).unwrap();
+    let rows: Vec<(String, String, String)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            let name = cells[0].trim_start_matches('"').split(':').next().unwrap().to_string();
+            if name == "dopri5" {
+                (name, "uniform".into(), "0".into())
+            } else {
+                (name, cells[1].to_string(), cells[4].to_string())
+            }
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("euler", "uniform", "1"),
+        ("euler", "uniform", "2"),
+        ("euler", "uniform", "4"),
+        ("euler", "shift:2", "1"),
+        ("euler", "shift:2", "2"),
+        ("euler", "shift:2", "4"),
+        ("heun", "uniform", "2"),
+        ("heun", "uniform", "4"),
+        ("heun", "shift:2", "2"),
+        ("heun", "shift:2", "4"),
+        ("rk4", "uniform", "4"),
+        ("rk4", "shift:2", "4"),
+        ("dopri5", "uniform", "0"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(rows, expected, "{csv}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bench.join("samplers.json")).unwrap()).unwrap();
+    assert!(report["setup"]["gemm_gflops"].as_f64().unwrap() > 0.0);
+    for row in report["rows"].as_array().unwrap() {
+        for key in ["fd_ratio", "gflops_per_image", "ms_per_image_alone", "ms_per_image_batched"] {
+            assert!(row[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{key}: {row}");
+        }
+    }
+    assert!(report["rows"].as_array().unwrap().iter().any(|r| r["pareto"] == true));
+    for plot in ["samplers_fd_vs_nfe.png", "samplers_fd_vs_ms.png", "samplers.md"] {
+        assert!(bench.join(plot).exists(), "{plot}");
     }
 }
 

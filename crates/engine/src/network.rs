@@ -55,6 +55,13 @@ impl NetworkArch {
         }
     }
 
+    /// Floating-point operations of one forward pass for one image.
+    pub fn forward_flops(&self) -> f64 {
+        match self {
+            NetworkArch::Sit(cfg) => cfg.forward_flops(),
+        }
+    }
+
     /// The null label implied by the architecture alone (SiT: trained with label dropout).
     pub fn inferred_null_label(&self) -> Option<u32> {
         match self {

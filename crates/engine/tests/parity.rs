@@ -140,3 +140,13 @@ fn autoencoder_loads_legacy_attention_names() {
     let diff = max_abs_diff(&vae.decode(&io["z"]).unwrap(), &io["decoded"]);
     assert!(diff < 1e-4, "{diff}");
 }
+
+#[test]
+fn sit_forward_flops_count_every_matrix_product_once() {
+    // 16 tokens of width 32, patches of 4 channels x 2 x 2 in, 8 x 2 x 2 out, MLP 128, two blocks:
+    // embed 16*16*32 + 256*32 + 32*32 = 17,408 multiply-adds; per block adaLN 32*192 + qkv
+    // 16*32*96 + attention 2*16*16*32 + projection 16*32*32 + MLP 2*16*32*128 = 219,136; final
+    // 32*64 + 16*32*32 = 18,432; two FLOPs per multiply-add.
+    let macs = 17_408.0 + 2.0 * 219_136.0 + 18_432.0;
+    assert_eq!(sit_config().forward_flops(), 2.0 * macs);
+}

@@ -64,7 +64,7 @@ pub struct EvalContext {
     pub fd_floor: f64,
     pub fd_autoencoder_floor: Option<f64>,
     pub fd_autoencoder_sampled_floor: Option<f64>,
-    /// The tight Dormand-Prince solve: final states, total NFE, seconds.
+    /// The tight Dormand-Prince solve: final states, total NFE, seconds per image.
     reference: Option<(Tensor, usize, f64)>,
     /// Whether results carry the RMSE against the reference (which costs one tight solve).
     pub with_reference: bool,
@@ -161,21 +161,62 @@ impl EvalContext {
         }
     }
 
-    /// Final states of `sampler` for all n images, with total NFE over images and seconds.
+    /// Images per solve (the last one may be smaller).
+    pub fn set_batch(&mut self, batch: usize) {
+        self.batch = batch.max(1);
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Final states of `sampler` for all n images, with total NFE over images and seconds per
+    /// image. The first batch is a warm-up and is not timed when full batches follow it; a
+    /// smaller last batch is not timed either, so the time is that of full batches.
     fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<(Tensor, usize, f64)> {
-        let started = Instant::now();
         let (mut states, mut nfe) = (Vec::new(), 0usize);
         let settings = self.settings(sampler.clone(), steps);
+        let mut timed = Vec::new();
         for start in (0..self.labels.len()).step_by(self.batch) {
             let end = (start + self.batch).min(self.labels.len());
             let inputs =
                 ImageInputs { labels: self.labels[start..end].to_vec(), seeds: self.seeds[start..end].to_vec() };
+            let started = Instant::now();
             let (state, stats) = pipeline.sample_state(&settings, &inputs, &mut Unobserved)?;
+            timed.push((started.elapsed().as_secs_f64(), end - start));
             stats.require_all()?;
             nfe += stats.per_sample_nfe.iter().sum::<usize>();
             states.push(state);
         }
-        Ok((Tensor::cat(&states, 0)?, nfe, started.elapsed().as_secs_f64()))
+        let full: Vec<(f64, usize)> = timed.iter().skip(1).copied().filter(|&(_, k)| k == self.batch).collect();
+        let counted = if full.is_empty() { timed } else { full };
+        let seconds: f64 = counted.iter().map(|(t, _)| t).sum();
+        let timed_images: usize = counted.iter().map(|(_, k)| k).sum();
+        Ok((Tensor::cat(&states, 0)?, nfe, seconds / timed_images.max(1) as f64))
+    }
+
+    /// Seconds per image of `sampler` solving one image at a time: one warm-up solve, then
+    /// `images` timed ones (the first images of the evaluation).
+    pub fn seconds_per_image_alone(
+        &self,
+        pipeline: &Pipeline,
+        sampler: &Sampler,
+        steps: usize,
+        images: usize,
+    ) -> Result<f64> {
+        let settings = self.settings(sampler.clone(), steps);
+        let images = images.clamp(1, self.labels.len());
+        let one = |i: usize| -> Result<()> {
+            let inputs = ImageInputs { labels: vec![self.labels[i]], seeds: vec![self.seeds[i]] };
+            pipeline.sample_state(&settings, &inputs, &mut Unobserved)?.1.require_all()?;
+            Ok(())
+        };
+        one(0)?;
+        let started = Instant::now();
+        for i in 0..images {
+            one(i)?;
+        }
+        Ok(started.elapsed().as_secs_f64() / images as f64)
     }
 
     /// The tight Dormand-Prince solution from the same noise (computed once per context).
@@ -238,7 +279,7 @@ impl EvalContext {
             accuracy: correct as f64 / n as f64,
             rmse_vs_reference: rmse,
             nfe_per_image: nfe as f64 / n as f64,
-            seconds_per_image: seconds / n as f64,
+            seconds_per_image: seconds,
             straightness: if straightness { Some(self.straightness(pipeline, 64)?) } else { None },
             fd_autoencoder_floor: self.fd_autoencoder_floor,
             fd_autoencoder_sampled_floor: self.fd_autoencoder_sampled_floor,
@@ -283,96 +324,4 @@ pub const STRAIGHTNESS_IMAGES: usize = 256;
 /// The Dormand-Prince settings of the RMSE reference (and of `eval --sampler dopri5`).
 pub fn reference_sampler() -> Sampler {
     Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 })
-}
-
-/// The step counts `flowgen eval --sweep` uses by default.
-pub const SWEEP_STEPS: [usize; 6] = [1, 2, 4, 8, 16, 32];
-
-/// The sampler x steps table of `flowgen eval --sweep`: Euler, Heun, RK4 at `steps`, then Dormand-Prince.
-pub fn sweep_samplers(steps: &[usize]) -> Vec<(Sampler, usize)> {
-    let mut out = Vec::new();
-    for sampler in [Sampler::Euler, Sampler::Heun, Sampler::Rk4] {
-        for &k in steps {
-            out.push((sampler.clone(), k));
-        }
-    }
-    out.push((reference_sampler(), 0));
-    out
-}
-
-pub fn to_markdown(rows: &[EvalResult]) -> String {
-    let mut md = String::from("| sampler | steps | NFE/image | FD | FD ratio | accuracy | RMSE vs ref | ms/image |\n|---|---|---|---|---|---|---|---|\n");
-    for r in rows {
-        md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.3} | {:.2} | {:.1}% | {} | {:.1} |\n",
-            r.sampler,
-            if r.steps == 0 { "adaptive".into() } else { r.steps.to_string() },
-            r.nfe_per_image,
-            r.fd,
-            r.fd_ratio,
-            100.0 * r.accuracy,
-            r.rmse_vs_reference.map_or("-".into(), |e| format!("{e:.4}")),
-            1000.0 * r.seconds_per_image
-        ));
-    }
-    md
-}
-
-pub fn to_csv(rows: &[EvalResult]) -> String {
-    let mut csv =
-        String::from("sampler,steps,nfe_per_image,fd,fd_floor,fd_ratio,accuracy,rmse_vs_reference,seconds_per_image\n");
-    for r in rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
-            // A parameterised plan has commas of its own ("dopri5:rtol=1e-5,atol=...").
-            if r.sampler.contains(',') { format!("\"{}\"", r.sampler) } else { r.sampler.clone() },
-            r.steps,
-            r.nfe_per_image,
-            r.fd,
-            r.fd_floor,
-            r.fd_ratio,
-            r.accuracy,
-            r.rmse_vs_reference.map_or(String::new(), |e| e.to_string()),
-            r.seconds_per_image
-        ));
-    }
-    csv
-}
-
-/// FD ratio and accuracy against NFE, one line per sampler, as sweep_fd.png and sweep_accuracy.png.
-pub fn plot_sweep(rows: &[EvalResult], dir: &std::path::Path) -> Result<()> {
-    use crate::plot::{line_plot, PlotSpec, Series};
-    let mut names: Vec<String> = rows.iter().map(|r| r.sampler.clone()).collect();
-    names.dedup();
-    let series = |metric: &dyn Fn(&EvalResult) -> f64| -> Vec<Series> {
-        names
-            .iter()
-            .map(|n| Series {
-                name: n.clone(),
-                points: rows.iter().filter(|r| &r.sampler == n).map(|r| (r.nfe_per_image, metric(r))).collect(),
-            })
-            .collect()
-    };
-    line_plot(
-        &dir.join("sweep_fd.png"),
-        &PlotSpec {
-            title: "FD / real-data floor vs NFE",
-            x_label: "NFE per image",
-            y_label: "FD ratio",
-            log_x: true,
-            log_y: true,
-        },
-        &series(&|r| r.fd_ratio),
-    )?;
-    line_plot(
-        &dir.join("sweep_accuracy.png"),
-        &PlotSpec {
-            title: "class accuracy vs NFE",
-            x_label: "NFE per image",
-            y_label: "accuracy",
-            log_x: true,
-            log_y: false,
-        },
-        &series(&|r| r.accuracy),
-    )
 }

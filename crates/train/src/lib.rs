@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod sampler_bench;
 pub mod velocity;
 
 pub use error::{Result, TrainError};

@@ -20,6 +20,8 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// Load-test `flowgen serve` in-process against the raw engine throughput.
     Serve(ServeBenchArgs),
+    /// Quality, cost and speed of every sampler at equal network-evaluation budgets.
+    Samplers(super::bench_samplers::SamplersBenchArgs),
 }
 
 #[derive(Args)]
@@ -86,6 +88,7 @@ struct Report {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Serve(args) => serve(args),
+        BenchCommand::Samplers(args) => super::bench_samplers::run(args),
     }
 }
 

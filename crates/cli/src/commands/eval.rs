@@ -6,10 +6,7 @@ use flowgen_engine::device::parse_device;
 use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
-use flowgen_train::evaluate::{
-    plot_sweep, reference_sampler, sweep_samplers, to_csv, to_markdown, EvalContext, EvalSetup, SWEEP_STEPS,
-};
-use indicatif::ProgressBar;
+use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -51,15 +48,6 @@ pub struct EvalArgs {
     /// Skip the tight Dormand-Prince reference solve (and so the RMSE column): a quick quality check.
     #[arg(long)]
     no_reference: bool,
-    /// Run the sampler x steps table (Euler, Heun, RK4 at 1..32 steps, and Dormand-Prince).
-    #[arg(long)]
-    sweep: bool,
-    /// Step counts of the sweep (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = SWEEP_STEPS)]
-    sweep_steps: Vec<usize>,
-    /// Where --sweep writes sweep.csv and sweep.md.
-    #[arg(long, default_value = "eval")]
-    out: PathBuf,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -98,64 +86,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
         (_, false) => args.steps.clone(),
     };
     ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;
-    if !args.sweep {
-        anyhow::ensure!(steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
-        let mut runs = Vec::new();
-        for name in args.sampler.split(',') {
-            let sampler = Sampler::parse(name.trim())?;
-            if sampler.is_adaptive() {
-                // An adaptive solver ignores --steps: one run, at the reference tolerance unless
-                // the plan names its own ("dopri5:rtol=1e-3").
-                runs.push((if name.contains(':') { sampler } else { reference_sampler() }, 0));
-            } else {
-                runs.extend(steps.iter().map(|&k| (sampler.clone(), k)));
-            }
+    anyhow::ensure!(steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
+    let mut runs = Vec::new();
+    for name in args.sampler.split(',') {
+        let sampler = Sampler::parse(name.trim())?;
+        if sampler.is_adaptive() {
+            // An adaptive solver ignores --steps: one run, at the reference tolerance unless
+            // the plan names its own ("dopri5:rtol=1e-3").
+            runs.push((if name.contains(':') { sampler } else { reference_sampler() }, 0));
+        } else {
+            runs.extend(steps.iter().map(|&k| (sampler.clone(), k)));
         }
-        for (i, (sampler, steps)) in runs.iter().enumerate() {
-            let result = ctx.evaluate(&pipeline, &classifier, sampler, *steps, args.straightness && i == 0)?;
-            println!("{}", serde_json::to_string_pretty(&result)?);
-        }
-        return Ok(());
     }
-    run_sweep(&args, &mut ctx, &pipeline, &classifier)
-}
-
-/// `--sweep`: every fixed-step sampler at each step count, then Dormand-Prince, as a table and plots.
-fn run_sweep(args: &EvalArgs, ctx: &mut EvalContext, pipeline: &Pipeline, classifier: &Classifier) -> Result<()> {
-    anyhow::ensure!(args.sweep_steps.iter().all(|&k| k >= 1), "--sweep-steps must all be at least 1");
-    let table = sweep_samplers(&args.sweep_steps);
-    let bar = ProgressBar::new(table.len() as u64 + 1);
-    if ctx.with_reference {
-        bar.set_message("reference solve");
-        ctx.reference(pipeline)?;
+    for (i, (sampler, steps)) in runs.iter().enumerate() {
+        let result = ctx.evaluate(&pipeline, &classifier, sampler, *steps, args.straightness && i == 0)?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
     }
-    bar.inc(1);
-    let mut rows = Vec::with_capacity(table.len());
-    for (i, (sampler, steps)) in table.iter().enumerate() {
-        bar.set_message(format!("{} {}", sampler.name(), steps));
-        rows.push(ctx.evaluate(pipeline, classifier, sampler, *steps, args.straightness && i == 0)?);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    std::fs::create_dir_all(&args.out)?;
-    std::fs::write(args.out.join("sweep.csv"), to_csv(&rows))?;
-    let mut md = to_markdown(&rows);
-    if let Some(straightness) = rows.first().and_then(|r| r.straightness) {
-        md.push_str(&format!("\nStraightness of the learned flow: {straightness:.5}\n"));
-    }
-    std::fs::write(args.out.join("sweep.md"), &md)?;
-    plot_sweep(&rows, &args.out).context("drawing the sweep plots")?;
-    let ae_floor = match (ctx.fd_autoencoder_floor, ctx.fd_autoencoder_sampled_floor) {
-        (Some(mean), Some(sampled)) => {
-            format!("; through the autoencoder: {mean:.3} (posterior mean), {sampled:.3} (posterior sample)")
-        }
-        _ => String::new(),
-    };
-    println!(
-        "{md}\nFD floor (real train vs val, n = {}): {:.3}{ae_floor}; written to {}",
-        args.n,
-        ctx.fd_floor,
-        args.out.display()
-    );
     Ok(())
 }

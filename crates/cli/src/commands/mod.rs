@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_samplers;
 pub mod eval;
 pub mod generate;
 pub mod model;

@@ -90,6 +90,23 @@ impl SitConfig {
         (self.hidden_size as f64 * self.mlp_ratio) as usize
     }
 
+    /// Floating-point operations of one forward pass for one image (2 per multiply-add of every
+    /// matrix product; element-wise work is left out, as FLOP counts usually do).
+    pub fn forward_flops(&self) -> f64 {
+        let tokens = (self.input_size / self.patch_size.max(1)).pow(2) as f64;
+        let d = self.hidden_size as f64;
+        let patch_in = (self.in_channels * self.patch_size * self.patch_size) as f64;
+        let patch_out = (self.out_channels() * self.patch_size * self.patch_size) as f64;
+        let embed = tokens * patch_in * d + FREQUENCY_EMBEDDING_SIZE as f64 * d + d * d;
+        let block = d * 6.0 * d // adaLN modulation
+            + tokens * d * 3.0 * d // qkv
+            + 2.0 * tokens * tokens * d // q k^T and attention x v
+            + tokens * d * d // attention output projection
+            + 2.0 * tokens * d * self.mlp_hidden() as f64; // MLP
+        let last = d * 2.0 * d + tokens * d * patch_out;
+        2.0 * (embed + self.depth as f64 * block + last)
+    }
+
     pub fn null_label(&self) -> Option<u32> {
         (self.class_dropout_prob > 0.0).then_some(self.num_classes as u32)
     }

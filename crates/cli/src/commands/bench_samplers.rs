@@ -1,0 +1,165 @@
+//! `flowgen bench samplers`: quality, cost and speed of every sampler at equal network-evaluation
+//! budgets on one model, from one noise set, as a table, CSV and plots.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flowgen_engine::device::parse_device;
+use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, SettingsRequest};
+use flowgen_train::classifier::Classifier;
+use flowgen_train::data::{Digits, Split};
+use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
+use flowgen_train::sampler_bench::{
+    gemm_gflops, gflops_per_image, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
+    ScheduleChoice, DEFAULT_BUDGETS,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct SamplersBenchArgs {
+    /// Model directory.
+    #[arg(long, default_value = "models/default")]
+    model: PathBuf,
+    /// Network evaluations per image to compare at (each sampler runs the step count that spends
+    /// exactly this many, where one does).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BUDGETS)]
+    nfe: Vec<usize>,
+    /// Sampler families; dopri5 (any plan) is the reference the RMSE column is measured against.
+    #[arg(long, value_delimiter = ',', default_value = "euler,midpoint,heun,rk4,pseudo-corrector,dopri5")]
+    samplers: Vec<String>,
+    /// Schedules of the fixed-step samplers: uniform, shift:X, and the prefix of the model's stored
+    /// schedules (boss: boss-K for a run of K steps, where the model has one).
+    #[arg(long, value_delimiter = ',', default_value = "uniform,shift:2,boss")]
+    schedules: Vec<String>,
+    /// Images per run (labels 0-9 in turn, image i from seed + i), the same for every run.
+    #[arg(long, default_value_t = 256)]
+    n: usize,
+    /// Image i is drawn from seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per batched solve (the quality run's batches; ms/image batched is timed on them).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Images solved one at a time for ms/image alone (after one warm-up solve).
+    #[arg(long, default_value_t = 4)]
+    alone: usize,
+    /// Classifier directory (classifier.json + classifier.safetensors).
+    #[arg(long, default_value = "models/mnist-classifier")]
+    classifier: PathBuf,
+    /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
+    #[arg(long, default_value = "data/mnist")]
+    data: PathBuf,
+    /// Classifier-free guidance scale [default: what the model is served with].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Where samplers.csv, samplers.md and the plots go.
+    #[arg(long, default_value = "bench-samplers")]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: SamplersBenchArgs) -> Result<()> {
+    let started = Instant::now();
+    anyhow::ensure!(args.n >= 2 * args.batch, "--n must be at least twice --batch: the first batch is a warm-up");
+    anyhow::ensure!(args.nfe.iter().all(|&b| b >= 1), "--nfe budgets must all be at least 1");
+    let device = parse_device(&args.device)?;
+    let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
+    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
+    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    let cfg = pipeline.config();
+    let mut samplers = Vec::new();
+    for name in &args.samplers {
+        let sampler = Sampler::parse(name).with_context(|| format!("--samplers {name}"))?;
+        // A bare "dopri5" is the tight reference; a plan with parameters is taken as given.
+        samplers.push(if sampler.is_adaptive() && !name.contains(':') { reference_sampler() } else { sampler });
+    }
+    let schedules: Vec<ScheduleChoice> =
+        args.schedules.iter().map(|s| ScheduleChoice::parse(s)).collect::<Result<_, _>>().context("--schedules")?;
+    let runs = plan_runs(&args.nfe, &samplers, &schedules, &cfg.schedules);
+    anyhow::ensure!(!runs.is_empty(), "no sampler spends exactly any of the budgets {:?}", args.nfe);
+
+    let wanted = SettingsRequest { guidance: args.guidance, sampler: Some("euler".into()), ..Default::default() };
+    let served = cfg.solve_settings(&wanted, ScheduleAccess::Named).context("--guidance")?;
+    let guidance = pipeline.guidance(served.guidance, served.guidance_interval);
+    let setup = EvalSetup {
+        classifier: &classifier,
+        train: &train,
+        val: &val,
+        n: args.n,
+        seed: args.seed,
+        guidance: guidance.clone(),
+    };
+    let mut ctx = EvalContext::new(setup, &device)?;
+    ctx.set_batch(args.batch);
+    ctx.with_reference = runs.iter().any(|r| r.sampler == reference_sampler());
+    ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;
+    let forward_flops = cfg.network.arch.forward_flops();
+    let gemm = gemm_gflops(&device).context("measuring GEMM throughput")?;
+
+    // Progress in network evaluations per image, so the estimate weighs long runs fairly.
+    let cost = |r: &flowgen_train::sampler_bench::BenchRun| r.budget.unwrap_or(100) as u64;
+    let bar = ProgressBar::new(runs.iter().map(cost).sum());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} NFE  elapsed {elapsed}, about {eta} left  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if ctx.with_reference {
+        // The reference first: every other run's RMSE needs it.
+        bar.set_message("dopri5 reference");
+        ctx.reference(&pipeline)?;
+    }
+    let mut rows = Vec::with_capacity(runs.len());
+    for run in &runs {
+        bar.set_message(format!("{} {} steps, {}", run.sampler.name(), run.steps, run.schedule.canonical()));
+        ctx.schedule = run.schedule.clone();
+        let eval = ctx.evaluate(&pipeline, &classifier, &run.sampler, run.steps, false)?;
+        let alone = ctx.seconds_per_image_alone(&pipeline, &run.sampler, run.steps, args.alone)?;
+        rows.push(BenchRow {
+            gflops_per_image: gflops_per_image(forward_flops, eval.nfe_per_image, &guidance),
+            ms_per_image_alone: 1000.0 * alone,
+            ms_per_image_batched: 1000.0 * eval.seconds_per_image,
+            budget: run.budget,
+            pareto: false,
+            eval,
+        });
+        bar.inc(cost(run));
+    }
+    bar.finish_and_clear();
+    mark_pareto(&mut rows);
+
+    let setup = BenchSetup {
+        model: cfg.name.clone(),
+        n: args.n,
+        seed: args.seed,
+        batch: args.batch,
+        alone_images: args.alone,
+        guidance: guidance.scale,
+        guidance_interval: guidance.interval,
+        fd_floor: ctx.fd_floor,
+        fd_autoencoder_floor: ctx.fd_autoencoder_floor,
+        gemm_gflops: gemm,
+        forward_gflops: forward_flops / 1e9,
+        device: args.device.clone(),
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let md = to_markdown(&setup, &rows);
+    std::fs::write(args.out.join("samplers.md"), &md)?;
+    std::fs::write(args.out.join("samplers.csv"), to_csv(&rows))?;
+    std::fs::write(
+        args.out.join("samplers.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"setup": setup, "rows": rows}))?,
+    )?;
+    plot(&rows, &args.out).context("drawing the plots")?;
+    println!(
+        "{md}\n{} runs in {:.0} s; written to {} (samplers.md, .csv, .json, samplers_fd_vs_nfe.png, samplers_fd_vs_ms.png)",
+        rows.len(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
