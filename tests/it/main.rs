@@ -453,7 +453,9 @@ fn train_autoencoder_velocity_classifier_then_generate_and_eval() {
         }
     }
     assert!(report["rows"].as_array().unwrap().iter().any(|r| r["pareto"] == true));
-    for plot in ["samplers_fd_vs_nfe.png", "samplers_fd_vs_ms.png", "samplers.md"] {
+    for plot in
+        ["samplers_fd_vs_nfe_uniform.png", "samplers_fd_vs_nfe_shift-2.png", "samplers_fd_vs_ms.png", "samplers.md"]
+    {
         assert!(bench.join(plot).exists(), "{plot}");
     }
 }

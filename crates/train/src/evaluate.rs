@@ -171,8 +171,8 @@ impl EvalContext {
     }
 
     /// Final states of `sampler` for all n images, with total NFE over images and seconds per
-    /// image. The first batch is a warm-up and is not timed when full batches follow it; a
-    /// smaller last batch is not timed either, so the time is that of full batches.
+    /// image: the median over full batches after the first (a warm-up), so one batch slowed by
+    /// something else on the machine does not move it.
     fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<(Tensor, usize, f64)> {
         let (mut states, mut nfe) = (Vec::new(), 0usize);
         let settings = self.settings(sampler.clone(), steps);
@@ -190,13 +190,12 @@ impl EvalContext {
         }
         let full: Vec<(f64, usize)> = timed.iter().skip(1).copied().filter(|&(_, k)| k == self.batch).collect();
         let counted = if full.is_empty() { timed } else { full };
-        let seconds: f64 = counted.iter().map(|(t, _)| t).sum();
-        let timed_images: usize = counted.iter().map(|(_, k)| k).sum();
-        Ok((Tensor::cat(&states, 0)?, nfe, seconds / timed_images.max(1) as f64))
+        let per_image: Vec<f64> = counted.iter().map(|&(t, k)| t / k.max(1) as f64).collect();
+        Ok((Tensor::cat(&states, 0)?, nfe, median(per_image)))
     }
 
-    /// Seconds per image of `sampler` solving one image at a time: one warm-up solve, then
-    /// `images` timed ones (the first images of the evaluation).
+    /// Seconds per image of `sampler` solving one image at a time: one warm-up solve, then the
+    /// median of `images` timed ones (the first images of the evaluation).
     pub fn seconds_per_image_alone(
         &self,
         pipeline: &Pipeline,
@@ -212,11 +211,13 @@ impl EvalContext {
             Ok(())
         };
         one(0)?;
-        let started = Instant::now();
+        let mut times = Vec::with_capacity(images);
         for i in 0..images {
+            let started = Instant::now();
             one(i)?;
+            times.push(started.elapsed().as_secs_f64());
         }
-        Ok(started.elapsed().as_secs_f64() / images as f64)
+        Ok(median(times))
     }
 
     /// The tight Dormand-Prince solution from the same noise (computed once per context).
@@ -315,6 +316,16 @@ impl EvalContext {
             count += (end - start) * steps;
         }
         Ok(total / count as f64)
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 

@@ -21,6 +21,19 @@ fn register_font() {
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Draw the points alone, unjoined (a scatter).
+    pub markers_only: bool,
+}
+
+impl Series {
+    /// Points joined by a line, in the order given.
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, markers_only: false }
+    }
+
+    pub fn scatter(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, markers_only: true }
+    }
 }
 
 pub struct PlotSpec<'a> {
@@ -31,13 +44,15 @@ pub struct PlotSpec<'a> {
     pub log_y: bool,
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
 ];
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -106,6 +121,14 @@ pub fn line_plot(path: &Path, spec: &PlotSpec, series: &[Series]) -> Result<()> 
             .filter(|&&(x, y)| finite(x, spec.log_x) && finite(y, spec.log_y))
             .map(|&(x, y)| (tf(x, spec.log_x), tf(y, spec.log_y)))
             .collect();
+        if s.markers_only {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| plot_err(path, e))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| plot_err(path, e))?
@@ -135,9 +158,8 @@ pub fn plot_loss_csv(csv: &Path, png: &Path, title: &str) -> Result<()> {
         .enumerate()
         .skip(1)
         .filter(|(_, name)| name.contains("loss") || name.as_str() == "mse")
-        .map(|(col, name)| Series {
-            name: name.clone(),
-            points: rows.iter().filter(|r| r.len() > col).map(|r| (r[0], r[col])).collect(),
+        .map(|(col, name)| {
+            Series::line(name.clone(), rows.iter().filter(|r| r.len() > col).map(|r| (r[0], r[col])).collect())
         })
         .collect();
     line_plot(png, &PlotSpec { title, x_label: "step", y_label: "loss", log_x: false, log_y: true }, &series)

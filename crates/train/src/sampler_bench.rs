@@ -29,6 +29,15 @@ pub enum ScheduleChoice {
 }
 
 impl ScheduleChoice {
+    /// How tables and plots name the choice.
+    pub fn label(&self) -> String {
+        match self {
+            ScheduleChoice::Uniform => "uniform".into(),
+            ScheduleChoice::Shift(x) => ScheduleSpec::Shift(*x).canonical(),
+            ScheduleChoice::Stored(prefix) => prefix.clone(),
+        }
+    }
+
     /// "uniform", "shift:X", or the prefix of stored schedules ("boss").
     pub fn parse(text: &str) -> Result<Self> {
         let text = text.trim();
@@ -70,6 +79,8 @@ pub struct BenchRun {
     /// 0 for the adaptive reference.
     pub steps: usize,
     pub schedule: ScheduleSpec,
+    /// The schedule choice it came from ("uniform", "shift:2", "boss"), for grouping.
+    pub group: String,
     /// Network evaluations per image the run is meant to cost (None for the adaptive reference).
     pub budget: Option<usize>,
 }
@@ -88,13 +99,21 @@ pub fn plan_runs(
             for &budget in budgets {
                 let Some(steps) = (1..=budget).find(|&k| sampler.nfe_for(k) == Some(budget)) else { continue };
                 if let Some(schedule) = choice.spec(steps, stored) {
-                    runs.push(BenchRun { sampler: sampler.clone(), steps, schedule, budget: Some(budget) });
+                    let group = choice.label();
+                    runs.push(BenchRun { sampler: sampler.clone(), steps, schedule, group, budget: Some(budget) });
                 }
             }
         }
     }
     for sampler in samplers.iter().filter(|s| s.is_adaptive()) {
-        runs.push(BenchRun { sampler: sampler.clone(), steps: 0, schedule: ScheduleSpec::Uniform, budget: None });
+        let group = "adaptive".to_string();
+        runs.push(BenchRun {
+            sampler: sampler.clone(),
+            steps: 0,
+            schedule: ScheduleSpec::Uniform,
+            group,
+            budget: None,
+        });
     }
     runs
 }
@@ -140,6 +159,8 @@ pub fn gemm_gflops(device: &Device) -> Result<f64> {
 pub struct BenchRow {
     #[serde(flatten)]
     pub eval: EvalResult,
+    /// The schedule choice of the run ("uniform", "shift:2", "boss"; "adaptive" for the reference).
+    pub group: String,
     pub budget: Option<usize>,
     pub gflops_per_image: f64,
     /// Solving one image at a time.
@@ -258,62 +279,77 @@ pub fn to_csv(rows: &[BenchRow]) -> String {
     csv
 }
 
-/// samplers_fd_vs_nfe.png (one line per sampler and schedule) and samplers_fd_vs_ms.png (every
-/// run against its batched time, with the Pareto front drawn through its points).
-pub fn plot(rows: &[BenchRow], dir: &Path) -> Result<()> {
-    let mut keys: Vec<(String, String)> = Vec::new();
+/// A file-name-safe form of a schedule group ("shift:2" -> "shift-2").
+fn file_part(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+}
+
+fn family(row: &BenchRow) -> &str {
+    row.eval.sampler.split(':').next().unwrap_or(&row.eval.sampler)
+}
+
+/// `samplers_fd_vs_nfe_GROUP.png` for each schedule group (one line per sampler family, the
+/// reference as a point), and `samplers_fd_vs_ms.png` (every run against its batched time, one
+/// colour per family, the Pareto front drawn through its points). Returns the files written.
+pub fn plot(rows: &[BenchRow], dir: &Path) -> Result<Vec<String>> {
+    let mut families: Vec<&str> = Vec::new();
+    let mut groups: Vec<&str> = Vec::new();
     for r in rows {
-        let key = (r.eval.sampler.clone(), r.eval.schedule.clone());
-        if !keys.contains(&key) {
-            keys.push(key);
+        if !families.contains(&family(r)) {
+            families.push(family(r));
+        }
+        if r.budget.is_some() && !groups.contains(&r.group.as_str()) {
+            groups.push(&r.group);
         }
     }
-    let name = |(sampler, schedule): &(String, String)| {
-        if sampler.starts_with("dopri5") {
-            "dopri5 (reference)".to_string()
-        } else {
-            format!("{sampler} / {schedule}")
-        }
-    };
-    let series = |x: &dyn Fn(&BenchRow) -> f64| -> Vec<Series> {
-        keys.iter()
-            .map(|key| Series {
-                name: name(key),
-                points: rows
+    let reference: Vec<&BenchRow> = rows.iter().filter(|r| r.budget.is_none()).collect();
+    let mut written = Vec::new();
+    for group in &groups {
+        let mut series: Vec<Series> = families
+            .iter()
+            .filter(|f| reference.iter().all(|r| family(r) != **f))
+            .map(|f| {
+                let mut points: Vec<(f64, f64)> = rows
                     .iter()
-                    .filter(|r| (&r.eval.sampler, &r.eval.schedule) == (&key.0, &key.1))
-                    .map(|r| (x(r), r.eval.fd_ratio))
-                    .collect(),
+                    .filter(|r| family(r) == *f && r.group == *group)
+                    .map(|r| (r.eval.nfe_per_image, r.eval.fd_ratio))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series::line(*f, points)
             })
-            .collect()
-    };
-    line_plot(
-        &dir.join("samplers_fd_vs_nfe.png"),
-        &PlotSpec {
-            title: "FD / real-data floor vs network evaluations",
-            x_label: "NFE per image",
-            y_label: "FD ratio",
-            log_x: true,
-            log_y: true,
-        },
-        &series(&|r| r.eval.nfe_per_image),
-    )?;
-    let mut by_time = series(&|r| r.ms_per_image_batched);
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        for r in &reference {
+            series.push(Series::scatter(
+                format!("{} (reference)", family(r)),
+                vec![(r.eval.nfe_per_image, r.eval.fd_ratio)],
+            ));
+        }
+        let file = format!("samplers_fd_vs_nfe_{}.png", file_part(group));
+        let title = format!("FD / real-data floor vs network evaluations, {group} schedules");
+        let spec = PlotSpec { title: &title, x_label: "NFE per image", y_label: "FD ratio", log_x: true, log_y: true };
+        line_plot(&dir.join(&file), &spec, &series)?;
+        written.push(file);
+    }
     let mut front: Vec<(f64, f64)> =
         rows.iter().filter(|r| r.pareto).map(|r| (r.ms_per_image_batched, r.eval.fd_ratio)).collect();
     front.sort_by(|a, b| a.0.total_cmp(&b.0));
-    by_time.insert(0, Series { name: "Pareto front".into(), points: front });
-    line_plot(
-        &dir.join("samplers_fd_vs_ms.png"),
-        &PlotSpec {
-            title: "FD / real-data floor vs time per image (batched)",
-            x_label: "ms per image",
-            y_label: "FD ratio",
-            log_x: true,
-            log_y: true,
-        },
-        &by_time,
-    )
+    let mut by_time = vec![Series::line("Pareto front", front)];
+    for f in &families {
+        let points =
+            rows.iter().filter(|r| family(r) == *f).map(|r| (r.ms_per_image_batched, r.eval.fd_ratio)).collect();
+        by_time.push(Series::scatter(*f, points));
+    }
+    let spec = PlotSpec {
+        title: "FD / real-data floor vs time per image (batched), every run",
+        x_label: "ms per image",
+        y_label: "FD ratio",
+        log_x: true,
+        log_y: true,
+    };
+    line_plot(&dir.join("samplers_fd_vs_ms.png"), &spec, &by_time)?;
+    written.push("samplers_fd_vs_ms.png".into());
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -123,6 +123,7 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
             gflops_per_image: gflops_per_image(forward_flops, eval.nfe_per_image, &guidance),
             ms_per_image_alone: 1000.0 * alone,
             ms_per_image_batched: 1000.0 * eval.seconds_per_image,
+            group: run.group.clone(),
             budget: run.budget,
             pareto: false,
             eval,
@@ -154,12 +155,13 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
         args.out.join("samplers.json"),
         serde_json::to_string_pretty(&serde_json::json!({"setup": setup, "rows": rows}))?,
     )?;
-    plot(&rows, &args.out).context("drawing the plots")?;
+    let plots = plot(&rows, &args.out).context("drawing the plots")?;
     println!(
-        "{md}\n{} runs in {:.0} s; written to {} (samplers.md, .csv, .json, samplers_fd_vs_nfe.png, samplers_fd_vs_ms.png)",
+        "{md}\n{} runs in {:.0} s; written to {}: samplers.md, .csv, .json, {}",
         rows.len(),
         started.elapsed().as_secs_f64(),
-        args.out.display()
+        args.out.display(),
+        plots.join(", ")
     );
     Ok(())
 }

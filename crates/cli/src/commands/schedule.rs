@@ -97,7 +97,7 @@ fn boss(args: BossArgs) -> Result<()> {
         println!("| {name} | {} | {:.4} | {uniform} |", shown.join(", "), cost.path_cost(&path));
         // Step size against the time it starts from: small at both ends, large in between.
         let steps = times.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        series.push(Series { name: name.clone(), points: steps });
+        series.push(Series::line(name.clone(), steps));
     }
     let plot = dir.join(format!("{}.png", args.prefix));
     let spec = PlotSpec {
