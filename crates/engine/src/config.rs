@@ -138,6 +138,10 @@ pub struct ModelConfig {
     /// Named solve settings, e.g. `[presets.fast]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub presets: BTreeMap<String, Preset>,
+    /// The plan this model recommends for a sampler asked for by its bare family name, e.g.
+    /// `flowturbo = "flowturbo:H2P4R2"` (tuned for the refiner it ships).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sampler_plans: BTreeMap<String, String>,
     /// Named schedules stored in the model directory (`schedules/NAME.json` or `.txt`), loaded
     /// by `ModelConfig::load`.
     #[serde(skip)]
@@ -179,10 +183,54 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// The sampler `text` names: the model's recommended plan when `text` is a key of
+    /// `[sampler_plans]` (e.g. plain "flowturbo"), else the text parsed as it is.
+    pub fn resolve_sampler(&self, text: &str) -> Result<Sampler> {
+        let key = text.trim().to_ascii_lowercase();
+        match self.sampler_plans.get(&key) {
+            Some(plan) => Sampler::parse(plan),
+            None => Sampler::parse(text),
+        }
+    }
+
+    /// The auxiliary networks `sampler` calls are all in this model; the error names the one missing.
+    pub fn check_networks(&self, sampler: &Sampler) -> Result<()> {
+        for (name, _) in sampler.networks() {
+            if !self.networks.contains_key(name) {
+                return Err(Error::invalid(
+                    "sampler",
+                    format!(
+                        "{sampler} calls the network {name:?}, which model {:?} does not have ([networks.{name}])",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Floating-point operations of one forward pass for one image of the main network
+    /// (`MAIN_NETWORK`) or of `[networks.NAME]`.
+    pub fn network_flops(&self, name: &str) -> Option<f64> {
+        if name == MAIN_NETWORK {
+            return Some(self.network.arch.forward_flops());
+        }
+        self.networks.get(name).map(|n| n.arch.forward_flops())
+    }
+
     /// The defaults and every preset resolve to valid solve settings.
     pub fn validate_settings(&self) -> std::result::Result<(), String> {
+        for (name, plan) in &self.sampler_plans {
+            let what = format!("[sampler_plans] {name}");
+            let sampler = Sampler::parse(plan).map_err(|e| format!("{what}: {e}"))?;
+            if sampler.name() != name.as_str() {
+                return Err(format!("{what}: {plan:?} is a {} plan, not a {name} one", sampler.name()));
+            }
+            self.check_networks(&sampler).map_err(|e| format!("{what}: {e}"))?;
+        }
         let check = |what: &str, sampler: &str, schedule: &str| -> std::result::Result<(), String> {
-            Sampler::parse(sampler).map_err(|e| format!("{what}: sampler {sampler:?}: {e}"))?;
+            let parsed = self.resolve_sampler(sampler).map_err(|e| format!("{what}: sampler {sampler:?}: {e}"))?;
+            self.check_networks(&parsed).map_err(|e| format!("{what}: {e}"))?;
             ScheduleSpec::resolve(schedule, &self.schedules, ScheduleAccess::Named)
                 .map_err(|e| format!("{what}: schedule {schedule:?}: {e}"))?;
             Ok(())
@@ -237,7 +285,16 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
+        if matches!(self.network.arch, crate::network::NetworkArch::FlowturboRefiner(_)) {
+            return Err("[network] a flowturbo-refiner corrects a velocity; it belongs in [networks.refiner]".into());
+        }
         self.network.arch.validate().map_err(|e| format!("[network] {e}"))?;
+        for (name, section) in &self.networks {
+            let (c, h, w) = section.arch.state_shape();
+            if (c, h, w) != self.network.arch.state_shape() {
+                return Err(format!("[networks.{name}] works on {c}x{h}x{w} states, [network] on another shape"));
+            }
+        }
         for (name, section) in &self.networks {
             if name == MAIN_NETWORK {
                 return Err(format!("[networks.{name}]: {MAIN_NETWORK:?} is the name of [network]"));

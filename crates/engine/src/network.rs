@@ -18,30 +18,44 @@ use crate::weights::WeightsFile;
 pub enum NetworkArch {
     /// SiT/DiT transformer (official module tree).
     Sit(SitConfig),
+    /// FlowTurbo's velocity refiner: a SiT over concat(x, v) (`in_channels_scale = 2`) that
+    /// predicts the offset to add to v; the sampler concatenates, the network sees 2C channels.
+    FlowturboRefiner(SitConfig),
 }
 
 impl NetworkArch {
     /// Every kind model.toml may name.
-    pub const KINDS: &'static [&'static str] = &["sit"];
+    pub const KINDS: &'static [&'static str] = &["sit", "flowturbo-refiner"];
     /// The kind of a `[network]` without `kind` (files written before kinds existed).
     pub const DEFAULT_KIND: &'static str = "sit";
 
     pub fn kind(&self) -> &'static str {
         match self {
             NetworkArch::Sit(_) => "sit",
+            NetworkArch::FlowturboRefiner(_) => "flowturbo-refiner",
         }
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
             NetworkArch::Sit(cfg) => cfg.validate(),
+            NetworkArch::FlowturboRefiner(cfg) if cfg.in_channels_scale != 2 => Err(format!(
+                "in_channels_scale = {}: a refiner takes x and v side by side, so it must be 2",
+                cfg.in_channels_scale
+            )),
+            NetworkArch::FlowturboRefiner(cfg) => cfg.validate(),
+        }
+    }
+
+    /// The SiT configuration of kinds built on the SiT module tree.
+    fn sit(&self) -> &SitConfig {
+        match self {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => cfg,
         }
     }
 
     pub fn num_classes(&self) -> usize {
-        match self {
-            NetworkArch::Sit(cfg) => cfg.num_classes,
-        }
+        self.sit().num_classes
     }
 
     pub fn in_channels(&self) -> usize {
@@ -50,33 +64,28 @@ impl NetworkArch {
 
     /// (channels, height, width) of the state the network takes.
     pub fn state_shape(&self) -> (usize, usize, usize) {
-        match self {
-            NetworkArch::Sit(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
-        }
+        let cfg = self.sit();
+        (cfg.in_channels, cfg.input_size, cfg.input_size)
     }
 
     /// Floating-point operations of one forward pass for one image.
     pub fn forward_flops(&self) -> f64 {
-        match self {
-            NetworkArch::Sit(cfg) => cfg.forward_flops(),
-        }
+        self.sit().forward_flops()
     }
 
     /// The null label implied by the architecture alone (SiT: trained with label dropout).
     pub fn inferred_null_label(&self) -> Option<u32> {
-        match self {
-            NetworkArch::Sit(cfg) => cfg.null_label(),
-        }
+        self.sit().null_label()
     }
 
     /// Whether `label` can be this network's null label.
     pub fn check_null_label(&self, label: u32) -> std::result::Result<(), String> {
-        match self {
-            // SiT appends the null row after the classes.
-            NetworkArch::Sit(cfg) if label as usize == cfg.num_classes => Ok(()),
-            NetworkArch::Sit(cfg) => {
-                Err(format!("{label}: a SiT null label is the row after the classes, {}", cfg.num_classes))
-            }
+        // SiT appends the null row after the classes.
+        let classes = self.sit().num_classes;
+        if label as usize == classes {
+            Ok(())
+        } else {
+            Err(format!("{label}: a SiT null label is the row after the classes, {classes}"))
         }
     }
 }
@@ -133,7 +142,7 @@ impl NetworkSection {
     ) -> Result<Box<dyn VelocityModel>> {
         let weights = WeightsFile::open(&model_dir.join(&self.weights))?;
         match &self.arch {
-            NetworkArch::Sit(cfg) => {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => {
                 let rows = cfg.label_rows().max(null_label.map_or(0, |n| n as usize + 1));
                 let net = weights.build(dtype, device, |vb| Sit::with_label_rows(cfg, rows, vb))?;
                 Ok(Box::new(SitVelocity { net, convention: self.convention }))

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::{to_images, Image};
 use crate::models::autoencoder::AutoencoderKl;
 use crate::noise;
-use crate::samplers::{SolveStats, StepObserver};
+use crate::samplers::{Fields, SolveStats, StepObserver};
 use crate::schedule::Schedule;
 use crate::settings::{ImageInputs, SolveSettings};
 use crate::velocity::{Guidance, GuidedField, VelocityModel};
@@ -70,6 +70,13 @@ impl Pipeline {
     ) -> Self {
         let auxiliary = BTreeMap::new();
         Self { config, velocity, auxiliary, autoencoder, device: device.clone(), dtype: DType::F32 }
+    }
+
+    /// This pipeline with the auxiliary network `name` added (its `[networks.NAME]` section is
+    /// the caller's to put in the config).
+    pub fn with_network(mut self, name: &str, net: Box<dyn VelocityModel>) -> Self {
+        self.auxiliary.insert(name.to_string(), net);
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -158,8 +165,23 @@ impl Pipeline {
             settings.schedule.build(settings.steps)?
         };
         let guidance = self.guidance(settings.guidance, settings.guidance_interval);
-        let field = GuidedField::new(self.velocity.as_ref(), labels, guidance, &self.device)?;
-        settings.sampler.solve(&field, x0, &schedule, observer)
+        let field = GuidedField::new(self.velocity.as_ref(), labels, guidance.clone(), &self.device)?;
+        // Auxiliary networks (a refiner) are guided like the main one, as FlowTurbo's release does.
+        let mut auxiliary = Vec::new();
+        for (name, _) in settings.sampler.networks() {
+            let net = self.network(name).ok_or_else(|| {
+                Error::invalid(
+                    "sampler",
+                    format!("{} calls the network {name:?}, which this model does not have", settings.sampler),
+                )
+            })?;
+            auxiliary.push((name, GuidedField::new(net, labels, guidance.clone(), &self.device)?));
+        }
+        let mut fields = Fields::main(&field);
+        for (name, aux) in &auxiliary {
+            fields = fields.with(name, aux);
+        }
+        settings.sampler.solve_with(&fields, x0, &schedule, observer)
     }
 
     /// Sampler state -> pixels in [-1, 1] (latent decode when the model has an autoencoder).

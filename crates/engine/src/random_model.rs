@@ -89,6 +89,7 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
                 num_classes: 10,
                 class_dropout_prob: 0.1,
                 learn_sigma: false,
+                in_channels_scale: 1,
             }),
         },
         autoencoder: Some(AutoencoderSection {
@@ -111,8 +112,32 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
         defaults: Defaults { steps: 4, guidance: 1.5, ..Defaults::default() },
         networks: Default::default(),
         presets: Default::default(),
+        sampler_plans: Default::default(),
         schedules: Default::default(),
     }
+}
+
+/// `config` with a FlowTurbo refiner beside its SiT (one block of half the width, written with
+/// random weights by `write_random_model`) and `plan` as its recommended `flowturbo` plan.
+pub fn with_tiny_refiner(mut config: ModelConfig, plan: &str) -> ModelConfig {
+    let (NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit)) = &config.network.arch;
+    let refiner = SitConfig {
+        hidden_size: (sit.hidden_size / 2).max(sit.num_heads * 4),
+        depth: 1,
+        in_channels_scale: 2,
+        learn_sigma: false,
+        ..sit.clone()
+    };
+    config.networks.insert(
+        crate::samplers::REFINER_NETWORK.to_string(),
+        NetworkSection {
+            weights: "refiner.safetensors".into(),
+            convention: TimeConvention::Sit,
+            arch: NetworkArch::FlowturboRefiner(refiner),
+        },
+    );
+    config.sampler_plans.insert("flowturbo".into(), plan.to_string());
+    config
 }
 
 /// Save `tensors` plus the fixed `pos_embed` table so the file has the official key set.
@@ -126,11 +151,16 @@ pub fn save_sit_weights(net_cfg: &SitConfig, tensors: &HashMap<String, Tensor>, 
 pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|error| Error::Io { path: dir.to_path_buf(), error })?;
     let device = Device::Cpu;
-    let (vb, created) = random_var_builder(seed, &device);
-    let NetworkArch::Sit(sit) = &config.network.arch;
-    Sit::new(sit, vb)?;
-    let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
-    save_sit_weights(sit, &tensors, &dir.join(&config.network.weights))?;
+    let sections = std::iter::once(&config.network).chain(config.networks.values());
+    for (i, section) in sections.enumerate() {
+        // The main network keeps the seed it always had; auxiliary ones get their own.
+        let net_seed = if i == 0 { seed } else { seed.wrapping_add(100 + i as u64) };
+        let (vb, created) = random_var_builder(net_seed, &device);
+        let (NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit)) = &section.arch;
+        Sit::new(sit, vb)?;
+        let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
+        save_sit_weights(sit, &tensors, &dir.join(&section.weights))?;
+    }
     if let Some(ae) = &config.autoencoder {
         let (vb, created) = random_var_builder(seed.wrapping_add(1), &device);
         AutoencoderKl::new(&ae.arch, vb)?;

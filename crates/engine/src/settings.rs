@@ -41,6 +41,12 @@ impl SolveSettings {
         }
         let (lo, hi) = self.guidance_interval;
         check_guidance_interval(lo, hi).map_err(|e| Error::invalid("guidance_interval", e))?;
+        if let Some(own) = self.sampler.own_steps() {
+            if self.steps != own {
+                return Err(Error::invalid("steps", format!("{} runs {own} steps, not {}", self.sampler, self.steps)));
+            }
+        }
+        model.check_networks(&self.sampler)?;
         self.sampler.validate()
     }
 }
@@ -109,11 +115,11 @@ impl ModelConfig {
             None => Preset::default(),
         };
         let sampler_text = request.sampler.as_ref().or(preset.sampler.as_ref()).unwrap_or(&self.defaults.sampler);
-        let sampler = Sampler::parse(sampler_text)?;
+        let sampler = self.resolve_sampler(sampler_text)?;
         let (steps, schedule) = if sampler.is_adaptive() {
             adaptive_grid(&sampler, request)?
         } else {
-            self.fixed_grid(request, &preset, access)?
+            self.fixed_grid(&sampler, request, &preset, access)?
         };
         let guidance = request.guidance.or(preset.guidance).unwrap_or(self.defaults.guidance);
         let guidance_interval =
@@ -125,15 +131,22 @@ impl ModelConfig {
 
     /// Steps and grid of a fixed-step sampler: an explicit or stored schedule fixes its own
     /// step count unless `steps` is given (then they must agree).
+    /// A sampler that fixes its own steps (a FlowTurbo plan) takes them before any schedule.
     fn fixed_grid(
         &self,
+        sampler: &Sampler,
         request: &SettingsRequest,
         preset: &Preset,
         access: ScheduleAccess,
     ) -> Result<(usize, ScheduleSpec)> {
         let text = request.schedule.as_ref().or(preset.schedule.as_ref()).unwrap_or(&self.defaults.schedule);
         let schedule = ScheduleSpec::resolve(text, &self.schedules, access)?;
-        let steps = request.steps.or(schedule.own_steps()).or(preset.steps).unwrap_or(self.defaults.steps);
+        let steps = request
+            .steps
+            .or(sampler.own_steps())
+            .or(schedule.own_steps())
+            .or(preset.steps)
+            .unwrap_or(self.defaults.steps);
         schedule.build(steps)?;
         Ok((steps, schedule))
     }

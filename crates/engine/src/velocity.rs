@@ -119,7 +119,7 @@ impl<'a> GuidedField<'a> {
         Ok(Tensor::from_vec(t, s.len(), device)?)
     }
 
-    /// (1, C, 1, 1) 0/1 mask of the guided channels; None when every channel is guided.
+    /// (1, C, 1, 1) 0/1 mask of the guided channels of velocity `v`; None when all are guided.
     fn channel_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if let Some(mask) = self.mask.get() {
             return Ok(mask.clone());
@@ -150,7 +150,7 @@ impl<'a> GuidedField<'a> {
 
 impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
-        self.guided(x, s, &self.labels, self.null_labels.as_ref())
+        Ok(self.guided(x, None, s, &self.labels, self.null_labels.as_ref())?.0)
     }
 
     fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
@@ -160,12 +160,26 @@ impl VelocityField for GuidedField<'_> {
         let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), x.device())?;
         let labels = self.labels.index_select(&index, 0)?;
         let null = self.null_labels.as_ref().map(|n| n.index_select(&index, 0)).transpose()?;
-        self.guided(x, s, &labels, null.as_ref())
+        Ok(self.guided(x, None, s, &labels, null.as_ref())?.0)
+    }
+
+    fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
+        self.guided(x, x_uncond, s, &self.labels, self.null_labels.as_ref())
     }
 }
 
 impl GuidedField<'_> {
-    fn guided(&self, x: &Tensor, s: &[f64], labels: &Tensor, null_labels: Option<&Tensor>) -> Result<Tensor> {
+    /// The guided velocity at `x` and, when only some channels are guided, the unconditional
+    /// pass's path: guided channels as guided, the others from the unconditional output (at
+    /// `x_uncond` when given), as the doubled batch of SiT's `forward_with_cfg` carries it.
+    fn guided(
+        &self,
+        x: &Tensor,
+        x_uncond: Option<&Tensor>,
+        s: &[f64],
+        labels: &Tensor,
+        null_labels: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let b = x.dim(0)?;
         if s.len() != b || labels.dim(0)? != b {
             return Err(Error::invalid(
@@ -176,10 +190,10 @@ impl GuidedField<'_> {
         let t = self.times(s, x.device())?;
         let weights: Vec<f64> =
             s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
-        let v = match null_labels {
+        let (v, uncond_path) = match null_labels {
             Some(null) if weights.iter().any(|&w| w != 1.0) => {
                 // Conditional and unconditional halves in one forward.
-                let xx = Tensor::cat(&[x, x], 0)?;
+                let xx = Tensor::cat(&[x, x_uncond.unwrap_or(x)], 0)?;
                 let tt = Tensor::cat(&[&t, &t], 0)?;
                 let yy = Tensor::cat(&[labels, null], 0)?;
                 let out = self.model.forward(&xx, &tt, &yy)?;
@@ -192,14 +206,21 @@ impl GuidedField<'_> {
                 let w: Vec<f32> = weights.iter().map(|&w| (w - 1.0) as f32).collect();
                 let w = Tensor::from_vec(w, shape, x.device())?.to_dtype(delta.dtype())?;
                 delta = delta.broadcast_mul(&w)?;
-                if let Some(mask) = self.channel_mask(x)? {
-                    delta = delta.broadcast_mul(&mask)?;
+                // Masked by the output's channels: a refiner takes 2C channels and returns C.
+                match self.channel_mask(&delta)? {
+                    Some(mask) => {
+                        let guided = (cond + delta.broadcast_mul(&mask)?)?;
+                        let unguided = mask.affine(-1.0, 1.0)?;
+                        let path = (guided.broadcast_mul(&mask)? + uncond.broadcast_mul(&unguided)?)?;
+                        (guided, Some(path))
+                    }
+                    None => ((cond + delta)?, None),
                 }
-                (cond + delta)?
             }
-            _ => self.model.forward(x, &t, labels)?,
+            _ => (self.model.forward(x, &t, labels)?, None),
         };
         let sign = self.model.convention().velocity_sign();
-        Ok(if sign < 0.0 { v.neg()? } else { v })
+        let signed = |v: Tensor| -> Result<Tensor> { Ok(if sign < 0.0 { v.neg()? } else { v }) };
+        Ok((signed(v)?, uncond_path.map(signed).transpose()?))
     }
 }

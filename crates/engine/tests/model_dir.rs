@@ -159,3 +159,33 @@ fn an_adaptive_sampler_takes_no_schedule() {
     let err = cfg.solve_settings(&both, ScheduleAccess::Named).unwrap_err();
     assert!(matches!(&err, Error::Invalid { field: "schedule", message } if message.contains("adaptive")), "{err}");
 }
+
+#[test]
+fn a_flowturbo_refiner_is_checked_where_model_toml_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = flowgen_engine::random_model::with_tiny_refiner(tiny_latent_config("ft"), "flowturbo:H2P4R2");
+    write_random_model(dir.path(), &cfg, 42).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("model.toml")).unwrap();
+    assert!(text.contains("kind = \"flowturbo-refiner\"") && text.contains("in_channels_scale = 2"), "{text}");
+    assert!(text.contains("[sampler_plans]\nflowturbo = \"flowturbo:H2P4R2\""), "{text}");
+    let loaded = ModelConfig::load(dir.path()).unwrap();
+    assert_eq!(loaded, ModelConfig { schedules: loaded.schedules.clone(), ..cfg });
+    assert_eq!(loaded.resolve_sampler(" FLOWTURBO ").unwrap().canonical(), "flowturbo:H2P4R2");
+    assert!(loaded.network_flops("refiner").unwrap() < loaded.network_flops("velocity").unwrap());
+
+    let original = text.clone();
+    let broken = |from: &str, to: &str| {
+        std::fs::write(dir.path().join("model.toml"), original.replacen(from, to, 1)).unwrap();
+        load_error(dir.path())
+    };
+    let msg = broken("in_channels_scale = 2", "in_channels_scale = 1");
+    assert!(msg.contains("[networks.refiner]") && msg.contains("in_channels_scale = 1"), "{msg}");
+    let msg = broken("flowturbo = \"flowturbo:H2P4R2\"", "flowturbo = \"flowturbo:H2Q4\"");
+    assert!(msg.contains("[sampler_plans] flowturbo") && msg.contains("not H, P or R"), "{msg}");
+    let msg = broken("flowturbo = \"flowturbo:H2P4R2\"", "flowturbo = \"heun\"");
+    assert!(msg.contains("is a heun plan, not a flowturbo one"), "{msg}");
+    let msg = broken("[networks.refiner]", "[networks.helper]");
+    assert!(msg.contains("calls the network \"refiner\""), "{msg}");
+    let msg = broken("kind = \"sit\"", "kind = \"flowturbo-refiner\"");
+    assert!(msg.contains("belongs in [networks.refiner]"), "{msg}");
+}

@@ -1,5 +1,6 @@
 //! Parity with the official definitions: tensors written by tests/fixtures/make_fixtures.py
-//! from the official SiT `models.py` and diffusers' `AutoencoderKL`.
+//! from the official SiT `models.py`, FlowTurbo's `models_assemble.py` (refiner and the
+//! assembled H/P/R sampler) and diffusers' `AutoencoderKL`.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,7 @@ fn sit_config() -> SitConfig {
         num_classes: 10,
         class_dropout_prob: 0.1,
         learn_sigma: true,
+        in_channels_scale: 1,
     }
 }
 
@@ -149,4 +151,65 @@ fn sit_forward_flops_count_every_matrix_product_once() {
     // 32*64 + 16*32*32 = 18,432; two FLOPs per multiply-add.
     let macs = 17_408.0 + 2.0 * 219_136.0 + 18_432.0;
     assert_eq!(sit_config().forward_flops(), 2.0 * macs);
+}
+
+fn refiner_config() -> SitConfig {
+    SitConfig { depth: 1, in_channels_scale: 2, ..sit_config() }
+}
+
+fn flowturbo_nets() -> (SitVelocity, SitVelocity) {
+    let build = |file: &str, cfg: SitConfig| SitVelocity {
+        net: WeightsFile::open(&fixture(file)).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap(),
+        convention: TimeConvention::Sit,
+    };
+    let predictor = build("flowturbo_predictor_tiny.safetensors", sit_config());
+    let refiner = build("flowturbo_refiner_tiny.safetensors", refiner_config());
+    (predictor, refiner)
+}
+
+#[test]
+fn flowturbo_refiner_forward_matches_the_release() {
+    let io = io("flowturbo_tiny_io.safetensors");
+    let (_, refiner) = flowturbo_nets();
+    let y = io["y"].to_dtype(DType::U32).unwrap();
+    let input = Tensor::cat(&[&io["x"], &io["v"]], 1).unwrap();
+    let out = refiner.net.forward(&input, &io["t"], &y).unwrap();
+    assert_eq!(out.dims(), &[3, 4, 8, 8], "learn_sigma: the first C of 2C outputs are kept");
+    let diff = max_abs_diff(&out, &io["refiner_out"]);
+    assert!(diff < 1e-4, "max |diff| = {diff}");
+}
+
+#[test]
+fn flowturbo_plans_match_the_released_assembler() {
+    use flowgen_engine::samplers::{Fields, Unobserved, REFINER_NETWORK};
+    use flowgen_engine::{Sampler, Schedule};
+    let io = io("flowturbo_tiny_io.safetensors");
+    let (predictor, refiner) = flowturbo_nets();
+    let labels: Vec<u32> = io["labels"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    // The release guides both networks at the same scale, on latent channels 0..2.
+    let guidance = Guidance { scale: 1.5, null_label: Some(10), channels: Some(vec![0, 1, 2]), interval: (0.0, 1.0) };
+    let main = GuidedField::new(&predictor, &labels, guidance.clone(), &Device::Cpu).unwrap();
+    let refine = GuidedField::new(&refiner, &labels, guidance, &Device::Cpu).unwrap();
+    let fields = Fields::main(&main).with(REFINER_NETWORK, &refine);
+    for plan in ["H1P2R2", "H0P3R1", "H2P0R2"] {
+        let sampler = Sampler::parse(&format!("flowturbo:{plan}")).unwrap();
+        let steps = sampler.own_steps().unwrap();
+        let grid = Schedule::uniform(steps).unwrap();
+        let (x1, stats) = sampler.solve_with(&fields, io["x0"].clone(), &grid, &mut Unobserved).unwrap();
+        let diff = max_abs_diff(&x1, &io[plan]);
+        assert!(diff < 1e-4, "{plan}: max |diff| = {diff}");
+        let Sampler::FlowTurbo(p) = sampler else { unreachable!() };
+        assert_eq!(stats.nfe(), p.velocity_evaluations(), "{plan}");
+        assert_eq!(stats.evaluations[REFINER_NETWORK], p.refiner_evaluations(), "{plan}");
+    }
+}
+
+#[test]
+fn refiner_forward_flops_count_the_doubled_patch_embedding() {
+    let (sit, refiner) = (sit_config(), refiner_config());
+    let tokens = 16.0;
+    let patch_in = |c: usize| (c * 2 * 2) as f64;
+    // A one-block SiT plus the patch embedding's extra input channels (tokens x 16 x 32 more MACs).
+    let expected = SitConfig { depth: 1, ..sit }.forward_flops() + 2.0 * tokens * (patch_in(8) - patch_in(4)) * 32.0;
+    assert!((refiner.forward_flops() - expected).abs() < 1e-6, "{} vs {expected}", refiner.forward_flops());
 }

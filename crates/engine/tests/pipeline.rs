@@ -31,7 +31,7 @@ fn inputs(n: usize) -> ImageInputs {
 }
 
 fn sit_of(cfg: &ModelConfig) -> SitConfig {
-    let NetworkArch::Sit(sit) = &cfg.network.arch;
+    let NetworkArch::Sit(sit) = &cfg.network.arch else { panic!("a sit network") };
     sit.clone()
 }
 
@@ -48,6 +48,7 @@ fn sit_shapes_with_patches_and_learn_sigma() {
         num_classes: 10,
         class_dropout_prob: 0.1,
         learn_sigma: true,
+        in_channels_scale: 1,
     };
     let (vb, _) = random_var_builder(0, &Device::Cpu);
     let sit = Sit::new(&cfg, vb).unwrap();
@@ -277,7 +278,7 @@ impl VelocityModel for Exploding {
 fn engine_thread_survives_a_panicking_job_and_reports_progress() {
     let mut cfg = tiny_latent_config("t");
     cfg.autoencoder = None;
-    let NetworkArch::Sit(sit) = &mut cfg.network.arch;
+    let NetworkArch::Sit(sit) = &mut cfg.network.arch else { panic!("a sit network") };
     sit.in_channels = 1;
     let pipeline = Pipeline::from_parts(cfg, Box::new(Exploding), None, &Device::Cpu);
     let engine = EngineHandle::spawn(pipeline, 4).unwrap();
@@ -301,4 +302,70 @@ fn engine_thread_survives_a_panicking_job_and_reports_progress() {
         Box::new(|r: &StepReport| if r.step >= 1 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }),
     );
     assert!(matches!(cancelled, Err(Error::Cancelled)));
+}
+
+fn tiny_flowturbo_dir() -> (tempfile::TempDir, Pipeline) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = flowgen_engine::random_model::with_tiny_refiner(tiny_latent_config("ft"), "flowturbo:H1P2R2");
+    write_random_model(dir.path(), &cfg, 42).unwrap();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    (dir, pipeline)
+}
+
+#[test]
+fn flowturbo_runs_the_models_recommended_plan_with_its_refiner() {
+    use flowgen_engine::samplers::REFINER_NETWORK;
+    use flowgen_engine::{ScheduleAccess, SettingsRequest};
+    let (_dir, pipeline) = tiny_flowturbo_dir();
+    let cfg = pipeline.config();
+    let request = SettingsRequest { sampler: Some("FlowTurbo".into()), ..Default::default() };
+    let settings = cfg.solve_settings(&request, ScheduleAccess::Named).unwrap();
+    assert_eq!(settings.sampler.canonical(), "flowturbo:H1P2R2");
+    assert_eq!(settings.steps, 5, "the plan's own steps win over [defaults] steps = 4");
+    let batch = pipeline.generate(&settings, &inputs(3), &mut Unobserved).unwrap();
+    assert_eq!(batch.images.len(), 3);
+    assert_eq!(batch.stats.nfe(), 4);
+    assert_eq!(batch.stats.evaluations[REFINER_NETWORK], 4);
+    // Each image depends on its own seed only, batched or alone (the refiner is guided per row too).
+    for i in 0..3 {
+        let one = ImageInputs { labels: vec![inputs(3).labels[i]], seeds: vec![inputs(3).seeds[i]] };
+        let alone = pipeline.generate(&settings, &one, &mut Unobserved).unwrap();
+        let diff = (batch.state.narrow(0, i, 1).unwrap() - &alone.state)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "image {i}: {diff}");
+    }
+    // The refiner changes the result: the same plan without its R steps' refiner is not it.
+    let no_refiner = SettingsRequest { sampler: Some("flowturbo:H1P4R0".into()), ..Default::default() };
+    let plain = cfg.solve_settings(&no_refiner, ScheduleAccess::Named).unwrap();
+    let plain = pipeline.generate(&plain, &inputs(3), &mut Unobserved).unwrap();
+    assert!((plain.state - &batch.state).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+}
+
+#[test]
+fn flowturbo_requests_that_cannot_run_name_the_field() {
+    use flowgen_engine::{ScheduleAccess, SettingsRequest};
+    let (_dir, cfg) = tiny_model_dir();
+    let ask = |sampler: &str, steps: Option<usize>| {
+        let request = SettingsRequest { sampler: Some(sampler.into()), steps, ..Default::default() };
+        cfg.solve_settings(&request, ScheduleAccess::Named).unwrap_err().to_string()
+    };
+    let err = ask("flowturbo", None);
+    assert!(err.contains("sampler") && err.contains("needs a plan"), "{err}");
+    let err = ask("flowturbo:H2P2R1", None);
+    assert!(err.contains("sampler") && err.contains("\"refiner\"") && err.contains("[networks.refiner]"), "{err}");
+    let (_dir, pipeline) = tiny_flowturbo_dir();
+    let request = SettingsRequest { sampler: Some("flowturbo".into()), steps: Some(8), ..Default::default() };
+    let err = pipeline.config().solve_settings(&request, ScheduleAccess::Named).unwrap_err().to_string();
+    assert!(err.contains("steps") && err.contains("runs 5 steps, not 8"), "{err}");
+    // A plan without refiner steps needs no refiner.
+    let request = SettingsRequest { sampler: Some("flowturbo:H2P2".into()), ..Default::default() };
+    assert_eq!(cfg.solve_settings(&request, ScheduleAccess::Named).unwrap().steps, 4);
 }

@@ -250,8 +250,92 @@ fn explicit_schedules_drive_fixed_step_solvers() {
 #[test]
 fn sampler_names_parse_and_unknown_is_rejected() {
     for name in flowgen_engine::samplers::sampler_names() {
-        assert_eq!(Sampler::parse(name).unwrap().name(), name);
+        // flowturbo needs its plan (or a model that recommends one).
+        let text = if name == "flowturbo" { "flowturbo:H2P4R2".to_string() } else { name.to_string() };
+        assert_eq!(Sampler::parse(&text).unwrap().name(), name);
     }
     let err = Sampler::parse("ddim").unwrap_err().to_string();
     assert!(err.contains("unknown sampler") && err.contains("dopri5"), "{err}");
+}
+
+fn flowturbo(plan: &str) -> Sampler {
+    Sampler::parse(&format!("flowturbo:{plan}")).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn flowturbo_without_refiner_steps_is_heun_or_the_pseudo_corrector() {
+    let growth = Growth { rates: vec![1.3] };
+    let grid = Schedule::uniform(5).unwrap();
+    let solve = |s: &Sampler| s.solve(&growth, x0(), &grid, &mut Unobserved).unwrap();
+    let (heun, heun_stats) = solve(&Sampler::Heun);
+    let (h5, h5_stats) = solve(&flowturbo("H5"));
+    assert_eq!(max_diff(&heun, &h5), 0.0);
+    assert_eq!(h5_stats.nfe(), heun_stats.nfe());
+    let (pc, pc_stats) = solve(&Sampler::PseudoCorrector);
+    let (p5, p5_stats) = solve(&flowturbo("P5"));
+    assert_eq!(max_diff(&pc, &p5), 0.0);
+    assert_eq!((p5_stats.nfe(), pc_stats.nfe()), (6, 6));
+}
+
+#[test]
+fn flowturbo_with_a_zero_refiner_steps_on_with_the_cached_velocity() {
+    use flowgen_engine::samplers::{Fields, REFINER_NETWORK};
+    // A refiner whose offset is 0 everywhere: it takes (x, v) side by side and returns C channels.
+    let zero = |xv: &Tensor, _s: &[f64]| -> Result<Tensor> {
+        let c = xv.dim(1)? / 2;
+        Ok(xv.narrow(1, 0, c)?.zeros_like()?)
+    };
+    let fields = Fields::main(&riccati).with(REFINER_NETWORK, &zero);
+    let (x4, stats) = flowturbo("H1P1R2").solve_with(&fields, x0(), &Schedule::uniform(4).unwrap(), &mut Unobserved).unwrap();
+    // By hand: a Heun step, a pseudo-corrector step, then two Euler steps on the cache it left.
+    let h = 0.25;
+    let u = |x: &Tensor, s: f64| riccati(x, &[s]).unwrap();
+    let x = x0();
+    let d0 = u(&x, 0.0);
+    let d1 = u(&(&x + (&d0 * h).unwrap()).unwrap(), 0.25);
+    let x1 = (&x + ((&d0 + &d1).unwrap() * (h / 2.0)).unwrap()).unwrap();
+    let d2 = u(&(&x1 + (&d1 * h).unwrap()).unwrap(), 0.5);
+    let x2 = (&x1 + ((&d1 + &d2).unwrap() * (h / 2.0)).unwrap()).unwrap();
+    let expected = (&x2 + (&d2 * (2.0 * h)).unwrap()).unwrap();
+    assert!(max_diff(&x4, &expected) < 1e-12, "{}", max_diff(&x4, &expected));
+    assert_eq!(stats.nfe(), 3);
+    assert_eq!(stats.evaluations[REFINER_NETWORK], 4);
+}
+
+#[test]
+fn flowturbo_refiner_steps_condition_on_the_cached_or_the_refined_velocity() {
+    use flowgen_engine::samplers::{Fields, REFINER_NETWORK};
+    // Offset = 0.1 * (conditioning velocity): the two variants differ only in the second call.
+    let scaled = |xv: &Tensor, _s: &[f64]| -> Result<Tensor> {
+        let c = xv.dim(1)? / 2;
+        Ok((xv.narrow(1, c, c)? * 0.1)?)
+    };
+    let fields = Fields::main(&riccati).with(REFINER_NETWORK, &scaled);
+    let grid = Schedule::uniform(2).unwrap();
+    let (cached, _) = flowturbo("H1R1").solve_with(&fields, x0(), &grid, &mut Unobserved).unwrap();
+    let (refined, _) =
+        flowturbo("H1R1,condition=refined").solve_with(&fields, x0(), &grid, &mut Unobserved).unwrap();
+    let u = |x: &Tensor, s: f64| riccati(x, &[s]).unwrap();
+    let h = 0.5;
+    let x = x0();
+    let d0 = u(&x, 0.0);
+    let v = u(&(&x + (&d0 * h).unwrap()).unwrap(), 0.5);
+    let x1 = (&x + ((&d0 + &v).unwrap() * (h / 2.0)).unwrap()).unwrap();
+    let r0 = (&v * 1.1).unwrap();
+    let end = |second: &Tensor| (&x1 + ((&r0 + second).unwrap() * (h / 2.0)).unwrap()).unwrap();
+    assert!(max_diff(&cached, &end(&(&r0 + (&v * 0.1).unwrap()).unwrap())) < 1e-12);
+    assert!(max_diff(&refined, &end(&(&r0 + (&r0 * 0.1).unwrap()).unwrap())) < 1e-12);
+}
+
+#[test]
+fn flowturbo_asks_for_its_refiner_and_its_own_step_count() {
+    let grid = Schedule::uniform(3).unwrap();
+    let err = flowturbo("H1P1R1").solve(&riccati, x0(), &grid, &mut Unobserved).unwrap_err().to_string();
+    assert!(err.contains("\"refiner\""), "{err}");
+    let err = flowturbo("H1P1").solve(&riccati, x0(), &grid, &mut Unobserved).unwrap_err().to_string();
+    assert!(err.contains("runs 2 steps, the grid has 3"), "{err}");
 }

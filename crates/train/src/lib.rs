@@ -7,6 +7,7 @@ pub mod classifier;
 pub mod data;
 pub mod error;
 pub mod evaluate;
+pub mod flowturbo;
 pub mod init;
 pub mod log;
 pub mod losses;

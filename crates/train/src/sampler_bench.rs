@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use flowgen_engine::{Guidance, Sampler, ScheduleSpec};
+use flowgen_engine::{Guidance, ModelConfig, Sampler, ScheduleSpec};
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
@@ -96,6 +96,14 @@ pub fn plan_runs(
     let mut runs = Vec::new();
     for sampler in samplers.iter().filter(|s| !s.is_adaptive()) {
         for choice in schedules {
+            // A plan that fixes its own steps (FlowTurbo) runs once, at its own cost.
+            if let Some(steps) = sampler.own_steps() {
+                if let Some(schedule) = choice.spec(steps, stored) {
+                    let (group, budget) = (choice.label(), sampler.nfe_for(steps));
+                    runs.push(BenchRun { sampler: sampler.clone(), steps, schedule, group, budget });
+                }
+                continue;
+            }
             for &budget in budgets {
                 let Some(steps) = (1..=budget).find(|&k| sampler.nfe_for(k) == Some(budget)) else { continue };
                 if let Some(schedule) = choice.spec(steps, stored) {
@@ -124,6 +132,27 @@ pub fn plan_runs(
 pub fn gflops_per_image(forward_flops: f64, nfe: f64, guidance: &Guidance) -> f64 {
     let forwards = if guidance.scale != 1.0 { 2.0 } else { 1.0 };
     forward_flops * nfe * forwards / 1e9
+}
+
+/// Evaluations per image of the networks beside the main one (a refiner) that `sampler` calls.
+pub fn auxiliary_evaluations(sampler: &Sampler) -> BTreeMap<String, f64> {
+    sampler.networks().into_iter().map(|(name, count)| (name.to_string(), count as f64)).collect()
+}
+
+/// `gflops_per_image` of the main network's `nfe` plus every auxiliary network's evaluations,
+/// each at its own forward cost (guided the same way as the main one).
+pub fn solve_gflops_per_image(
+    model: &ModelConfig,
+    nfe: f64,
+    auxiliary: &BTreeMap<String, f64>,
+    guidance: &Guidance,
+) -> f64 {
+    let main = gflops_per_image(model.network.arch.forward_flops(), nfe, guidance);
+    let others: f64 = auxiliary
+        .iter()
+        .map(|(name, &count)| gflops_per_image(model.network_flops(name).unwrap_or(0.0), count, guidance))
+        .sum();
+    main + others
 }
 
 /// Which points are on the Pareto front of (cost, loss), both lower-is-better: no other point
@@ -162,6 +191,8 @@ pub struct BenchRow {
     /// The schedule choice of the run ("uniform", "shift:2", "boss"; "adaptive" for the reference).
     pub group: String,
     pub budget: Option<usize>,
+    /// Evaluations per image of auxiliary networks (FlowTurbo's refiner), by name.
+    pub auxiliary_evaluations: BTreeMap<String, f64>,
     pub gflops_per_image: f64,
     /// Solving one image at a time.
     pub ms_per_image_alone: f64,
@@ -223,16 +254,17 @@ pub fn to_markdown(setup: &BenchSetup, rows: &[BenchRow]) -> String {
         setup.forward_gflops,
     );
     md.push_str(
-        "| sampler | schedule | steps | NFE | GFLOPs/image | FD ratio | accuracy | RMSE vs ref | ms/image alone | ms/image batched | Pareto |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| sampler | schedule | steps | NFE | other evaluations | GFLOPs/image | FD ratio | accuracy | RMSE vs ref | ms/image alone | ms/image batched | Pareto |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.3} | {:.2} | {:.1}% | {} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.1} | {} | {:.3} | {:.2} | {:.1}% | {} | {:.2} | {:.2} | {} |\n",
             r.eval.sampler,
             r.eval.schedule,
             steps_text(r),
             r.eval.nfe_per_image,
+            other_evaluations(r),
             r.gflops_per_image,
             r.eval.fd_ratio,
             100.0 * r.eval.accuracy,
@@ -245,6 +277,14 @@ pub fn to_markdown(setup: &BenchSetup, rows: &[BenchRow]) -> String {
     md
 }
 
+/// "refiner 4" for the auxiliary networks a run called, "-" when none.
+fn other_evaluations(row: &BenchRow) -> String {
+    if row.auxiliary_evaluations.is_empty() {
+        return "-".into();
+    }
+    row.auxiliary_evaluations.iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
+}
+
 fn csv_field(text: &str) -> String {
     if text.contains(',') || text.contains('"') {
         format!("\"{}\"", text.replace('"', "\"\""))
@@ -255,16 +295,17 @@ fn csv_field(text: &str) -> String {
 
 pub fn to_csv(rows: &[BenchRow]) -> String {
     let mut csv = String::from(
-        "sampler,schedule,steps,budget,nfe_per_image,gflops_per_image,fd,fd_floor,fd_ratio,accuracy,rmse_vs_reference,ms_per_image_alone,ms_per_image_batched,pareto\n",
+        "sampler,schedule,steps,budget,nfe_per_image,other_evaluations,gflops_per_image,fd,fd_floor,fd_ratio,accuracy,rmse_vs_reference,ms_per_image_alone,ms_per_image_batched,pareto\n",
     );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             csv_field(&r.eval.sampler),
             csv_field(&r.eval.schedule),
             r.eval.steps,
             r.budget.map_or(String::new(), |b| b.to_string()),
             r.eval.nfe_per_image,
+            csv_field(&other_evaluations(r)),
             r.gflops_per_image,
             r.eval.fd,
             r.eval.fd_floor,

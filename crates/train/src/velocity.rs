@@ -57,7 +57,7 @@ impl Latents {
         self.mean.elem_count() / self.len().max(1)
     }
 
-    fn sample(&self, idx: &[usize], eps: &Tensor) -> Result<(Tensor, Vec<u32>)> {
+    pub fn sample(&self, idx: &[usize], eps: &Tensor) -> Result<(Tensor, Vec<u32>)> {
         let rows = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), self.mean.device())?;
         let x1 = (self.mean.index_select(&rows, 0)? + (self.std.index_select(&rows, 0)? * eps)?)?;
         Ok((x1, idx.iter().map(|&i| self.labels[i]).collect()))
@@ -197,6 +197,7 @@ pub fn write_model_dir(dir: &Path, parts: ModelDirParts) -> Result<()> {
         defaults: parts.defaults,
         networks: Default::default(),
         presets: Default::default(),
+        sampler_plans: Default::default(),
         schedules: Default::default(),
     };
     let path = dir.join("model.toml");

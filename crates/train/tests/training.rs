@@ -152,6 +152,7 @@ fn tiny_velocity(objective: Objective, steps: usize) -> VelocityTraining {
             num_classes: 4,
             class_dropout_prob: 0.1,
             learn_sigma: false,
+            in_channels_scale: 1,
         },
         objective,
         opts: TrainOptions { batch_size: 16, ..opts(steps) },

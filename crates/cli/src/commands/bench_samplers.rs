@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
-use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, SettingsRequest};
+use flowgen_engine::{Pipeline, ScheduleAccess, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 use flowgen_train::sampler_bench::{
-    gemm_gflops, gflops_per_image, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
+    auxiliary_evaluations, gemm_gflops, mark_pareto, solve_gflops_per_image, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
     ScheduleChoice, DEFAULT_BUDGETS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,9 +26,11 @@ pub struct SamplersBenchArgs {
     /// exactly this many, where one does).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BUDGETS)]
     nfe: Vec<usize>,
-    /// Sampler families; dopri5 (any plan) is the reference the RMSE column is measured against.
-    #[arg(long, value_delimiter = ',', default_value = "euler,midpoint,heun,rk4,pseudo-corrector,dopri5")]
-    samplers: Vec<String>,
+    /// Sampler families and plans (flowturbo:H2P4R2; plain flowturbo is the model's recommended
+    /// plan); dopri5 (any plan) is the reference the RMSE column is measured against. [default:
+    /// euler,midpoint,heun,rk4,pseudo-corrector,dopri5, and flowturbo when the model recommends a plan]
+    #[arg(long, value_delimiter = ',')]
+    samplers: Option<Vec<String>>,
     /// Schedules of the fixed-step samplers: uniform, shift:X, and the prefix of the model's stored
     /// schedules (boss: boss-K for a run of K steps, where the model has one).
     #[arg(long, value_delimiter = ',', default_value = "uniform,shift:2,boss")]
@@ -72,9 +74,21 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
     let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
     let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
     let cfg = pipeline.config();
+    let names = match &args.samplers {
+        Some(names) => rejoin_parameters(names),
+        None => {
+            let mut names: Vec<String> =
+                ["euler", "midpoint", "heun", "rk4", "pseudo-corrector", "dopri5"].map(String::from).to_vec();
+            if cfg.sampler_plans.contains_key("flowturbo") {
+                names.insert(5, "flowturbo".into());
+            }
+            names
+        }
+    };
     let mut samplers = Vec::new();
-    for name in &args.samplers {
-        let sampler = Sampler::parse(name).with_context(|| format!("--samplers {name}"))?;
+    for name in &names {
+        let sampler = cfg.resolve_sampler(name).with_context(|| format!("--samplers {name}"))?;
+        cfg.check_networks(&sampler).with_context(|| format!("--samplers {name}"))?;
         // A bare "dopri5" is the tight reference; a plan with parameters is taken as given.
         samplers.push(if sampler.is_adaptive() && !name.contains(':') { reference_sampler() } else { sampler });
     }
@@ -119,8 +133,10 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
         ctx.schedule = run.schedule.clone();
         let eval = ctx.evaluate(&pipeline, &classifier, &run.sampler, run.steps, false)?;
         let alone = ctx.seconds_per_image_alone(&pipeline, &run.sampler, run.steps, args.alone)?;
+        let auxiliary = auxiliary_evaluations(&run.sampler);
         rows.push(BenchRow {
-            gflops_per_image: gflops_per_image(forward_flops, eval.nfe_per_image, &guidance),
+            gflops_per_image: solve_gflops_per_image(cfg, eval.nfe_per_image, &auxiliary, &guidance),
+            auxiliary_evaluations: auxiliary,
             ms_per_image_alone: 1000.0 * alone,
             ms_per_image_batched: 1000.0 * eval.seconds_per_image,
             group: run.group.clone(),
@@ -164,4 +180,37 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
         plots.join(", ")
     );
     Ok(())
+}
+
+/// `--samplers a,b:k=1,k2=2` is split at every comma; a `key=value` piece belongs to the sampler
+/// before it ("dopri5:rtol=1e-4", "atol=1e-4" -> "dopri5:rtol=1e-4,atol=1e-4").
+fn rejoin_parameters(pieces: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for piece in pieces {
+        match names.last_mut() {
+            Some(last) if piece.contains('=') && !piece.contains(':') && last.contains(':') => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => names.push(piece.trim().to_string()),
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rejoin_parameters;
+
+    #[test]
+    fn parameters_after_a_comma_stay_with_their_sampler() {
+        let pieces: Vec<String> =
+            ["heun", "dopri5:rtol=1e-4", "atol=1e-4", "flowturbo:H2P4R2", "condition=refined", "euler"]
+                .map(String::from)
+                .to_vec();
+        assert_eq!(
+            rejoin_parameters(&pieces),
+            ["heun", "dopri5:rtol=1e-4,atol=1e-4", "flowturbo:H2P4R2,condition=refined", "euler"]
+        );
+    }
 }

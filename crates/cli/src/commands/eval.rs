@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
-use flowgen_engine::{Pipeline, Sampler, ScheduleAccess, ScheduleSpec, SettingsRequest};
+use flowgen_engine::{Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
@@ -89,8 +89,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     anyhow::ensure!(steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
     let mut runs = Vec::new();
     for name in args.sampler.split(',') {
-        let sampler = Sampler::parse(name.trim())?;
-        if sampler.is_adaptive() {
+        let sampler = pipeline.config().resolve_sampler(name.trim())?;
+        pipeline.config().check_networks(&sampler)?;
+        if let Some(own) = sampler.own_steps() {
+            // A FlowTurbo plan fixes its own steps.
+            runs.push((sampler, own));
+        } else if sampler.is_adaptive() {
             // An adaptive solver ignores --steps: one run, at the reference tolerance unless
             // the plan names its own ("dopri5:rtol=1e-3").
             runs.push((if name.contains(':') { sampler } else { reference_sampler() }, 0));

@@ -6,14 +6,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use flowgen_engine::candle_core::{DType, Device};
-use flowgen_engine::config::{AutoencoderSection, Defaults};
+use flowgen_engine::config::{AutoencoderSection, Defaults, ModelConfig};
 use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
-use flowgen_engine::models::sit::SitConfig;
+use flowgen_engine::models::sit::{Sit, SitConfig};
+use flowgen_engine::NetworkArch;
 use flowgen_engine::weights::WeightsFile;
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
 use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
+use flowgen_train::flowturbo::{self, RefinerTraining};
 use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
 use flowgen_train::run::seeded_normal;
 use flowgen_train::run::{RunPlace, StepLog, TrainOptions};
@@ -56,6 +58,39 @@ pub enum TrainCommand {
         #[command(flatten)]
         velocity: VelocityArgs,
     },
+    /// FlowTurbo's velocity refiner for a model directory's velocity network (the teacher, frozen):
+    /// checkpoints in OUT, and at the end refiner.safetensors and [networks.refiner] in --model.
+    Refiner {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        refiner: RefinerArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct RefinerArgs {
+    /// Model directory whose velocity network is the teacher; the refiner is installed there.
+    #[arg(long)]
+    model: PathBuf,
+    /// Refiner width (FlowTurbo's is one block of the predictor's width).
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    /// Refiner blocks.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// Attention heads (must divide --hidden).
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Smallest Euler step dt the teacher takes per example (dt ~ U(dt-min, dt-max]).
+    #[arg(long, default_value_t = 0.0)]
+    dt_min: f64,
+    /// Largest Euler step dt; the release trains on (0, 0.12].
+    #[arg(long, default_value_t = 0.12)]
+    dt_max: f64,
+    /// Store this plan as the model's recommended one (plain `--sampler flowturbo`).
+    #[arg(long)]
+    plan: Option<String>,
 }
 
 #[derive(Args)]
@@ -229,6 +264,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
             Ok(())
         }
         TrainCommand::Velocity { common, velocity } => train_velocity(common, velocity),
+        TrainCommand::Refiner { common, refiner } => train_refiner(common, refiner),
         TrainCommand::PlotLoss { run } => {
             let title = format!("training loss: {}", run.display());
             flowgen_train::plot::plot_loss_csv(&run.join("loss.csv"), &run.join("loss.png"), &title)?;
@@ -337,6 +373,7 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
         num_classes: 10,
         class_dropout_prob: args.label_dropout,
         learn_sigma: false,
+        in_channels_scale: 1,
     };
     let cfg = VelocityTraining { sit: sit.clone(), objective: objective.clone(), opts: common.options() };
     let bar = progress_bar(common.steps);
@@ -365,6 +402,51 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
         report.train_seconds,
         report.samples_per_second,
         model_dir.display()
+    );
+    Ok(())
+}
+
+fn train_refiner(common: CommonArgs, args: RefinerArgs) -> Result<()> {
+    let device = parse_device(&common.device)?;
+    if let Some(plan) = &args.plan {
+        flowgen_engine::Sampler::parse(plan).with_context(|| format!("--plan {plan}"))?;
+    }
+    let config = ModelConfig::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let NetworkArch::Sit(teacher_cfg) = &config.network.arch else {
+        bail!("{}: the teacher must be a sit network", args.model.display());
+    };
+    let teacher_cfg = teacher_cfg.clone();
+    let teacher = WeightsFile::open(&args.model.join(&config.network.weights))?
+        .build(DType::F32, &device, |vb| Sit::new(&teacher_cfg, vb))
+        .context("loading the teacher")?;
+    let section = config.autoencoder.clone().context("the model has no [autoencoder] to encode digits with")?;
+    let arch = section.arch.clone();
+    let ae = WeightsFile::open(&args.model.join(&section.weights))?
+        .build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
+    let (train, _val) = common.data()?;
+    eprintln!("encoding {} training digits", train.len());
+    let latents = Latents::encode(&ae, &section, &train, &device)?;
+    let cfg = RefinerTraining {
+        refiner: RefinerTraining::refiner_for(&teacher_cfg, args.hidden, args.depth, args.heads),
+        dt_range: (args.dt_min, args.dt_max),
+        opts: common.options(),
+    };
+    let bar = progress_bar(common.steps);
+    let (report, ema) = flowturbo::train(&cfg, &teacher, &latents, common.place(&device), &mut report_step(&bar, common.log_every))
+        .context("training the refiner")?;
+    bar.finish_and_clear();
+    std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    flowturbo::install_refiner(&args.model, &cfg.refiner, &ema, args.plan.as_deref())
+        .with_context(|| format!("installing the refiner in {}", args.model.display()))?;
+    println!(
+        "refiner: final loss {:.5} (reusing v unchanged: {:.5}), {} parameters, {:.1} % of the teacher's FLOPs, {:.0} s, {:.1} samples/s -> {}",
+        report.final_loss,
+        report.reuse_loss,
+        report.parameters,
+        100.0 * report.flops_ratio,
+        report.train_seconds,
+        report.samples_per_second,
+        args.model.join(flowturbo::REFINER_WEIGHTS).display()
     );
     Ok(())
 }

@@ -31,10 +31,21 @@ pub struct SitConfig {
     /// Output 2 * in_channels; the first in_channels are the velocity.
     #[serde(default)]
     pub learn_sigma: bool,
+    /// The patch embedding takes in_channels * this (FlowTurbo's refiner: 2, x and v side by side).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub in_channels_scale: usize,
 }
 
 fn default_mlp_ratio() -> f64 {
     4.0
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl SitConfig {
@@ -47,6 +58,7 @@ impl SitConfig {
             ("depth", self.depth),
             ("num_heads", self.num_heads),
             ("num_classes", self.num_classes),
+            ("in_channels_scale", self.in_channels_scale),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be at least 1"));
@@ -78,6 +90,11 @@ impl SitConfig {
         }
     }
 
+    /// Channels the patch embedding takes.
+    pub fn embed_channels(&self) -> usize {
+        self.in_channels * self.in_channels_scale
+    }
+
     pub fn grid_size(&self) -> usize {
         self.input_size / self.patch_size
     }
@@ -95,7 +112,7 @@ impl SitConfig {
     pub fn forward_flops(&self) -> f64 {
         let tokens = (self.input_size / self.patch_size.max(1)).pow(2) as f64;
         let d = self.hidden_size as f64;
-        let patch_in = (self.in_channels * self.patch_size * self.patch_size) as f64;
+        let patch_in = (self.embed_channels() * self.patch_size * self.patch_size) as f64;
         let patch_out = (self.out_channels() * self.patch_size * self.patch_size) as f64;
         let embed = tokens * patch_in * d + FREQUENCY_EMBEDDING_SIZE as f64 * d + d * d;
         let block = d * 6.0 * d // adaLN modulation
@@ -155,7 +172,7 @@ struct PatchEmbed {
 impl PatchEmbed {
     fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
         let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
-        let proj = conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, conv_cfg, vb.pp("proj"))?;
+        let proj = conv2d(cfg.embed_channels(), cfg.hidden_size, cfg.patch_size, conv_cfg, vb.pp("proj"))?;
         Ok(Self { proj })
     }
 }

@@ -63,7 +63,9 @@ pub(super) fn solve(
                 cache = Some(d1);
                 next
             }
-            Sampler::Dopri5(_) => return Err(Error::Solver("dopri5 is adaptive, not a fixed-step solver".into())),
+            Sampler::Dopri5(_) | Sampler::FlowTurbo(_) => {
+                return Err(Error::Solver(format!("{} has its own solver", sampler.name())))
+            }
         };
         let report = StepReport { step: i + 1, total: Some(total), s: s1, nfe: nfe.get() };
         if let ControlFlow::Break(()) = observer.on_step(&report) {

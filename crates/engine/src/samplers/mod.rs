@@ -7,6 +7,7 @@
 
 mod dopri5;
 mod fixed;
+mod flowturbo;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 
 pub use dopri5::Dopri5Options;
+pub use flowturbo::{FlowTurboPlan, RefinerCondition, REFINER_NETWORK};
 
 /// Name under which the main velocity network's evaluations are counted.
 pub const MAIN_NETWORK: &str = "velocity";
@@ -34,11 +36,46 @@ pub trait VelocityField {
         let _ = rows;
         self.velocity(x, s)
     }
+
+    /// The velocity at `x`, and the unconditional guidance pass's own path where it differs:
+    /// with guidance on only some channels, the doubled batch of the reference code keeps the
+    /// unconditional output in the others (FlowTurbo's release conditions its refiner's
+    /// unconditional pass on that, at `x_uncond`). None when the paths agree, as for unguided fields.
+    fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
+        let _ = x_uncond;
+        Ok((self.velocity(x, s)?, None))
+    }
 }
 
 impl<F: Fn(&Tensor, &[f64]) -> Result<Tensor>> VelocityField for F {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
         self(x, s)
+    }
+}
+
+/// The fields one solve may call: the main network's, and auxiliary networks' by name (a
+/// refiner's takes the state and its conditioning velocity side by side in channels).
+pub struct Fields<'a> {
+    pub main: &'a dyn VelocityField,
+    auxiliary: Vec<(&'a str, &'a dyn VelocityField)>,
+}
+
+impl<'a> Fields<'a> {
+    pub fn main(main: &'a dyn VelocityField) -> Self {
+        Fields { main, auxiliary: Vec::new() }
+    }
+
+    /// These fields and the auxiliary network `name`.
+    pub fn with(mut self, name: &'a str, field: &'a dyn VelocityField) -> Self {
+        self.auxiliary.push((name, field));
+        self
+    }
+
+    /// The auxiliary network `name`, or an error naming what is missing.
+    pub fn network(&self, name: &str) -> Result<&'a dyn VelocityField> {
+        self.auxiliary.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).ok_or_else(|| {
+            Error::invalid("sampler", format!("this sampler needs the network {name:?}, which the solve was not given"))
+        })
     }
 }
 
@@ -139,6 +176,8 @@ pub enum Sampler {
     Rk4,
     /// FlowTurbo's pseudo-corrector: Heun reusing the previous step's end velocity (1 NFE/step).
     PseudoCorrector,
+    /// FlowTurbo's Heun / pseudo-corrector / refiner plan (needs the `refiner` network when R > 0).
+    FlowTurbo(FlowTurboPlan),
     Dopri5(Dopri5Options),
 }
 
@@ -164,6 +203,12 @@ pub const FAMILIES: &[SamplerFamily] = &[
         parse: |_| Ok(Sampler::PseudoCorrector),
     },
     SamplerFamily {
+        name: "flowturbo",
+        aliases: &[],
+        parameters: "H<a>P<b>R<c>,condition=cached|refined",
+        parse: FlowTurboPlan::from_parameters,
+    },
+    SamplerFamily {
         name: "dopri5",
         aliases: &["dopri", "dormand-prince"],
         parameters: "rtol=R,atol=A,max_nfe=M",
@@ -185,24 +230,41 @@ pub fn sampler_syntax() -> Vec<String> {
 }
 
 /// The `key=value` list after a sampler's name; every key must be used by the family's parser.
+/// The first entry may be a bare word (a plan such as FlowTurbo's `H2P4R2`) for families that take one.
 pub struct Parameters {
     family: &'static str,
+    positional: Option<String>,
     values: BTreeMap<String, String>,
 }
 
 impl Parameters {
     fn parse(family: &'static str, text: &str) -> Result<Self> {
         let mut values = BTreeMap::new();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| Error::invalid("sampler", format!("{family}: parameter {part:?} is not key=value")))?;
+        let mut positional = None;
+        for (i, part) in text.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+            let Some((key, value)) = part.split_once('=') else {
+                if i == 0 {
+                    positional = Some(part.to_string());
+                    continue;
+                }
+                return Err(Error::invalid("sampler", format!("{family}: parameter {part:?} is not key=value")));
+            };
             let key = key.trim().to_ascii_lowercase();
             if values.insert(key.clone(), value.trim().to_string()).is_some() {
                 return Err(Error::invalid("sampler", format!("{family}: parameter {key:?} is given twice")));
             }
         }
-        Ok(Parameters { family, values })
+        Ok(Parameters { family, positional, values })
+    }
+
+    /// The bare word before the `key=value` list, if any.
+    pub fn take_positional(&mut self) -> Option<String> {
+        self.positional.take()
+    }
+
+    /// Take a text parameter.
+    pub fn text(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
     }
 
     /// Take a numeric parameter, or `default` when absent.
@@ -217,6 +279,9 @@ impl Parameters {
 
     /// Fail on parameters no one took.
     pub fn finish(self) -> Result<()> {
+        if let Some(part) = &self.positional {
+            return Err(Error::invalid("sampler", format!("{}: parameter {part:?} is not key=value", self.family)));
+        }
         match self.values.keys().next() {
             None => Ok(()),
             Some(key) => {
@@ -261,6 +326,7 @@ impl Sampler {
             Sampler::Heun => "heun",
             Sampler::Rk4 => "rk4",
             Sampler::PseudoCorrector => "pseudo-corrector",
+            Sampler::FlowTurbo(_) => "flowturbo",
             Sampler::Dopri5(_) => "dopri5",
         }
     }
@@ -269,6 +335,7 @@ impl Sampler {
     pub fn canonical(&self) -> String {
         match self {
             Sampler::Dopri5(opts) => format!("dopri5:{}", opts.canonical_parameters()),
+            Sampler::FlowTurbo(plan) => format!("flowturbo:{plan}"),
             fixed => fixed.name().to_string(),
         }
     }
@@ -284,7 +351,25 @@ impl Sampler {
             Sampler::Midpoint | Sampler::Heun => Some(2 * steps),
             Sampler::Rk4 => Some(4 * steps),
             Sampler::PseudoCorrector => Some(steps + 1),
+            Sampler::FlowTurbo(plan) => Some(plan.velocity_evaluations()),
             Sampler::Dopri5(_) => None,
+        }
+    }
+
+    /// Steps the sampler fixes itself (a FlowTurbo plan); None when the caller chooses.
+    pub fn own_steps(&self) -> Option<usize> {
+        match self {
+            Sampler::FlowTurbo(plan) => Some(plan.steps()),
+            _ => None,
+        }
+    }
+
+    /// Auxiliary networks (`[networks.NAME]`) a solve with this sampler calls, with their
+    /// batched evaluations per solve.
+    pub fn networks(&self) -> Vec<(&'static str, usize)> {
+        match self {
+            Sampler::FlowTurbo(plan) if plan.refine > 0 => vec![(REFINER_NETWORK, plan.refiner_evaluations())],
+            _ => Vec::new(),
         }
     }
 
@@ -303,7 +388,8 @@ impl Sampler {
         }
     }
 
-    /// Integrate from `x0` (noise, s = 0) to s = 1. Adaptive solvers ignore the grid.
+    /// Integrate from `x0` (noise, s = 0) to s = 1 with the main network only. Adaptive solvers
+    /// ignore the grid.
     pub fn solve(
         &self,
         field: &dyn VelocityField,
@@ -311,9 +397,21 @@ impl Sampler {
         schedule: &Schedule,
         observer: &mut dyn StepObserver,
     ) -> Result<(Tensor, SolveStats)> {
+        self.solve_with(&Fields::main(field), x0, schedule, observer)
+    }
+
+    /// Like `solve`, with the auxiliary networks `self.networks()` names.
+    pub fn solve_with(
+        &self,
+        fields: &Fields,
+        x0: Tensor,
+        schedule: &Schedule,
+        observer: &mut dyn StepObserver,
+    ) -> Result<(Tensor, SolveStats)> {
         match self {
-            Sampler::Dopri5(opts) => dopri5::solve(opts, field, x0, observer),
-            fixed_step => fixed::solve(fixed_step, field, x0, schedule, observer),
+            Sampler::Dopri5(opts) => dopri5::solve(opts, fields.main, x0, observer),
+            Sampler::FlowTurbo(plan) => flowturbo::solve(plan, fields, x0, schedule, observer),
+            fixed_step => fixed::solve(fixed_step, fields.main, x0, schedule, observer),
         }
     }
 }
@@ -337,7 +435,12 @@ mod tests {
 
     #[test]
     fn every_sampler_round_trips_through_its_canonical_text() {
-        let mut samplers: Vec<Sampler> = FAMILIES.iter().map(|f| Sampler::parse(f.name).unwrap()).collect();
+        // Every family but flowturbo parses from its bare name; flowturbo needs a plan.
+        let mut samplers: Vec<Sampler> =
+            FAMILIES.iter().filter(|f| f.name != "flowturbo").map(|f| Sampler::parse(f.name).unwrap()).collect();
+        for plan in ["H2P4R2", "h1p5r3", "H8", "P5R3", "R2", "H0P0R1", "H3P3R2,condition=refined"] {
+            samplers.push(Sampler::parse(&format!("flowturbo:{plan}")).unwrap());
+        }
         samplers.push(Sampler::Dopri5(Dopri5Options { rtol: 1e-4, atol: 3.5e-6, max_nfe: 500 }));
         samplers.push(Sampler::Dopri5(Dopri5Options { rtol: 0.1, atol: 0.0, max_nfe: 8 }));
         for sampler in samplers {
@@ -356,6 +459,60 @@ mod tests {
         assert_eq!(Sampler::parse("dopri5").unwrap().canonical(), "dopri5:rtol=1e-5,atol=1e-5,max_nfe=2000");
         assert_eq!(Sampler::parse("PC").unwrap(), Sampler::PseudoCorrector);
         assert_eq!(Sampler::parse("heun2").unwrap().canonical(), "heun");
+    }
+
+    #[test]
+    fn flowturbo_plans_parse_to_their_blocks_and_canonical_text() {
+        let plan = |text: &str| match Sampler::parse(text).unwrap() {
+            Sampler::FlowTurbo(p) => p,
+            other => panic!("{text} parsed as {other:?}"),
+        };
+        let p = plan("FlowTurbo: h2p4r2 ");
+        assert_eq!((p.heun, p.pseudo, p.refine, p.condition), (2, 4, 2, RefinerCondition::Cached));
+        assert_eq!(Sampler::FlowTurbo(p).canonical(), "flowturbo:H2P4R2");
+        let p = plan("flowturbo:P5R3");
+        assert_eq!((p.heun, p.pseudo, p.refine), (0, 5, 3));
+        assert_eq!(Sampler::FlowTurbo(p).canonical(), "flowturbo:H0P5R3");
+        let p = plan("flowturbo:H3R2,condition=refined");
+        assert_eq!((p.heun, p.pseudo, p.refine, p.condition), (3, 0, 2, RefinerCondition::Refined));
+        assert_eq!(Sampler::FlowTurbo(p).canonical(), "flowturbo:H3P0R2,condition=refined");
+        assert_eq!(Sampler::FlowTurbo(p).own_steps(), Some(5));
+        assert_eq!(plan("flowturbo:H2P4R2,condition=cached"), plan("flowturbo:H2P4R2"));
+    }
+
+    #[test]
+    fn flowturbo_costs_follow_the_block_counts() {
+        for h in 0..4 {
+            for p in 0..4 {
+                for r in 0..4 {
+                    if h + p + r == 0 {
+                        continue;
+                    }
+                    let plan = FlowTurboPlan { heun: h, pseudo: p, refine: r, condition: RefinerCondition::Cached };
+                    // The first P or R step needs a velocity that only a Heun step would have cached.
+                    assert_eq!(plan.velocity_evaluations(), 2 * h + p + usize::from(h == 0), "{plan}");
+                    assert_eq!(plan.refiner_evaluations(), 2 * r, "{plan}");
+                    let networks = Sampler::FlowTurbo(plan).networks();
+                    assert_eq!(networks, if r > 0 { vec![(REFINER_NETWORK, 2 * r)] } else { vec![] });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_flowturbo_plans_name_the_problem() {
+        let msg = |t: &str| Sampler::parse(t).unwrap_err().to_string();
+        assert!(msg("flowturbo").contains("needs a plan"), "{}", msg("flowturbo"));
+        assert!(msg("flowturbo:H0P0R0").contains("no steps"), "{}", msg("flowturbo:H0P0R0"));
+        assert!(msg("flowturbo:R2H3").contains("H, then P, then R"), "{}", msg("flowturbo:R2H3"));
+        assert!(msg("flowturbo:H2H2").contains("H, then P, then R"));
+        assert!(msg("flowturbo:H2X4").contains("not H, P or R"));
+        assert!(msg("flowturbo:HP4").contains("no count"));
+        assert!(msg("flowturbo:H99999").contains("limit"));
+        assert!(msg("flowturbo:H2P4R2,condition=x").contains("condition"));
+        assert!(msg("flowturbo:H2P4R2,steps=3").contains("unknown parameter \"steps\""));
+        assert!(msg("flowturbo:H2,P4").contains("not key=value"));
+        assert!(msg("euler:H2").contains("not key=value"), "{}", msg("euler:H2"));
     }
 
     #[test]
