@@ -458,3 +458,45 @@ fn a_job_that_takes_the_process_down_at_every_start_fails_after_three_and_the_se
     let log = std::fs::read_to_string(dir.path().join("serve3.log")).unwrap();
     assert!(log.contains("poison"), "the start logs the poison job: {log}");
 }
+
+#[test]
+fn flowturbo_through_the_server_matches_the_cli_and_journals_the_canonical_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let made = flowgen(&["model", "init-random", "--out", model.to_str().unwrap(), "--seed", "5", "--refiner", "flowturbo:h1p2r2"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let model = model.to_str().unwrap().to_string();
+    // The CLI with plain `--sampler flowturbo`: the model's recommended plan, its own 5 steps.
+    let out = dir.path().join("cli");
+    let run = flowgen(&[
+        "generate", "--model", &model, "--label", "3", "--n", "1", "--seed", "10", "--sampler", "flowturbo", "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let cli = Image::from_png(&std::fs::read(out.join("000.png")).unwrap()).unwrap().0;
+
+    let server = Server::start(&model, &dir.path().join("data"), &dir.path().join("serve.log"), &[]);
+    let models: Value = ureq::get(&server.url("/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["sampler_plans"]["flowturbo"], "flowturbo:H1P2R2", "{models}");
+    assert_eq!(models["data"][0]["networks"], json!(["refiner"]));
+    let id = server.submit(json!({"label": 3, "seed": 10, "sampler": "FlowTurbo"}));
+    let view = server.wait(&id, "succeeded", Duration::from_secs(60));
+    assert_eq!((view["sampler"].as_str(), view["steps"].as_u64()), (Some("flowturbo:H1P2R2"), Some(5)), "{view}");
+    assert_eq!(server.png(&id, 0), cli, "server and CLI disagree");
+    // An explicit plan runs as given; a step count that is not the plan's is refused by name.
+    let id = server.submit(json!({"label": 1, "sampler": "flowturbo:H2P1R1"}));
+    assert_eq!(server.wait(&id, "succeeded", Duration::from_secs(60))["steps"], 4);
+    for (body, field, needle) in [
+        (json!({"sampler": "flowturbo:H1P2R2", "steps": 7}), "steps", "runs 5 steps, not 7"),
+        (json!({"sampler": "flowturbo:H1Q2"}), "sampler", "not H, P or R"),
+    ] {
+        match ureq::post(&server.url("/v1/generations")).send_json(body.clone()) {
+            Err(ureq::Error::Status(422, resp)) => {
+                let err: Value = resp.into_json().unwrap();
+                assert_eq!(err["field"], field, "{body}: {err}");
+                assert!(err.to_string().contains(needle), "{body}: {err}");
+            }
+            other => panic!("{body}: expected 422, got {other:?}"),
+        }
+    }
+}

@@ -218,6 +218,14 @@ impl ModelConfig {
         self.networks.get(name).map(|n| n.arch.forward_flops())
     }
 
+    /// Network FLOPs one image cost, from its evaluations of each network (`MAIN_NETWORK` and
+    /// `[networks.NAME]`); a guided evaluation runs two forwards (conditional, unconditional),
+    /// an upper bound when guidance covers only part of [0, 1].
+    pub fn solve_flops(&self, evaluations: &BTreeMap<String, usize>, guided: bool) -> f64 {
+        let forwards = if guided { 2.0 } else { 1.0 };
+        evaluations.iter().map(|(name, &n)| self.network_flops(name).unwrap_or(0.0) * n as f64 * forwards).sum()
+    }
+
     /// The defaults and every preset resolve to valid solve settings.
     pub fn validate_settings(&self) -> std::result::Result<(), String> {
         for (name, plan) in &self.sampler_plans {

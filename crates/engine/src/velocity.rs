@@ -86,6 +86,8 @@ pub struct GuidedField<'a> {
     model: &'a dyn VelocityModel,
     labels: Tensor,
     null_labels: Option<Tensor>,
+    /// [labels; null labels], the doubled batch's labels, built once for every guided step.
+    doubled_labels: Option<Tensor>,
     guidance: Guidance,
     /// The guided-channel mask, built at the first guided evaluation (it needs the state's
     /// channel count and dtype) and reused at every step after.
@@ -109,7 +111,8 @@ impl<'a> GuidedField<'a> {
             None
         };
         let labels = Tensor::from_vec(labels.to_vec(), labels.len(), device)?;
-        Ok(Self { model, labels, null_labels, guidance, mask: std::sync::OnceLock::new() })
+        let doubled_labels = null_labels.as_ref().map(|null| Tensor::cat(&[&labels, null], 0)).transpose()?;
+        Ok(Self { model, labels, null_labels, doubled_labels, guidance, mask: std::sync::OnceLock::new() })
     }
 
     /// Network times, kept in f32 whatever the model dtype (bf16 would round them coarsely).
@@ -150,7 +153,8 @@ impl<'a> GuidedField<'a> {
 
 impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
-        Ok(self.guided(x, None, s, &self.labels, self.null_labels.as_ref())?.0)
+        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        Ok(self.guided(x, None, s, labels, false)?.0)
     }
 
     fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
@@ -160,12 +164,21 @@ impl VelocityField for GuidedField<'_> {
         let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), x.device())?;
         let labels = self.labels.index_select(&index, 0)?;
         let null = self.null_labels.as_ref().map(|n| n.index_select(&index, 0)).transpose()?;
-        Ok(self.guided(x, None, s, &labels, null.as_ref())?.0)
+        Ok(self.guided(x, None, s, Labels { cond: &labels, null: null.as_ref(), doubled: None }, false)?.0)
     }
 
     fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
-        self.guided(x, x_uncond, s, &self.labels, self.null_labels.as_ref())
+        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        self.guided(x, x_uncond, s, labels, true)
     }
+}
+
+/// The labels of one evaluation: conditional, null, and both stacked when already built.
+#[derive(Clone, Copy)]
+struct Labels<'t> {
+    cond: &'t Tensor,
+    null: Option<&'t Tensor>,
+    doubled: Option<&'t Tensor>,
 }
 
 impl GuidedField<'_> {
@@ -177,50 +190,75 @@ impl GuidedField<'_> {
         x: &Tensor,
         x_uncond: Option<&Tensor>,
         s: &[f64],
-        labels: &Tensor,
-        null_labels: Option<&Tensor>,
+        labels: Labels,
+        want_path: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let b = x.dim(0)?;
-        if s.len() != b || labels.dim(0)? != b {
+        if s.len() != b || labels.cond.dim(0)? != b {
             return Err(Error::invalid(
                 "batch",
-                format!("{} labels and {} times for a batch of {b}", labels.dim(0)?, s.len()),
+                format!("{} labels and {} times for a batch of {b}", labels.cond.dim(0)?, s.len()),
             ));
         }
-        let t = self.times(s, x.device())?;
         let weights: Vec<f64> =
             s.iter().map(|&si| if self.guidance.active_at(si) { self.guidance.scale } else { 1.0 }).collect();
-        let (v, uncond_path) = match null_labels {
+        let sign = self.model.convention().velocity_sign();
+        let (v, uncond_path) = match labels.null {
             Some(null) if weights.iter().any(|&w| w != 1.0) => {
                 // Conditional and unconditional halves in one forward.
                 let xx = Tensor::cat(&[x, x_uncond.unwrap_or(x)], 0)?;
-                let tt = Tensor::cat(&[&t, &t], 0)?;
-                let yy = Tensor::cat(&[labels, null], 0)?;
+                let doubled_s: Vec<f64> = s.iter().chain(s).copied().collect();
+                let tt = self.times(&doubled_s, x.device())?;
+                let yy = match labels.doubled {
+                    Some(yy) => yy.clone(),
+                    None => Tensor::cat(&[labels.cond, null], 0)?,
+                };
                 let out = self.model.forward(&xx, &tt, &yy)?;
                 let cond = out.narrow(0, 0, b)?;
-                let uncond = out.narrow(0, b, b)?;
-                // guided = cond + (w - 1) (cond - uncond), masked to the guided channels.
-                let mut delta = (&cond - &uncond)?;
-                let mut shape = vec![b];
-                shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-                let w: Vec<f32> = weights.iter().map(|&w| (w - 1.0) as f32).collect();
-                let w = Tensor::from_vec(w, shape, x.device())?.to_dtype(delta.dtype())?;
-                delta = delta.broadcast_mul(&w)?;
                 // Masked by the output's channels: a refiner takes 2C channels and returns C.
-                match self.channel_mask(&delta)? {
-                    Some(mask) => {
-                        let guided = (cond + delta.broadcast_mul(&mask)?)?;
-                        let unguided = mask.affine(-1.0, 1.0)?;
-                        let path = (guided.broadcast_mul(&mask)? + uncond.broadcast_mul(&unguided)?)?;
-                        (guided, Some(path))
-                    }
-                    None => ((cond + delta)?, None),
+                let mask = self.channel_mask(&cond)?;
+                if mask.is_none() || !want_path {
+                    // One pass over the doubled batch, sign included.
+                    let composed = || self.mix(&out, b, &weights, mask.as_ref(), sign);
+                    let guided = crate::samplers::fused::guidance_mix(&out, &weights, mask.as_ref(), sign, composed)?;
+                    return Ok((guided, None));
                 }
+                let uncond = out.narrow(0, b, b)?;
+                let mask = mask.ok_or_else(|| Error::Solver("guidance mask vanished".into()))?;
+                let delta = self.mix_delta(&cond, &uncond, &weights)?;
+                let guided = (cond + delta.broadcast_mul(&mask)?)?;
+                let unguided = mask.affine(-1.0, 1.0)?;
+                let path = (guided.broadcast_mul(&mask)? + uncond.broadcast_mul(&unguided)?)?;
+                (guided, Some(path))
             }
-            _ => (self.model.forward(x, &t, labels)?, None),
+            _ => {
+                let t = self.times(s, x.device())?;
+                (self.model.forward(x, &t, labels.cond)?, None)
+            }
         };
-        let sign = self.model.convention().velocity_sign();
         let signed = |v: Tensor| -> Result<Tensor> { Ok(if sign < 0.0 { v.neg()? } else { v }) };
         Ok((signed(v)?, uncond_path.map(signed).transpose()?))
+    }
+}
+
+impl GuidedField<'_> {
+    /// (w_i - 1) (cond - uncond) with one weight per row.
+    fn mix_delta(&self, cond: &Tensor, uncond: &Tensor, weights: &[f64]) -> Result<Tensor> {
+        let mut shape = vec![weights.len()];
+        shape.extend(std::iter::repeat_n(1, cond.rank() - 1));
+        let w: Vec<f32> = weights.iter().map(|&w| (w - 1.0) as f32).collect();
+        let w = Tensor::from_vec(w, shape, cond.device())?.to_dtype(cond.dtype())?;
+        Ok((cond - uncond)?.broadcast_mul(&w)?)
+    }
+
+    /// The guidance mix with candle's ops (devices and dtypes the fused pass does not cover).
+    fn mix(&self, out: &Tensor, b: usize, weights: &[f64], mask: Option<&Tensor>, sign: f64) -> Result<Tensor> {
+        let (cond, uncond) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+        let mut delta = self.mix_delta(&cond, &uncond, weights)?;
+        if let Some(mask) = mask {
+            delta = delta.broadcast_mul(mask)?;
+        }
+        let guided = (cond + delta)?;
+        Ok(if sign < 0.0 { guided.neg()? } else { guided })
     }
 }

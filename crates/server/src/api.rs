@@ -322,6 +322,10 @@ pub struct ModelInfo {
     pub presets: Vec<String>,
     /// Schedules the model stores, usable by name in `schedule`.
     pub schedules: Vec<String>,
+    /// The plan a bare family name runs on this model, e.g. flowturbo -> flowturbo:H2P4R2.
+    pub sampler_plans: std::collections::BTreeMap<String, String>,
+    /// Networks beside the velocity network (a FlowTurbo refiner) that samplers may call.
+    pub networks: Vec<String>,
     pub default_guidance: f64,
     /// Times s (0 noise, 1 data) where guidance applies by default.
     pub default_guidance_interval: [f64; 2],

@@ -26,8 +26,15 @@ pub fn document(generated: &utoipa::openapi::OpenApi, config: &ServerConfig, mod
         presets.extend(cfg.presets.keys().map(|n| json!(n)));
         schedules.extend(cfg.schedules.keys().map(|n| json!(n)));
     }
-    let samplers: Vec<Value> =
-        flowgen_engine::samplers::sampler_syntax().iter().map(|s| json!(s.split('[').next().unwrap_or(s))).collect();
+    // The families the default model takes by bare name (flowturbo only where it recommends a plan).
+    let samplers: Vec<Value> = flowgen_engine::samplers::sampler_names()
+        .into_iter()
+        .filter(|name| match &default {
+            Some(cfg) => cfg.resolve_sampler(name).is_ok_and(|s| cfg.check_networks(&s).is_ok()),
+            None => flowgen_engine::Sampler::parse(name).is_ok(),
+        })
+        .map(|name| json!(name))
+        .collect();
 
     let schemas = &mut doc["components"]["schemas"];
     schemas["LabelValue"] = json!({
@@ -62,7 +69,7 @@ pub fn document(generated: &utoipa::openapi::OpenApi, config: &ServerConfig, mod
     body["output_compression"] = nullable(quality.clone());
     body["sampler"] = nullable(json!({
         "type": "string", "enum": samplers,
-        "description": "A sampler family; dopri5 also takes parameters, e.g. \"dopri5:rtol=1e-4,atol=1e-4,max_nfe=500\" (max_nfe at most limits.max_nfe)"
+        "description": "A sampler family; dopri5 also takes parameters, e.g. \"dopri5:rtol=1e-4,atol=1e-4,max_nfe=500\" (max_nfe at most limits.max_nfe), and flowturbo a plan of Heun, pseudo-corrector and refiner steps, e.g. \"flowturbo:H2P4R2\" (on a model with a refiner; plain \"flowturbo\" is its recommended plan)"
     }));
     body["schedule"] = nullable(json!({
         "type": "string", "enum": schedules,

@@ -831,6 +831,8 @@ async fn list_models(State(state): State<Arc<AppState>>, _caller: Caller) -> Jso
                 default_schedule: defaults.as_ref().map(|d| d.schedule.canonical()).unwrap_or_default(),
                 presets: cfg.presets.keys().cloned().collect(),
                 schedules: cfg.schedules.keys().cloned().collect(),
+                sampler_plans: cfg.sampler_plans.clone(),
+                networks: cfg.networks.keys().cloned().collect(),
                 default_guidance: cfg.defaults.guidance,
                 default_guidance_interval: [cfg.guidance.interval.0, cfg.guidance.interval.1],
                 guidance_supported: cfg.null_label().is_some(),

@@ -33,10 +33,15 @@ pub struct RefinerTraining {
     pub opts: TrainOptions,
 }
 
+/// Logged steps the report's losses are averaged over (dt changes per batch, so one batch's
+/// loss says little).
+const REPORT_WINDOW: usize = 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefinerReport {
+    /// Mean training loss over the last logged steps.
     pub final_loss: f64,
-    /// The same loss for a refiner that outputs 0 (plain velocity reuse), on the last batch.
+    /// The same error for a refiner that outputs 0 (plain velocity reuse), on the same batches.
     pub reuse_loss: f64,
     pub train_seconds: f64,
     pub samples_per_second: f64,
@@ -115,7 +120,8 @@ pub fn train(
     let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "reuse_loss", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
     let shape = [cfg.opts.batch_size, teacher_cfg.in_channels, teacher_cfg.input_size, teacher_cfg.input_size];
-    let mut reuse_loss = f64::NAN;
+    // (loss, reuse loss) of each logged step.
+    let mut logged: Vec<(f64, f64)> = Vec::new();
     for step in run.start_step..cfg.opts.steps {
         let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, latents.len());
         let eps = seeded_normal(cfg.opts.seed, step, 2, &shape, device)?;
@@ -136,20 +142,27 @@ pub fn train(
         let dropped = Tensor::from_vec(dropped, idx.len(), device)?;
         let (loss, reuse) = refiner_loss(&refiner, teacher, &xs, &s, dt, &labels, &dropped)?;
         let outcome = run.optimise(step, &loss)?;
+        let mut reuse_now = None;
         run.end_step(
             step,
             outcome,
             || {
-                reuse_loss = reuse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                Ok(vec![reuse_loss])
+                let value = reuse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                reuse_now = Some(value);
+                Ok(vec![value])
             },
             progress,
         )?;
+        if let Some(reuse) = reuse_now {
+            logged.push((run.last_loss, reuse));
+        }
     }
+    let window = &logged[logged.len().saturating_sub(REPORT_WINDOW)..];
+    let mean = |f: fn(&(f64, f64)) -> f64| window.iter().map(f).sum::<f64>() / window.len().max(1) as f64;
     run.plot_loss("refiner training loss (reuse_loss: a refiner that outputs 0)");
     let report = RefinerReport {
-        final_loss: run.last_loss,
-        reuse_loss,
+        final_loss: mean(|l| l.0),
+        reuse_loss: mean(|l| l.1),
         train_seconds: run.train_seconds(),
         samples_per_second: run.mean_samples_per_second(),
         parameters,
@@ -168,7 +181,6 @@ pub fn install_refiner(
     plan: Option<&str>,
 ) -> Result<()> {
     let mut config = ModelConfig::load(model_dir)?;
-    save_sit_weights(refiner, weights, &model_dir.join(REFINER_WEIGHTS))?;
     let section = NetworkSection {
         weights: REFINER_WEIGHTS.into(),
         convention: TimeConvention::Sit,
@@ -179,6 +191,8 @@ pub fn install_refiner(
         config.sampler_plans.insert("flowturbo".into(), plan.to_string());
     }
     config.validate_settings().map_err(|m| TrainError::invalid("plan", m))?;
+    // Checked before anything is written, so a bad plan leaves the directory as it was.
+    save_sit_weights(refiner, weights, &model_dir.join(REFINER_WEIGHTS))?;
     let path = model_dir.join("model.toml");
     std::fs::write(&path, config.to_toml_string()).map_err(|e| TrainError::io(&path, e))?;
     Ok(())

@@ -190,3 +190,67 @@ fn velocity_objectives_lower_the_loss_and_resume_exactly() {
         assert_eq!(same, 0.0, "{name}");
     }
 }
+
+#[test]
+fn refiner_beats_velocity_reuse_resumes_exactly_and_installs_into_its_model() {
+    use flowgen_engine::models::sit::Sit;
+    use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+    use flowgen_engine::samplers::{Unobserved, REFINER_NETWORK};
+    use flowgen_engine::{ImageInputs, Pipeline, ScheduleAccess, SettingsRequest};
+    use flowgen_train::flowturbo::{self, RefinerTraining};
+    let dev = Device::Cpu;
+    let latents = tiny_latents();
+    // A teacher with some training behind it, so its velocity field has structure to refine.
+    let teacher_cfg = tiny_velocity(Objective::Icfm, 60);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ema) =
+        velocity::train(&teacher_cfg, &latents, RunPlace { out: dir.path(), device: &dev, resume: false }, &mut go)
+            .unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(ema, candle_core::DType::F32, &dev);
+    let teacher = Sit::new(&teacher_cfg.sit, vb).unwrap();
+    let cfg = RefinerTraining {
+        refiner: RefinerTraining::refiner_for(&teacher_cfg.sit, 16, 1, 2),
+        dt_range: (0.0, 0.12),
+        opts: TrainOptions { batch_size: 16, lr: 3e-3, ..opts(60) },
+    };
+    let run = tempfile::tempdir().unwrap();
+    let (report, weights) =
+        flowturbo::train(&cfg, &teacher, &latents, RunPlace { out: run.path(), device: &dev, resume: false }, &mut go)
+            .unwrap();
+    let (header, rows) = read_csv(&run.path().join("loss.csv")).unwrap();
+    let (loss, reuse) = (header.iter().position(|h| h == "loss").unwrap(), header.iter().position(|h| h == "reuse_loss").unwrap());
+    let late = &rows[rows.len() - 3..];
+    let mean = |col: usize| late.iter().map(|r| r[col]).sum::<f64>() / late.len() as f64;
+    assert!(mean(loss) < 0.8 * mean(reuse), "refiner {} vs reusing v {}", mean(loss), mean(reuse));
+    assert!(report.flops_ratio > 0.0 && report.flops_ratio < 0.5, "{}", report.flops_ratio);
+    assert!(weights.contains_key("x_embedder.proj.weight") && weights.contains_key("blocks.0.attn.qkv.weight"));
+
+    // Stopped after step 20 and resumed: the same weights as the straight run.
+    let split = tempfile::tempdir().unwrap();
+    let mut stop = |log: &StepLog| if log.step == 20 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+    let place = |resume| RunPlace { out: split.path(), device: &dev, resume };
+    assert!(flowturbo::train(&cfg, &teacher, &latents, place(false), &mut stop).is_err());
+    let (_, resumed) = flowturbo::train(&cfg, &teacher, &latents, place(true), &mut go).unwrap();
+    for (name, t) in &weights {
+        let diff = (t - &resumed[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+
+    // Installed into a model directory of the right shape, it serves plain `flowturbo`.
+    let model = tempfile::tempdir().unwrap();
+    let base = tiny_latent_config("with-refiner");
+    write_random_model(model.path(), &base, 3).unwrap();
+    let flowgen_engine::NetworkArch::Sit(sit) = &base.network.arch else { panic!("a sit") };
+    let refiner = RefinerTraining::refiner_for(sit, 16, 1, 2);
+    let (vb, created) = flowgen_engine::random_model::random_var_builder(9, &dev);
+    Sit::new(&refiner, vb).unwrap();
+    let random = created.lock().unwrap().clone();
+    flowturbo::install_refiner(model.path(), &refiner, &random, Some("flowturbo:H1P1R1")).unwrap();
+    let pipeline = Pipeline::load(model.path(), &dev).unwrap();
+    let request = SettingsRequest { sampler: Some("flowturbo".into()), ..Default::default() };
+    let settings = pipeline.config().solve_settings(&request, ScheduleAccess::Named).unwrap();
+    let out = pipeline.generate(&settings, &ImageInputs::cycle(&[1, 2], 2, 0), &mut Unobserved).unwrap();
+    assert_eq!((out.images.len(), out.stats.evaluations[REFINER_NETWORK]), (2, 2));
+    let err = flowturbo::install_refiner(model.path(), &refiner, &random, Some("flowturbo:H0P0R0")).unwrap_err();
+    assert!(err.to_string().contains("no steps"), "{err}");
+}

@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Serve(ServeBenchArgs),
     /// Quality, cost and speed of every sampler at equal network-evaluation budgets.
     Samplers(super::bench_samplers::SamplersBenchArgs),
+    /// Per-step cost of each sampler beyond its network forwards (guidance mix, update, set-up).
+    Steps(super::bench_steps::StepsBenchArgs),
 }
 
 #[derive(Args)]
@@ -89,6 +91,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Serve(args) => serve(args),
         BenchCommand::Samplers(args) => super::bench_samplers::run(args),
+        BenchCommand::Steps(args) => super::bench_steps::run(args),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flowgen_engine::image::{generation_metadata, Image, OutputFormat};
-use flowgen_engine::samplers::Dopri5Options;
+use flowgen_engine::samplers::{Dopri5Options, MAIN_NETWORK};
 use flowgen_engine::{
     device::parse_device, EngineHandle, Generation, GenerationRequest, ImageInputs, ModelConfig, Pipeline, Sampler,
     ScheduleAccess, SettingsRequest, SolveSettings,
@@ -88,6 +88,8 @@ struct ManifestEntry {
     nfe: usize,
     /// Batched evaluations of every network of its batch, by network.
     evaluations: BTreeMap<String, usize>,
+    /// Network GFLOPs this image cost (every network's forwards; two per guided evaluation).
+    gflops: f64,
     guidance: f64,
     guidance_interval: (f64, f64),
     schedule: String,
@@ -157,7 +159,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 /// Write one chunk's images and add their manifest entries.
 fn write_chunk(
     (args, format): (&GenerateArgs, OutputFormat),
-    model: &str,
+    model: &ModelConfig,
     (start, request): (usize, &GenerationRequest),
     generation: &Generation,
     manifest: &mut Manifest,
@@ -166,7 +168,10 @@ fn write_chunk(
     let stats = &generation.stats;
     for (j, image) in generation.images.iter().enumerate() {
         let file = format!("{:03}.{}", start + j, format.extension());
-        let bytes = image.encode(format, &generation_metadata(model, settings, inputs, stats, j))?;
+        let bytes = image.encode(format, &generation_metadata(&model.name, settings, inputs, stats, j))?;
+        let mut own = stats.evaluations.clone();
+        own.insert(MAIN_NETWORK.to_string(), stats.sample_nfe(j));
+        let guided = settings.guidance != 1.0 && model.null_label().is_some();
         std::fs::write(args.out.join(&file), bytes).with_context(|| format!("writing {file}"))?;
         manifest.images.push(ManifestEntry {
             file,
@@ -177,6 +182,7 @@ fn write_chunk(
             steps: if settings.sampler.is_adaptive() { stats.steps } else { settings.steps },
             nfe: stats.sample_nfe(j),
             evaluations: stats.evaluations.clone(),
+            gflops: model.solve_flops(&own, guided) / 1e9,
             guidance: settings.guidance,
             guidance_interval: settings.guidance_interval,
             schedule: settings.schedule.canonical(),
@@ -252,7 +258,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let generation =
             reply.recv().context("engine stopped")?.with_context(|| format!("generating images {images:?}"))?;
         generation.stats.require_all().with_context(|| format!("generating images {images:?}"))?;
-        write_chunk((&args, format), &cfg.name, (start, &request), &generation, &mut manifest)?;
+        write_chunk((&args, format), &cfg, (start, &request), &generation, &mut manifest)?;
         all_images.extend(generation.images);
     }
     bar.finish_and_clear();
@@ -264,11 +270,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     std::fs::write(args.out.join("manifest.json"), serde_json::to_string_pretty(&manifest)?)
         .context("writing manifest.json")?;
     let total_nfe: usize = manifest.images.iter().map(|m| m.nfe).sum();
+    let total_gflops: f64 = manifest.images.iter().map(|m| m.gflops).sum();
+    let others: String = manifest.images.first().map_or(String::new(), |m| {
+        m.evaluations.iter().filter(|(k, _)| k.as_str() != MAIN_NETWORK).map(|(k, v)| format!(", {v} {k} evaluations")).collect()
+    });
     println!(
-        "generated {n} images with {} in {seconds:.2} s ({:.2} images/s, {:.1} NFE/image) -> {}",
+        "generated {n} images with {} in {seconds:.2} s ({:.2} images/s, {:.1} NFE/image{others}, {:.3} GFLOPs/image) -> {}",
         settings.sampler,
         n as f64 / seconds,
         total_nfe as f64 / n as f64,
+        total_gflops / n as f64,
         args.out.display()
     );
     Ok(())

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+use flowgen_engine::random_model::{tiny_latent_config, with_tiny_refiner, write_random_model};
 use flowgen_engine::{candle_core::Device, Pipeline};
 
 #[derive(Subcommand)]
@@ -19,6 +19,10 @@ pub enum ModelCommand {
         /// Name written into model.toml.
         #[arg(long, default_value = "random-tiny-latent")]
         name: String,
+        /// Add a random FlowTurbo refiner ([networks.refiner]) with this recommended plan, e.g.
+        /// flowturbo:H1P2R2.
+        #[arg(long)]
+        refiner: Option<String>,
     },
     /// Load a model directory, check its weights, and print its configuration.
     Check {
@@ -30,8 +34,13 @@ pub enum ModelCommand {
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
-        ModelCommand::InitRandom { out, seed, name } => {
-            write_random_model(&out, &tiny_latent_config(&name), seed)
+        ModelCommand::InitRandom { out, seed, name, refiner } => {
+            let mut config = tiny_latent_config(&name);
+            if let Some(plan) = &refiner {
+                flowgen_engine::Sampler::parse(plan).with_context(|| format!("--refiner {plan}"))?;
+                config = with_tiny_refiner(config, plan);
+            }
+            write_random_model(&out, &config, seed)
                 .with_context(|| format!("writing a random model to {}", out.display()))?;
             println!("wrote random-weights model {name:?} to {}", out.display());
             Ok(())

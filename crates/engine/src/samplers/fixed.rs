@@ -9,10 +9,7 @@ use super::{Sampler, SolveStats, StepObserver, StepReport, VelocityField};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 
-/// x + h * k
-fn step(x: &Tensor, k: &Tensor, h: f64) -> Result<Tensor> {
-    Ok((x + (k * h)?)?)
-}
+use super::fused::{axpy as step, trapezoid};
 
 pub(super) fn solve(
     sampler: &Sampler,
@@ -43,7 +40,7 @@ pub(super) fn solve(
             Sampler::Heun => {
                 let k1 = eval(&x, s0)?;
                 let k2 = eval(&step(&x, &k1, h)?, s1)?;
-                step(&x, &(k1 + k2)?, h / 2.0)?
+                trapezoid(&x, &k1, &k2, h)?
             }
             Sampler::Rk4 => {
                 let k1 = eval(&x, s0)?;
@@ -59,7 +56,7 @@ pub(super) fn solve(
                     None => eval(&x, s0)?,
                 };
                 let d1 = eval(&step(&x, &d0, h)?, s1)?;
-                let next = step(&x, &(&d0 + &d1)?, h / 2.0)?;
+                let next = trapezoid(&x, &d0, &d1, h)?;
                 cache = Some(d1);
                 next
             }

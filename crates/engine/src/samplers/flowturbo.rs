@@ -138,15 +138,7 @@ impl fmt::Display for FlowTurboPlan {
     }
 }
 
-/// x + h * k
-fn step(x: &Tensor, k: &Tensor, h: f64) -> Result<Tensor> {
-    Ok((x + (k * h)?)?)
-}
-
-/// x + h/2 * (a + b), the trapezoidal update every block ends with.
-fn trapezoid(x: &Tensor, a: &Tensor, b: &Tensor, h: f64) -> Result<Tensor> {
-    Ok((x + ((a + b)? * (h / 2.0))?)?)
-}
+use super::fused::{axpy as step, trapezoid};
 
 /// A velocity as the release's doubled batch holds it: the guided one, and where guidance
 /// covers only some channels, the unconditional half's own (which conditions the refiner's

@@ -8,6 +8,7 @@
 mod dopri5;
 mod fixed;
 mod flowturbo;
+pub(crate) mod fused;
 
 use std::collections::BTreeMap;
 use std::fmt;
