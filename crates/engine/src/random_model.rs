@@ -136,7 +136,9 @@ pub fn with_tiny_refiner(mut config: ModelConfig, plan: &str) -> ModelConfig {
             arch: NetworkArch::FlowturboRefiner(refiner),
         },
     );
-    config.sampler_plans.insert("flowturbo".into(), plan.to_string());
+    // Stored in canonical form, as every plan the engine reports is.
+    let plan = crate::samplers::Sampler::parse(plan).map(|s| s.canonical()).unwrap_or_else(|_| plan.to_string());
+    config.sampler_plans.insert("flowturbo".into(), plan);
     config
 }
 

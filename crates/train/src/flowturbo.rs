@@ -188,7 +188,9 @@ pub fn install_refiner(
     };
     config.networks.insert(REFINER_NETWORK.to_string(), section);
     if let Some(plan) = plan {
-        config.sampler_plans.insert("flowturbo".into(), plan.to_string());
+        // Canonical when it parses; a plan that does not is refused below, naming the problem.
+        let plan = flowgen_engine::Sampler::parse(plan).map(|s| s.canonical()).unwrap_or_else(|_| plan.to_string());
+        config.sampler_plans.insert("flowturbo".into(), plan);
     }
     config.validate_settings().map_err(|m| TrainError::invalid("plan", m))?;
     // Checked before anything is written, so a bad plan leaves the directory as it was.
