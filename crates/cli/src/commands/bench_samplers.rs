@@ -75,7 +75,7 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
     let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
     let cfg = pipeline.config();
     let names = match &args.samplers {
-        Some(names) => rejoin_parameters(names),
+        Some(names) => super::rejoin_parameters(names),
         None => {
             let mut names: Vec<String> =
                 ["euler", "midpoint", "heun", "rk4", "pseudo-corrector", "dopri5"].map(String::from).to_vec();
@@ -182,25 +182,9 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--samplers a,b:k=1,k2=2` is split at every comma; a `key=value` piece belongs to the sampler
-/// before it ("dopri5:rtol=1e-4", "atol=1e-4" -> "dopri5:rtol=1e-4,atol=1e-4").
-fn rejoin_parameters(pieces: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for piece in pieces {
-        match names.last_mut() {
-            Some(last) if piece.contains('=') && !piece.contains(':') && last.contains(':') => {
-                last.push(',');
-                last.push_str(piece);
-            }
-            _ => names.push(piece.trim().to_string()),
-        }
-    }
-    names
-}
-
 #[cfg(test)]
 mod tests {
-    use super::rejoin_parameters;
+    use super::super::rejoin_parameters;
 
     #[test]
     fn parameters_after_a_comma_stay_with_their_sampler() {

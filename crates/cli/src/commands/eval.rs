@@ -88,7 +88,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     ctx.measure_autoencoder_floor(&pipeline, &classifier, &train).context("measuring the autoencoder's FD floor")?;
     anyhow::ensure!(steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
     let mut runs = Vec::new();
-    for name in args.sampler.split(',') {
+    let pieces: Vec<String> = args.sampler.split(',').map(String::from).collect();
+    for name in super::rejoin_parameters(&pieces) {
         let sampler = pipeline.config().resolve_sampler(name.trim())?;
         pipeline.config().check_networks(&sampler)?;
         if let Some(own) = sampler.own_steps() {

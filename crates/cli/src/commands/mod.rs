@@ -43,3 +43,19 @@ pub fn parse_interval(text: &str) -> Result<(f64, f64), String> {
     flowgen_engine::config::check_guidance_interval(lo, hi).map_err(|e| format!("guidance_interval {e}"))?;
     Ok((lo, hi))
 }
+
+/// `--samplers a,b:k=1,k2=2` is split at every comma; a `key=value` piece belongs to the sampler
+/// before it ("dopri5:rtol=1e-4", "atol=1e-4" -> "dopri5:rtol=1e-4,atol=1e-4").
+pub fn rejoin_parameters(pieces: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for piece in pieces {
+        match names.last_mut() {
+            Some(last) if piece.contains('=') && !piece.contains(':') && last.contains(':') => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => names.push(piece.trim().to_string()),
+        }
+    }
+    names
+}
