@@ -221,9 +221,9 @@ impl ModelConfig {
     /// Network FLOPs one image cost, from its evaluations of each network (`MAIN_NETWORK` and
     /// `[networks.NAME]`); a guided evaluation runs two forwards (conditional, unconditional),
     /// an upper bound when guidance covers only part of [0, 1].
-    pub fn solve_flops(&self, evaluations: &BTreeMap<String, usize>, guided: bool) -> f64 {
+    pub fn solve_flops<'a>(&self, evaluations: impl IntoIterator<Item = (&'a str, f64)>, guided: bool) -> f64 {
         let forwards = if guided { 2.0 } else { 1.0 };
-        evaluations.iter().map(|(name, &n)| self.network_flops(name).unwrap_or(0.0) * n as f64 * forwards).sum()
+        evaluations.into_iter().map(|(name, n)| self.network_flops(name).unwrap_or(0.0) * n * forwards).sum()
     }
 
     /// The defaults and every preset resolve to valid solve settings.
@@ -302,8 +302,6 @@ impl ModelConfig {
             if (c, h, w) != self.network.arch.state_shape() {
                 return Err(format!("[networks.{name}] works on {c}x{h}x{w} states, [network] on another shape"));
             }
-        }
-        for (name, section) in &self.networks {
             if name == MAIN_NETWORK {
                 return Err(format!("[networks.{name}]: {MAIN_NETWORK:?} is the name of [network]"));
             }

@@ -330,16 +330,8 @@ fn flowturbo_runs_the_models_recommended_plan_with_its_refiner() {
     for i in 0..3 {
         let one = ImageInputs { labels: vec![inputs(3).labels[i]], seeds: vec![inputs(3).seeds[i]] };
         let alone = pipeline.generate(&settings, &one, &mut Unobserved).unwrap();
-        let diff = (batch.state.narrow(0, i, 1).unwrap() - &alone.state)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gap = (batch.state.narrow(0, i, 1).unwrap() - &alone.state).unwrap();
+        let diff = gap.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "image {i}: {diff}");
     }
     // The refiner changes the result: the same plan without its R steps' refiner is not it.

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use flowgen_engine::samplers::MAIN_NETWORK;
 use flowgen_engine::{Guidance, ModelConfig, Sampler, ScheduleSpec};
 use serde::Serialize;
 
@@ -147,12 +148,8 @@ pub fn solve_gflops_per_image(
     auxiliary: &BTreeMap<String, f64>,
     guidance: &Guidance,
 ) -> f64 {
-    let main = gflops_per_image(model.network.arch.forward_flops(), nfe, guidance);
-    let others: f64 = auxiliary
-        .iter()
-        .map(|(name, &count)| gflops_per_image(model.network_flops(name).unwrap_or(0.0), count, guidance))
-        .sum();
-    main + others
+    let counts = std::iter::once((MAIN_NETWORK, nfe)).chain(auxiliary.iter().map(|(name, &n)| (name.as_str(), n)));
+    model.solve_flops(counts, guidance.scale != 1.0) / 1e9
 }
 
 /// Which points are on the Pareto front of (cost, loss), both lower-is-better: no other point

@@ -119,18 +119,15 @@ pub fn run(args: StepsBenchArgs) -> Result<()> {
     for &batch in &args.batch {
         anyhow::ensure!(batch >= 1, "--batch sizes must be at least 1");
         for name in &names {
+            // A plan with its own step count (FlowTurbo) takes no --steps.
+            let own_steps = cfg.resolve_sampler(name).with_context(|| format!("--samplers {name}"))?.own_steps();
             let request = SettingsRequest {
                 sampler: Some(name.clone()),
-                steps: Some(args.steps),
+                steps: if own_steps.is_some() { None } else { Some(args.steps) },
                 guidance: args.guidance,
                 ..Default::default()
             };
-            let mut settings = cfg.solve_settings(&request, ScheduleAccess::Named);
-            if settings.is_err() {
-                // A plan with its own step count takes no --steps.
-                settings = cfg.solve_settings(&SettingsRequest { steps: None, ..request }, ScheduleAccess::Named);
-            }
-            let settings = settings.with_context(|| format!("--samplers {name}"))?;
+            let settings = cfg.solve_settings(&request, ScheduleAccess::Named).with_context(|| format!("--samplers {name}"))?;
             anyhow::ensure!(
                 !settings.sampler.is_adaptive(),
                 "{name}: steps of an adaptive solver vary; pick a fixed-step one"

@@ -182,7 +182,7 @@ fn write_chunk(
             steps: if settings.sampler.is_adaptive() { stats.steps } else { settings.steps },
             nfe: stats.sample_nfe(j),
             evaluations: stats.evaluations.clone(),
-            gflops: model.solve_flops(&own, guided) / 1e9,
+            gflops: model.solve_flops(own.iter().map(|(k, &n)| (k.as_str(), n as f64)), guided) / 1e9,
             guidance: settings.guidance,
             guidance_interval: settings.guidance_interval,
             schedule: settings.schedule.canonical(),

@@ -11,7 +11,8 @@ const GELU_COEF: f32 = 0.044_715;
 /// Rows handed to one rayon task.
 const ROWS_PER_TASK: usize = 64;
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU tensor (the sampler's fused ops use it too).
+pub(crate) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),

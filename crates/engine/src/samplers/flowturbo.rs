@@ -8,6 +8,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
+use super::fused::{axpy as step, trapezoid};
 use super::{Fields, Parameters, Sampler, SolveStats, StepObserver, StepReport};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
@@ -137,8 +138,6 @@ impl fmt::Display for FlowTurboPlan {
         Ok(())
     }
 }
-
-use super::fused::{axpy as step, trapezoid};
 
 /// A velocity as the release's doubled batch holds it: the guided one, and where guidance
 /// covers only some channels, the unconditional half's own (which conditions the refiner's
