@@ -254,3 +254,77 @@ fn refiner_beats_velocity_reuse_resumes_exactly_and_installs_into_its_model() {
     let err = flowturbo::install_refiner(model.path(), &refiner, &random, Some("flowturbo:H0P0R0")).unwrap_err();
     assert!(err.to_string().contains("no steps"), "{err}");
 }
+
+#[test]
+fn straightening_fits_the_chords_resumes_exactly_and_writes_a_servable_model() {
+    use flowgen_engine::config::ModelConfig;
+    use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+    use flowgen_engine::samplers::Unobserved;
+    use flowgen_engine::{ImageInputs, NetworkArch, Pipeline, ScheduleAccess, SettingsRequest, TimeConvention};
+    use flowgen_train::boss::straighten::{self, StraightenTraining, StraightenedModel, TeacherSetup, Trajectories};
+    let dev = Device::Cpu;
+    let teacher_dir = tempfile::tempdir().unwrap();
+    write_random_model(teacher_dir.path(), &tiny_latent_config("teacher"), 5).unwrap();
+    let pipeline = Pipeline::load(teacher_dir.path(), &dev).unwrap();
+    let NetworkArch::Sit(sit) = pipeline.config().network.arch.clone() else { panic!("a sit") };
+    let setup = TeacherSetup {
+        times: vec![0.0, 0.4, 0.75, 1.0],
+        trajectories: 48,
+        held_out: 8,
+        teacher_steps: 4,
+        noise_seed: 77,
+        guidance: 1.5,
+        guidance_interval: (0.0, 1.0),
+    };
+    let run = tempfile::tempdir().unwrap();
+    let mut drawn = 0;
+    let first = Trajectories::cached(run.path(), &pipeline, &setup, &mut |n| drawn = n).unwrap();
+    assert_eq!((drawn, first.states.dims()), (48, &[48, 4, 4, 7, 7][..]));
+    // The second call reads the cache: same states, and nothing drawn.
+    let mut redrawn = 0;
+    let again = Trajectories::cached(run.path(), &pipeline, &setup, &mut |n| redrawn = n).unwrap();
+    let diff = (&first.states - &again.states).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    assert_eq!((redrawn, diff.to_scalar::<f32>().unwrap()), (0, 0.0));
+    // Trajectory 0 starts from its own seed's noise.
+    let noise0 = flowgen_engine::noise::batch(&[77], &[4, 7, 7], &dev).unwrap();
+    let start = first.states.get(0).unwrap().get(0).unwrap().unsqueeze(0).unwrap();
+    assert_eq!((start - noise0).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+
+    let cfg = StraightenTraining { teacher: setup.clone(), opts: TrainOptions { batch_size: 16, lr: 2e-3, ..opts(40) } };
+    let weights = teacher_dir.path().join("velocity.safetensors");
+    let out = tempfile::tempdir().unwrap();
+    fn place<'a>(dir: &'a Path, device: &'a Device, resume: bool) -> RunPlace<'a> {
+        RunPlace { out: dir, device, resume }
+    }
+    let (report, ema) =
+        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(out.path(), &dev, false), &mut go).unwrap();
+    let total = |h: &straighten::HeldOut| h.chord_loss.iter().sum::<f64>();
+    assert_eq!(report.teacher.chord_loss.len(), 3);
+    assert!(total(&report.straightened) < 0.7 * total(&report.teacher), "{report:?}");
+    assert!(report.straightened.euler_end_rmse < report.teacher.euler_end_rmse, "{report:?}");
+
+    // Stopped after step 15 and resumed: the same weights as the straight run.
+    let split = tempfile::tempdir().unwrap();
+    let mut stop = |log: &StepLog| if log.step == 15 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+    assert!(straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(split.path(), &dev, false), &mut stop)
+        .is_err());
+    let (_, resumed) =
+        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(split.path(), &dev, true), &mut go).unwrap();
+    for (name, t) in &ema {
+        let diff = (t - &resumed[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+
+    // The written model serves Euler on its schedule by default.
+    let model = tempfile::tempdir().unwrap();
+    let parts =
+        StraightenedModel { teacher_dir: teacher_dir.path(), schedule_name: "tiny-3", times: &setup.times, guidance: 1.5 };
+    straighten::write_model(model.path(), parts, &sit, &ema).unwrap();
+    let config = ModelConfig::load(model.path()).unwrap();
+    assert_eq!((config.defaults.sampler.as_str(), config.defaults.schedule.as_str()), ("euler", "tiny-3"));
+    assert_eq!(config.schedules["tiny-3"], setup.times);
+    let pipeline = Pipeline::load(model.path(), &dev).unwrap();
+    let settings = pipeline.config().solve_settings(&SettingsRequest::default(), ScheduleAccess::Named).unwrap();
+    let out = pipeline.generate(&settings, &ImageInputs::cycle(&[1, 2], 2, 0), &mut Unobserved).unwrap();
+    assert_eq!((out.images.len(), out.stats.nfe()), (2, 3));
+}

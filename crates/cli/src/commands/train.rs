@@ -10,11 +10,12 @@ use flowgen_engine::config::{AutoencoderSection, Defaults, ModelConfig};
 use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
 use flowgen_engine::models::sit::{Sit, SitConfig};
-use flowgen_engine::NetworkArch;
+use flowgen_engine::{NetworkArch, Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_engine::weights::WeightsFile;
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
 use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
+use flowgen_train::boss::straighten::{self, StraightenTraining, StraightenedModel, TeacherSetup, Trajectories};
 use flowgen_train::flowturbo::{self, RefinerTraining};
 use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
 use flowgen_train::run::seeded_normal;
@@ -66,6 +67,44 @@ pub enum TrainCommand {
         #[command(flatten)]
         refiner: RefinerArgs,
     },
+    /// BOSS straightening: fine-tune a copy of --model's velocity network so that Euler on
+    /// --schedule follows the guided teacher's trajectories; writes a servable model directory.
+    Straighten {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        straighten: StraightenArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct StraightenArgs {
+    /// Model directory of the teacher (left unchanged).
+    #[arg(long)]
+    model: PathBuf,
+    /// Schedule to straighten: a stored one (boss-K) or any schedule text with --nfe steps.
+    #[arg(long)]
+    schedule: String,
+    /// Euler steps, for a schedule that does not fix its own (uniform, shift:X).
+    #[arg(long)]
+    nfe: Option<usize>,
+    /// Teacher trajectories drawn; the first --held-out only measure the result.
+    #[arg(long, default_value_t = 4000)]
+    trajectories: usize,
+    #[arg(long, default_value_t = 200)]
+    held_out: usize,
+    /// Uniform Heun steps of the teacher (the schedule's times are added to its grid).
+    #[arg(long, default_value_t = 16)]
+    teacher_steps: usize,
+    /// Seed of trajectory 0 (trajectory i: seed + i, label i mod classes); apart from eval's 0..
+    #[arg(long, default_value_t = 2_000_000)]
+    noise_seed: u64,
+    /// Guidance scale of the teacher and the served model [default: what --model is served with].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Where the straightened model directory goes [default: OUT/model].
+    #[arg(long)]
+    into: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -265,6 +304,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         }
         TrainCommand::Velocity { common, velocity } => train_velocity(common, velocity),
         TrainCommand::Refiner { common, refiner } => train_refiner(common, refiner),
+        TrainCommand::Straighten { common, straighten } => train_straighten(common, straighten),
         TrainCommand::PlotLoss { run } => {
             let title = format!("training loss: {}", run.display());
             flowgen_train::plot::plot_loss_csv(&run.join("loss.csv"), &run.join("loss.png"), &title)?;
@@ -447,6 +487,99 @@ fn train_refiner(common: CommonArgs, args: RefinerArgs) -> Result<()> {
         report.train_seconds,
         report.samples_per_second,
         args.model.join(flowturbo::REFINER_WEIGHTS).display()
+    );
+    Ok(())
+}
+
+fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
+    let device = parse_device(&common.device)?;
+    let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let config = pipeline.config().clone();
+    let NetworkArch::Sit(sit_cfg) = &config.network.arch else {
+        bail!("{}: straightening needs a sit network", args.model.display());
+    };
+    if config.guidance.channels.is_some() {
+        bail!("{}: straightening supports guidance on all channels only ([guidance] channels is set)", args.model.display());
+    }
+    let request = SettingsRequest {
+        sampler: Some("euler".into()),
+        schedule: Some(args.schedule.clone()),
+        steps: args.nfe,
+        guidance: args.guidance,
+        ..Default::default()
+    };
+    let settings = config.solve_settings(&request, ScheduleAccess::NamedAndFiles).context("--schedule/--nfe/--guidance")?;
+    let schedule = settings.schedule.build(settings.steps).context("--schedule")?;
+    // A stored schedule keeps its name in the new model; any other is stored as straightened-K.
+    let k = schedule.steps();
+    let schedule_name = match &settings.schedule {
+        ScheduleSpec::Uniform => "uniform".to_string(),
+        ScheduleSpec::Named { name, .. } => name.clone(),
+        _ => format!("straightened-{k}"),
+    };
+    let teacher = TeacherSetup {
+        times: schedule.points().to_vec(),
+        trajectories: args.trajectories,
+        held_out: args.held_out,
+        teacher_steps: args.teacher_steps,
+        noise_seed: args.noise_seed,
+        guidance: settings.guidance,
+        guidance_interval: settings.guidance_interval,
+    };
+    let cfg = StraightenTraining { teacher: teacher.clone(), opts: common.options() };
+    std::fs::create_dir_all(&common.out)?;
+    let bar = ProgressBar::new(args.trajectories as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} teacher trajectories (eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut on_done = |done: usize| {
+        bar.set_position(done as u64);
+        // A background run's log gets a line per batch instead of the bar.
+        if bar.is_hidden() {
+            eprintln!("teacher trajectories {done}/{} ({:.0} s)", args.trajectories, started.elapsed().as_secs_f64());
+        }
+    };
+    let trajectories = Trajectories::cached(&common.out, &pipeline, &teacher, &mut on_done)
+        .context("drawing the teacher's trajectories")?;
+    bar.finish_and_clear();
+    let trajectory_seconds = started.elapsed().as_secs_f64();
+    eprintln!("{} teacher trajectories ready in {trajectory_seconds:.0} s", trajectories.len());
+    let bar = progress_bar(common.steps);
+    let weights = args.model.join(&config.network.weights);
+    let (mut report, ema) = straighten::train(
+        &cfg,
+        sit_cfg,
+        config.network.convention,
+        &weights,
+        &trajectories,
+        common.place(&device),
+        &mut report_step(&bar, common.log_every),
+    )
+    .context("straightening")?;
+    bar.finish_and_clear();
+    report.trajectory_seconds = trajectory_seconds;
+    std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    let into = args.into.clone().unwrap_or_else(|| common.out.join("model"));
+    let parts = StraightenedModel {
+        teacher_dir: &args.model,
+        schedule_name: &schedule_name,
+        times: schedule.points(),
+        guidance: settings.guidance,
+    };
+    straighten::write_model(&into, parts, sit_cfg, &ema).with_context(|| format!("writing {}", into.display()))?;
+    let show = |v: &[f64]| v.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
+    println!("| held out ({} trajectories) | chord loss per step | Euler {k} end RMSE |\n|---|---|---|", args.held_out);
+    println!("| teacher | {} | {:.4} |", show(&report.teacher.chord_loss), report.teacher.euler_end_rmse);
+    println!("| straightened | {} | {:.4} |", show(&report.straightened.chord_loss), report.straightened.euler_end_rmse);
+    println!(
+        "straightened for euler on {schedule_name} ({k} steps, guidance {}): final loss {:.4}, trajectories {trajectory_seconds:.0} s, training {:.0} s ({:.1} samples/s) -> {}",
+        settings.guidance,
+        report.final_loss,
+        report.train_seconds,
+        report.samples_per_second,
+        into.display()
     );
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! Euler jump from anchor i to anchor j; a dynamic programme then picks the K anchors whose jumps
 //! add up to the least error. Times are in the engine frame (s = 0 noise, s = 1 data).
 
+pub mod straighten;
+
 use candle_core::{DType, Tensor};
 use flowgen_engine::samplers::VelocityField;
 use flowgen_engine::{noise, Guidance, GuidedField, Pipeline};
