@@ -266,7 +266,7 @@ fn slow_clients_past_the_connection_cap_leave_probes_answering_and_sigterm_ends_
     let data = dir.path().join("data");
     let env = [
         ("FLOWGEN_SERVER__MAX_CONNECTIONS", "4"),
-        ("FLOWGEN_SERVER__HEADER_TIMEOUT_S", "3"),
+        ("FLOWGEN_SERVER__HEADER_TIMEOUT_S", "5"),
         ("FLOWGEN_SERVER__BODY_TIMEOUT_S", "2"),
         ("FLOWGEN_SERVER__SHUTDOWN_GRACE_S", "2"),
         ("FLOWGEN_QUEUE__MAX_WAIT_MS", "0"),
@@ -276,25 +276,24 @@ fn slow_clients_past_the_connection_cap_leave_probes_answering_and_sigterm_ends_
     let health = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     let post = "POST /v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
     // Let the pooled connections of the readiness polls time out first, so the counts below are exact.
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
 
     // Slow clients take every full slot: probes still answer on the overflow, the API says 503.
     let mut slow: Vec<TcpStream> = (0..4).map(|_| slow_client(&addr)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(status_line(&raw_exchange(&addr, health)), "HTTP/1.1 200 OK");
-    let refused = raw_exchange(&addr, post);
+    // Poll rather than sleep: on a loaded machine the server may take a while to accept them all.
+    let refused = poll_exchange(&addr, post, "HTTP/1.1 503 Service Unavailable", Duration::from_secs(3));
     assert_eq!(status_line(&refused), "HTTP/1.1 503 Service Unavailable", "{refused}");
+    assert_eq!(status_line(&raw_exchange(&addr, health)), "HTTP/1.1 200 OK");
     assert!(refused.contains("server.max_connections"), "{refused}");
     // Past the overflow too: an immediate 503, without reading the request.
     let mut overflow: Vec<TcpStream> = (0..64).map(|_| slow_client(&addr)).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let refused = raw_exchange(&addr, "");
+    let refused = poll_exchange(&addr, "", "HTTP/1.1 503 Service Unavailable", Duration::from_secs(3));
     assert_eq!(status_line(&refused), "HTTP/1.1 503 Service Unavailable", "{refused}");
     assert!(refused.contains("too many open connections"), "{refused}");
 
     // The header timeout frees every slot, and the API answers again.
     for stream in slow.iter_mut().chain(overflow.iter_mut()) {
-        assert!(closed_by_server(stream, Duration::from_secs(6)), "a slow client kept its connection");
+        assert!(closed_by_server(stream, Duration::from_secs(9)), "a slow client kept its connection");
     }
     let accepted = raw_exchange(&addr, post);
     assert_eq!(status_line(&accepted), "HTTP/1.1 202 Accepted", "{accepted}");
@@ -344,6 +343,18 @@ fn slow_clients_past_the_connection_cap_leave_probes_answering_and_sigterm_ends_
     let server = Server::start(&model, &data, &dir.path().join("serve2.log"), &[]);
     for id in &heavy {
         server.wait(id, "succeeded", Duration::from_secs(300));
+    }
+}
+
+/// `raw_exchange` again until its status line is `want` or `within` has passed; the last answer.
+fn poll_exchange(addr: &str, request: &str, want: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = raw_exchange(addr, request);
+        if status_line(&answer) == want || Instant::now() >= deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
