@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use flowgen_engine::image::Image;
 
+mod redis;
 mod server;
 
 /// The `flowgen` binary of this build, rebuilt once per test run so it is never stale

@@ -11,15 +11,21 @@ use serde_json::{json, Value};
 
 use super::{flowgen, flowgen_bin, random_model};
 
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     base: String,
 }
 
 impl Server {
-    fn start(model: &str, data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start(model: &str, data_dir: &Path, log: &Path, env: &[(&str, &str)]) -> Server {
+        Server::spawn(&["--data-dir", data_dir.to_str().unwrap(), "--model", model], log, env)
+    }
+
+    /// `flowgen serve --listen 127.0.0.1:0` with `args`, once it is ready.
+    pub(crate) fn spawn(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(flowgen_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap(), "--model", model])
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env_remove("FLOWGEN_MODEL")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap());
@@ -45,22 +51,22 @@ impl Server {
         server
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn submit(&self, body: Value) -> String {
+    pub(crate) fn submit(&self, body: Value) -> String {
         let resp = ureq::post(&self.url("/v1/generations")).send_json(body).unwrap();
         assert_eq!(resp.status(), 202);
         let view: Value = resp.into_json().unwrap();
         view["id"].as_str().unwrap().to_string()
     }
 
-    fn job(&self, id: &str) -> Value {
+    pub(crate) fn job(&self, id: &str) -> Value {
         ureq::get(&self.url(&format!("/v1/generations/{id}"))).call().unwrap().into_json().unwrap()
     }
 
-    fn wait(&self, id: &str, status: &str, limit: Duration) -> Value {
+    pub(crate) fn wait(&self, id: &str, status: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
         loop {
             let view = self.job(id);
@@ -72,7 +78,7 @@ impl Server {
         }
     }
 
-    fn png(&self, id: &str, index: usize) -> Image {
+    pub(crate) fn png(&self, id: &str, index: usize) -> Image {
         let mut bytes = Vec::new();
         ureq::get(&self.url(&format!("/v1/generations/{id}/images/{index}")))
             .call()
@@ -92,7 +98,7 @@ impl Drop for Server {
 }
 
 /// The CLI's image for (label, seed) with the same sampler settings: the server must match it.
-fn cli_image(model: &str, dir: &Path, label: u32, seed: u64, sampler: &str, steps: usize) -> Image {
+pub(crate) fn cli_image(model: &str, dir: &Path, label: u32, seed: u64, sampler: &str, steps: usize) -> Image {
     let out = dir.join(format!("cli-{label}-{seed}"));
     let run = flowgen(&[
         "generate",
@@ -474,13 +480,33 @@ fn a_job_that_takes_the_process_down_at_every_start_fails_after_three_and_the_se
 fn flowturbo_through_the_server_matches_the_cli_and_journals_the_canonical_plan() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    let made = flowgen(&["model", "init-random", "--out", model.to_str().unwrap(), "--seed", "5", "--refiner", "flowturbo:h1p2r2"]);
+    let made = flowgen(&[
+        "model",
+        "init-random",
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--refiner",
+        "flowturbo:h1p2r2",
+    ]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let model = model.to_str().unwrap().to_string();
     // The CLI with plain `--sampler flowturbo`: the model's recommended plan, its own 5 steps.
     let out = dir.path().join("cli");
     let run = flowgen(&[
-        "generate", "--model", &model, "--label", "3", "--n", "1", "--seed", "10", "--sampler", "flowturbo", "--out",
+        "generate",
+        "--model",
+        &model,
+        "--label",
+        "3",
+        "--n",
+        "1",
+        "--seed",
+        "10",
+        "--sampler",
+        "flowturbo",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));

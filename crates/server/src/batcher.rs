@@ -306,7 +306,11 @@ enum JobFailure {
 
 async fn fail(state: &Arc<AppState>, job: &BatchJob, err: &EngineError) -> Unjournaled {
     let outcome = match err {
-        EngineError::EnginePanicked(detail) => failure(state, &job.id, "panic", detail),
+        // A panic may be the machine's fault rather than the job's: a shared queue retries it.
+        EngineError::EnginePanicked(detail) => match failure(state, &job.id, "panic", detail) {
+            Outcome::Failed { error } => Outcome::Crashed { error },
+            other => other,
+        },
         EngineError::Invalid { .. } | EngineError::Config { .. } => {
             failure(state, &job.id, "invalid", &err.to_string())
         }

@@ -33,6 +33,52 @@ pub struct ServerSection {
     /// Host names the API answers to besides IP literals and localhost (421 otherwise), so a DNS
     /// rebinding page cannot reach it; ".example.com" allows subdomains, "*" any host.
     pub allowed_hosts: Vec<String>,
+    /// all (API and engine in one process), api (accepts and serves jobs, loads no weights) or
+    /// worker (runs jobs from the shared queue); api and worker need queue.url.
+    pub role: Role,
+}
+
+/// Which half of the service a process runs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    All,
+    Api,
+    Worker,
+}
+
+impl Role {
+    /// Serves the HTTP job API.
+    pub fn runs_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    /// Loads models and runs batches.
+    pub fn runs_engine(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "worker" => Ok(Role::Worker),
+            other => Err(format!("{other:?} is not one of all, api, worker")),
+        }
+    }
 }
 
 impl Default for ServerSection {
@@ -48,6 +94,7 @@ impl Default for ServerSection {
             header_timeout_s: 10,
             body_timeout_s: 30,
             allowed_hosts: Vec::new(),
+            role: Role::All,
         }
     }
 }
@@ -86,6 +133,13 @@ pub struct QueueSection {
     /// Jobs one API key may keep stored, finished ones included until they expire or are deleted
     /// (429 past it), so no key fills the disk.
     pub max_stored_per_key: usize,
+    /// redis://HOST:PORT[/DB] puts jobs, results and progress in Redis (Streams with a consumer
+    /// group) so API and worker processes can run apart; empty keeps the embedded SQLite journal.
+    pub url: String,
+    /// A job held by a worker that sent no heartbeat for this long is taken over by another.
+    pub visibility_timeout_s: u64,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    pub redis_prefix: String,
 }
 
 impl Default for QueueSection {
@@ -98,6 +152,9 @@ impl Default for QueueSection {
             max_attempts: 3,
             max_queued_per_key: 64,
             max_stored_per_key: 10_000,
+            url: String::new(),
+            visibility_timeout_s: 30,
+            redis_prefix: "flowgen".into(),
         }
     }
 }
@@ -162,6 +219,9 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub models: Vec<PathBuf>,
     pub device: Option<String>,
+    pub role: Option<Role>,
+    /// queue.url
+    pub queue: Option<String>,
 }
 
 impl ServerConfig {
@@ -187,6 +247,12 @@ impl ServerConfig {
         }
         if let Some(device) = &overrides.device {
             figment = figment.merge(Serialized::default("models.device", device));
+        }
+        if let Some(role) = overrides.role {
+            figment = figment.merge(Serialized::default("server.role", role));
+        }
+        if let Some(url) = &overrides.queue {
+            figment = figment.merge(Serialized::default("queue.url", url));
         }
         let config: ServerConfig = figment.extract().map_err(|e| ServerError::Config(e.to_string()))?;
         config.validate()?;
@@ -274,6 +340,31 @@ impl ServerConfig {
         }
         if self.auth.rate_limit_per_minute > 0 && self.auth.rate_limit_burst == 0 {
             return bad("auth.rate_limit_burst", "must be at least 1 when a rate limit is set".into());
+        }
+        let url = self.queue.url.trim();
+        if !(url.is_empty() || url.starts_with("redis://")) {
+            return bad("queue.url", format!("{url:?} is not a Redis URL like redis://127.0.0.1:6379/0"));
+        }
+        if url.is_empty() && self.server.role != Role::All {
+            return bad(
+                "server.role",
+                format!(
+                    "{} needs a shared queue: set queue.url (--queue redis://HOST:PORT)",
+                    self.server.role.as_str()
+                ),
+            );
+        }
+        if self.queue.visibility_timeout_s < 2 {
+            return bad(
+                "queue.visibility_timeout_s",
+                format!(
+                    "must be at least 2 (heartbeats come every third of it), got {}",
+                    self.queue.visibility_timeout_s
+                ),
+            );
+        }
+        if self.queue.redis_prefix.is_empty() || self.queue.redis_prefix.contains(char::is_whitespace) {
+            return bad("queue.redis_prefix", format!("{:?} must be a non-empty word", self.queue.redis_prefix));
         }
         for origin in &self.server.cors_origins {
             if origin.parse::<axum::http::HeaderValue>().is_err() || !origin.starts_with("http") {

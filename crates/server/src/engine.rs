@@ -29,6 +29,31 @@ impl Engine for EngineHandle {
     }
 }
 
+/// A model's configuration without its weights: what an API process validates requests against
+/// (workers load the weights and run them).
+pub struct ConfigOnly {
+    config: ModelConfig,
+}
+
+impl ConfigOnly {
+    pub fn new(config: ModelConfig) -> Self {
+        ConfigOnly { config }
+    }
+}
+
+impl Engine for ConfigOnly {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn generate(&self, _: GenerationRequest, _: Progress) -> flowgen_engine::Result<EngineOutput> {
+        Err(flowgen_engine::Error::invalid(
+            "server.role",
+            "this process is an API process (server.role = api) and loads no weights; workers run jobs",
+        ))
+    }
+}
+
 /// The model name that always means the default model (unless a served model has that name).
 pub const DEFAULT_ALIAS: &str = "default";
 

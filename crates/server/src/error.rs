@@ -21,6 +21,26 @@ pub enum ServerError {
     Corrupt { id: String, message: String },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis connections: {0}")]
+    RedisPool(String),
+    /// The shared queue refused a job at admission (checked atomically across API processes).
+    #[error("job refused: {0:?}")]
+    Refused(Refusal),
+}
+
+/// Why the shared queue refused a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `queue.capacity` jobs are queued.
+    QueueFull { queued: usize },
+    /// The owner has `queue.max_queued_per_key` jobs queued.
+    KeyQueueFull { queued: usize },
+    /// The owner stores `queue.max_stored_per_key` jobs.
+    StoreFull { stored: usize },
+    /// Another API process accepted a job with this Idempotency-Key first.
+    Duplicate { id: String, request_hash: String },
 }
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;

@@ -325,6 +325,23 @@ impl Jobs {
         self.wake.notify_one();
     }
 
+    /// The job is durably in a shared queue that another process may serve: release its slot;
+    /// from now on the store answers for it (views, Idempotency-Key replays).
+    pub fn landed_elsewhere(&self, job: &StoredJob) {
+        let mut inner = self.lock();
+        Self::release_reservation(&mut inner, &job.owner);
+        inner.landing.remove(&job.id);
+        if let Some(key) = &job.idempotency_key {
+            let entry = (job.owner.clone(), key.clone());
+            if inner.idempotency.get(&entry).is_some_and(|(id, _)| id == &job.id)
+                && !inner.entries.contains_key(&job.id)
+            {
+                inner.idempotency.remove(&entry);
+            }
+        }
+        self.count(&inner);
+    }
+
     /// A live job's owner and view; None once it has ended (the journal has it then).
     pub fn view(&self, id: &str) -> Option<(String, JobView)> {
         let inner = self.lock();

@@ -12,6 +12,7 @@ pub mod local;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;
+pub mod redis_backend;
 pub mod routes;
 pub mod startup;
 pub mod state;
@@ -23,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{Overrides, ServerConfig};
+pub use config::{Overrides, Role, ServerConfig};
 pub use engine::{Engine, Models};
 pub use error::{ApiError, Result, ServerError};
 pub use routes::app;
@@ -54,6 +55,8 @@ pub async fn serve(
             );
         }
     };
-    connections::serve(listener, state.clone(), app(state.clone()), routes::probes(state), shutdown, drain).await;
+    let router =
+        if state.config.server.role.runs_api() { app(state.clone()) } else { routes::worker_app(state.clone()) };
+    connections::serve(listener, state.clone(), router, routes::probes(state), shutdown, drain).await;
     Ok(())
 }

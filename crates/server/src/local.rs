@@ -136,7 +136,7 @@ impl JobQueue for LocalBackend {
                 let all = Steps { done: steps.total.unwrap_or(steps.done), ..steps };
                 (self.store.finish_succeeded(id, done, all)?, JobStatus::Succeeded)
             }
-            Outcome::Failed { error } => {
+            Outcome::Failed { error } | Outcome::Crashed { error } => {
                 (self.store.finish(id, JobStatus::Failed, now_ms(), Some(error), steps)?, JobStatus::Failed)
             }
         };

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub jobs: Family<StatusLabel, Counter>,
     pub failures: Family<KindLabel, Counter>,
     pub rejected: Family<KindLabel, Counter>,
+    /// Shared queue: time from a dead worker's last heartbeat to another worker taking its job.
+    pub redelivery_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -54,6 +56,7 @@ impl Metrics {
             jobs: Family::default(),
             failures: Family::default(),
             rejected: Family::default(),
+            redelivery_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
         };
         registry.register("queue_depth", "Jobs waiting in the queue", m.queue_depth.clone());
         registry.register("queued_images", "Images waiting in the queue", m.queued_images.clone());
@@ -70,6 +73,11 @@ impl Metrics {
         registry.register("jobs", "Jobs finished, by final status", m.jobs.clone());
         registry.register("failures", "Failed jobs by error type", m.failures.clone());
         registry.register("rejected_requests", "Requests refused, by reason", m.rejected.clone());
+        registry.register(
+            "redelivery_seconds",
+            "Shared queue: time from a dead worker's last heartbeat to another worker taking over its job",
+            m.redelivery_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -64,7 +64,15 @@ pub struct Success {
 /// How a claimed job ended.
 pub enum Outcome {
     Succeeded(Success),
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
+    /// The engine panicked on it: a shared queue gives it to a worker again until it has been
+    /// started `queue.max_attempts` times, then fails it into the dead-letter stream; the
+    /// embedded journal fails it at once.
+    Crashed {
+        error: String,
+    },
 }
 
 /// Jobs waiting, claimed and acknowledged. Every accepted job is durable before `enqueue`
@@ -90,6 +98,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn cancel(&self, id: &str) -> Result<bool>;
     /// Jobs waiting to be claimed.
     fn queued(&self) -> usize;
+    /// The process is draining: claim nothing new (a shared queue hands back what it holds).
+    fn drain(&self) {}
 }
 
 /// A job deleted from the store (expired, or deleted by its owner).

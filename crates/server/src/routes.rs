@@ -155,6 +155,23 @@ pub fn app(state: Arc<AppState>) -> Router {
     router.with_state(state)
 }
 
+/// A worker's router: probes and metrics only (jobs are submitted to an API process).
+pub fn worker_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::NotFound(
+                "this process is a worker (server.role = worker): it serves /health, /ready and /metrics; \
+                 submit jobs to an API process"
+                    .into(),
+            )
+        })
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
 /// DNS rebinding defence: a page that points its own name at this server still sends that name
 /// as `Host`, which is refused unless `server.allowed_hosts` lists it.
 async fn check_host(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
@@ -302,6 +319,7 @@ async fn submit(
             }
         }
         Admission::New { id, landed } => {
+            let request_key = (idempotency_key.clone(), request_hash.clone());
             let job = StoredJob {
                 idempotency_key: idempotency_key.clone(),
                 request_hash,
@@ -318,7 +336,10 @@ async fn submit(
                 if result.is_err() {
                     worker.jobs.abandon(&job_id, &job_owner, idempotency_key.as_deref());
                 }
-                worker.journal_written(result.is_ok());
+                // A shared queue's refusal (full, or a replay) says nothing about its health.
+                if !matches!(result, Err(crate::error::ServerError::Refused(_))) {
+                    worker.journal_written(result.is_ok());
+                }
                 landed.send_replace(Some(result.is_ok()));
                 result
             })
@@ -328,6 +349,9 @@ async fn submit(
                     tracing::info!(job = %id, images, %sampler, steps, "job accepted");
                     Ok((id, true))
                 }
+                Ok(Err(crate::error::ServerError::Refused(refusal))) => {
+                    refused(state, owner, &request_key, refusal).await
+                }
                 Ok(Err(err)) => {
                     tracing::error!(job = %id, error = %err, "cannot journal a new job");
                     Err(ApiError::Unavailable(
@@ -336,6 +360,48 @@ async fn submit(
                 }
                 Err(join) => Err(ApiError::Internal(format!("journaling job {id}: {join}"))),
             }
+        }
+    }
+}
+
+/// What the shared queue's atomic admission check decided, as the embedded queue would answer.
+async fn refused(
+    state: &AppState,
+    owner: &str,
+    (idempotency_key, request_hash): &(Option<String>, String),
+    refusal: crate::error::Refusal,
+) -> AppResult<(String, bool)> {
+    use crate::error::Refusal;
+    let q = &state.config.queue;
+    match refusal {
+        Refusal::Duplicate { id, request_hash: first } => {
+            if &first == request_hash {
+                return Ok((id, false));
+            }
+            let key = idempotency_key.as_deref().unwrap_or_default();
+            Err(ApiError::Conflict(format!("Idempotency-Key {key:?} was used for a different request (job {id})")))
+        }
+        Refusal::QueueFull { .. } => {
+            state.metrics.rejected("queue_full");
+            Err(ApiError::Overloaded {
+                message: format!("the queue is full ({} jobs); retry later", q.capacity),
+                retry_after_s: 5,
+            })
+        }
+        Refusal::KeyQueueFull { queued } => {
+            state.metrics.rejected("key_queue_full");
+            Err(ApiError::Overloaded {
+                message: format!(
+                    "this API key already has {queued} jobs queued, the most one key may have (queue.max_queued_per_key = {}); \
+                     retry when some have started",
+                    q.max_queued_per_key
+                ),
+                retry_after_s: 5,
+            })
+        }
+        Refusal::StoreFull { stored } => {
+            state.metrics.rejected("key_store_full");
+            Err(store_full(state, owner, stored).await)
         }
     }
 }

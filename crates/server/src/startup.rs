@@ -11,12 +11,16 @@ use crate::jobs::{now_ms, Jobs};
 use crate::local::LocalBackend;
 use crate::metrics::Metrics;
 use crate::queue::JobStore;
+use crate::redis_backend::{RedisBackend, RedisSettings};
 use crate::state::{AppState, Backends};
 use crate::store::Store;
 
 /// Open the journal in `config.server.data_dir`, requeue what a crash interrupted, start the
 /// batcher and warm the engines; readiness turns 200 once they are warm.
 pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>> {
+    if !config.queue.url.trim().is_empty() {
+        return start_shared(config, models).await;
+    }
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&config.server.data_dir)?;
     let journal = store.path().display().to_string();
@@ -58,6 +62,44 @@ pub async fn start(config: ServerConfig, models: Models) -> Result<Arc<AppState>
     let state = Arc::new(state);
     tokio::spawn(warm_then_batch(state.clone()));
     tokio::spawn(expire_results(state.clone(), ttl_ms));
+    Ok(state)
+}
+
+/// The Redis backend: an API process is ready once Redis answers; a worker once its engines are
+/// warm, when its batcher starts taking jobs from the streams.
+async fn start_shared(config: ServerConfig, models: Models) -> Result<Arc<AppState>> {
+    let role = config.server.role;
+    let metrics = Arc::new(Metrics::new());
+    let jobs = Arc::new(Jobs::new(
+        config.queue.capacity,
+        config.queue.max_queued_per_key,
+        config.queue.max_stored_per_key,
+        metrics.clone(),
+    ));
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "flowgen".into());
+    let consumer = format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let settings = RedisSettings::from_config(&config, consumer.clone());
+    let url = settings.url.clone();
+    let (opening_jobs, opening_metrics) = (jobs.clone(), metrics.clone());
+    let backend = tokio::task::spawn_blocking(move || RedisBackend::open(settings, opening_jobs, opening_metrics))
+        .await
+        .map_err(|e| crate::error::ServerError::Task(e.to_string()))??;
+    let backend = Arc::new(backend);
+    backend.start_background(role.runs_engine());
+    tracing::info!(role = role.as_str(), queue = %url, %consumer, "shared queue connected");
+    let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
+    let backends = Backends { jobs, queue: backend.clone(), results: backend.clone(), progress: backend, metrics };
+    let state = Arc::new(AppState::new(config, models, backends));
+    if role.runs_engine() {
+        tokio::spawn(warm_then_batch(state.clone()));
+    } else {
+        state.set_ready();
+        // No batch runs here: a drain has nothing to wait for.
+        state.batcher_finished();
+    }
+    if role.runs_api() {
+        tokio::spawn(expire_results(state.clone(), ttl_ms));
+    }
     Ok(state)
 }
 

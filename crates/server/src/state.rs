@@ -144,6 +144,7 @@ impl AppState {
     /// Stop taking jobs; readiness turns 503 and the batcher stops after its current batch.
     pub fn begin_drain(&self) {
         self.draining.send_replace(true);
+        self.queue.drain();
         self.queue.notify();
     }
 

@@ -192,7 +192,7 @@ fn start_server(
         listen: Some("127.0.0.1:0".into()),
         data_dir: Some(data_dir.to_path_buf()),
         models: vec![model_dir.to_path_buf()],
-        device: None,
+        ..Default::default()
     };
     let mut config = ServerConfig::load(None, &overrides)?;
     config.queue.max_batch = args.max_batch;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use flowgen_engine::{device::parse_device, EngineHandle, Pipeline};
-use flowgen_server::{Engine, Models, Overrides, ServerConfig};
+use flowgen_engine::{device::parse_device, EngineHandle, ModelConfig, Pipeline};
+use flowgen_server::engine::ConfigOnly;
+use flowgen_server::{Engine, Models, Overrides, Role, ServerConfig};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -26,6 +27,13 @@ pub struct ServeArgs {
     /// cpu, cuda, cuda:N or auto; overrides models.device.
     #[arg(long)]
     device: Option<String>,
+    /// all (API and engine, the default), api (accepts and serves jobs, loads no weights) or
+    /// worker (runs jobs from --queue); overrides server.role (FLOWGEN_SERVER__ROLE).
+    #[arg(long)]
+    role: Option<Role>,
+    /// Shared job queue, redis://HOST:PORT[/DB]; overrides queue.url (FLOWGEN_QUEUE__URL).
+    #[arg(long)]
+    queue: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -34,14 +42,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // No model named anywhere: the shipped default, found the way `generate` finds it.
         models.push(super::default_model_dir()?);
     }
-    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir, models, device: args.device };
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        models,
+        device: args.device,
+        role: args.role,
+        queue: args.queue,
+    };
     let config = ServerConfig::load(args.config.as_deref(), &overrides).context("invalid configuration")?;
-    let device = parse_device(&config.models.device).context("models.device")?;
     let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
-    for dir in &config.models.paths {
-        let pipeline = Pipeline::load(dir, &device).with_context(|| format!("loading model {}", dir.display()))?;
-        engines.push(Arc::new(EngineHandle::spawn(pipeline, 2)?));
+    if config.server.role.runs_engine() {
+        let device = parse_device(&config.models.device).context("models.device")?;
+        for dir in &config.models.paths {
+            let pipeline = Pipeline::load(dir, &device).with_context(|| format!("loading model {}", dir.display()))?;
+            engines.push(Arc::new(EngineHandle::spawn(pipeline, 2)?));
+        }
+    } else {
+        // An API process validates against each model's configuration and loads no weights.
+        for dir in &config.models.paths {
+            let model = ModelConfig::load(dir).with_context(|| format!("reading model {}", dir.display()))?;
+            engines.push(Arc::new(ConfigOnly::new(model)));
+        }
     }
+    let role = config.server.role;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let served = runtime.block_on(async move {
@@ -53,7 +77,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let data_dir = config.server.data_dir.clone();
         let state = flowgen_server::start(config, Models::new(engines)).await.context("starting the server")?;
         // One line on stdout that scripts and tests wait for.
-        println!("flowgen serving http://{addr} models={} data_dir={}", names.join(","), data_dir.display());
+        println!(
+            "flowgen serving http://{addr} role={} models={} data_dir={}",
+            role.as_str(),
+            names.join(","),
+            data_dir.display()
+        );
         std::io::stdout().flush().ok();
         flowgen_server::serve(listener, state, shutdown_signal()).await.context("serving")?;
         println!("flowgen stopped");
