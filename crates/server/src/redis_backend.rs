@@ -687,6 +687,11 @@ impl RedisBackend {
                 }
                 held.insert(id.to_string(), Held { stream: stream.to_string(), entry: entry.to_string() });
                 drop(held);
+                // The first heartbeat: a takeover measures its worker's silence from here.
+                if let Ok(mut con) = self.connection() {
+                    let _: redis::RedisResult<()> =
+                        redis::cmd("HSET").arg(self.keys.job(id)).arg("seen_ms").arg(now_ms()).query(&mut *con);
+                }
                 self.jobs.enqueue(job);
             }
             // Running on another worker that is alive (read again after a group reset): not ours.

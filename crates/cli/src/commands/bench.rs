@@ -30,34 +30,38 @@ pub enum BenchCommand {
 pub struct ServeBenchArgs {
     /// Model directory [default: the shipped default model].
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(super) model: Option<PathBuf>,
     /// Concurrent clients, each submitting, following SSE to the end, then fetching its PNGs.
     #[arg(long, default_value_t = 16)]
-    clients: usize,
+    pub(super) clients: usize,
     /// Jobs in total.
     #[arg(long, default_value_t = 64)]
-    jobs: usize,
+    pub(super) jobs: usize,
     /// Images per job.
     #[arg(long, default_value_t = 2)]
-    n: usize,
+    pub(super) n: usize,
     /// Sampler of every job.
     #[arg(long, default_value = "euler")]
-    sampler: String,
+    pub(super) sampler: String,
     /// Steps of every job.
     #[arg(long, default_value_t = 8)]
-    steps: usize,
+    pub(super) steps: usize,
     /// The server's batcher limit, in images (the raw engine runs batches of this size too).
     #[arg(long, default_value_t = 32)]
-    max_batch: usize,
+    pub(super) max_batch: usize,
     /// How long the batcher waits for compatible jobs to fill a batch.
     #[arg(long, default_value_t = 20)]
-    max_wait_ms: u64,
+    pub(super) max_wait_ms: u64,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(super) device: String,
     /// Also write the figures as JSON here.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(super) out: Option<PathBuf>,
+    /// Also run the load against real processes: one API and each of these numbers of workers
+    /// (e.g. 1,2) sharing a private redis-server (Debian's redis-server must be installed).
+    #[arg(long, value_delimiter = ',')]
+    pub(super) workers: Vec<usize>,
 }
 
 #[derive(Serialize)]
@@ -81,10 +85,15 @@ struct Report {
     /// One image download each, measured while other jobs run and commit.
     image_get_p50_ms: f64,
     image_get_p99_ms: f64,
+    /// One single-image job at a time: submit to succeeded (SSE), less the engine's own time.
+    queue_overhead_p50_ms: f64,
+    queue_overhead_p90_ms: f64,
     succeeded: usize,
     failed: usize,
     lost: usize,
     wall_s: f64,
+    /// `--workers`: the same load through Redis, one API and N worker processes.
+    scale_out: Vec<super::bench_scale::ScaleOutRow>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -95,7 +104,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -105,11 +114,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// What the client threads collected.
 #[derive(Default)]
-struct ClientResults {
-    latencies: Vec<f64>,
-    image_gets: Vec<f64>,
-    failures: Vec<String>,
-    ids: Vec<String>,
+pub(super) struct ClientResults {
+    pub(super) latencies: Vec<f64>,
+    pub(super) image_gets: Vec<f64>,
+    pub(super) failures: Vec<String>,
+    pub(super) ids: Vec<String>,
 }
 
 fn serve(args: ServeBenchArgs) -> Result<()> {
@@ -165,17 +174,28 @@ fn serve(args: ServeBenchArgs) -> Result<()> {
     let results = drive_clients(&args, &base, classes);
     let wall = clock.elapsed().as_secs_f64();
     let succeeded = count_succeeded(&base, &results.ids)?;
+    let overhead = super::bench_scale::queue_overhead(&base, &args, 20)?;
     let _ = shutdown.send(());
     let raw_after = raw_run()?;
     eprintln!("raw engine again: {raw_after:.1} images/s");
-    let report = summarise(&args, &cfg.name, (raw_before, raw_after), results, (succeeded, wall));
+    let mut report = summarise(&args, &cfg.name, (raw_before, raw_after), results, (succeeded, wall));
+    report.queue_overhead_p50_ms = percentile(&overhead, 50.0);
+    report.queue_overhead_p90_ms = percentile(&overhead, 90.0);
+    if !args.workers.is_empty() {
+        // The in-process engine stays loaded but idle: each worker process loads its own.
+        report.scale_out =
+            super::bench_scale::run(&args, &args.workers, &model_dir, classes, report.raw_engine_images_per_s)?;
+    }
     print_report(&report);
+    super::bench_scale::print(&report.scale_out);
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    if report.failed > 0 || report.lost > 0 {
-        bail!("{} jobs failed and {} were lost", report.failed, report.lost);
+    let failed = report.failed + report.scale_out.iter().map(|r| r.failed).sum::<usize>();
+    let lost = report.lost + report.scale_out.iter().map(|r| r.lost).sum::<usize>();
+    if failed > 0 || lost > 0 {
+        bail!("{failed} jobs failed and {lost} were lost");
     }
     Ok(())
 }
@@ -218,7 +238,7 @@ fn start_server(
 
 /// `args.clients` threads submitting jobs until `args.jobs` are done, each following its job's
 /// SSE stream to the end and fetching its images.
-fn drive_clients(args: &ServeBenchArgs, base: &str, classes: u32) -> ClientResults {
+pub(super) fn drive_clients(args: &ServeBenchArgs, base: &str, classes: u32) -> ClientResults {
     let bar = ProgressBar::new(args.jobs as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} jobs {msg}")
@@ -260,7 +280,7 @@ fn drive_clients(args: &ServeBenchArgs, base: &str, classes: u32) -> ClientResul
 }
 
 /// Every accepted job must have succeeded, as the server itself reports.
-fn count_succeeded(base: &str, ids: &[String]) -> Result<usize> {
+pub(super) fn count_succeeded(base: &str, ids: &[String]) -> Result<usize> {
     let agent: ureq::Agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
     let mut succeeded = 0;
     for id in ids {
@@ -307,10 +327,13 @@ fn summarise(
         latency_max_s: lat.last().copied().unwrap_or(f64::NAN),
         image_get_p50_ms: 1000.0 * percentile(&gets, 50.0),
         image_get_p99_ms: 1000.0 * percentile(&gets, 99.0),
+        queue_overhead_p50_ms: f64::NAN,
+        queue_overhead_p90_ms: f64::NAN,
         succeeded,
         failed: results.failures.len(),
         lost: args.jobs - succeeded - results.failures.len(),
         wall_s: wall,
+        scale_out: Vec::new(),
     }
 }
 
@@ -329,6 +352,10 @@ fn print_report(report: &Report) {
         report.latency_p50_s, report.latency_p90_s, report.latency_p99_s, report.latency_max_s
     );
     println!("| image GET p50 / p99 (ms) | {:.2} / {:.2} |", report.image_get_p50_ms, report.image_get_p99_ms);
+    println!(
+        "| queue overhead p50 / p90 (ms; one 1-image job at a time, less inference) | {:.1} / {:.1} |",
+        report.queue_overhead_p50_ms, report.queue_overhead_p90_ms
+    );
     println!("| succeeded / failed / lost | {} / {} / {} |", report.succeeded, report.failed, report.lost);
 }
 

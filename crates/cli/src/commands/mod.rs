@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod bench_samplers;
+pub mod bench_scale;
 pub mod bench_steps;
 pub mod eval;
 pub mod generate;
