@@ -67,6 +67,14 @@ if [ "$smoke_only" -eq 0 ]; then
     ctr=$(buildah from "$base")
     buildah run "$ctr" -- sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*'
     buildah copy --quiet "$ctr" "$sysroot" /usr/local/rust >/dev/null
+    # This machine's extra certificate authorities (a TLS-inspecting egress proxy), so cargo can
+    # reach crates.io from the builder; only the builder gets them, never the runtime image.
+    if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+      buildah copy --quiet "$ctr" /usr/local/share/ca-certificates/ /usr/local/share/ca-certificates/ >/dev/null
+      buildah run "$ctr" -- update-ca-certificates >/dev/null
+      # pip trusts its own bundle unless told otherwise (the CUDA image's wheels come from PyPI).
+      buildah config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$ctr"
+    fi
     buildah config --env PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       --env CARGO_HOME=/usr/local/cargo "$ctr"
     buildah run "$ctr" -- sh -c 'mkdir -p /usr/local/cargo && cargo --version && rustc --version'

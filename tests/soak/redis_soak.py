@@ -159,7 +159,8 @@ def main():
             kills.append(time.time())
             w.restart()
             victim = 1 - victim
-            next_kill += args.kill_every
+            # Jittered, so kills do not fall at the same point of the submission rhythm.
+            next_kill += args.kill_every + random.uniform(-2.0, 2.0)
             with lock:
                 n = len(accepted)
             print(f"[{time.time() - started:6.1f} s] killed and restarted {w.name}; {n} jobs accepted", flush=True)
@@ -199,7 +200,7 @@ def main():
     silent = []
     for w in workers:
         for line in open(w.log_path):
-            m = re.search(r"silent_ms=(\d+)", line)
+            m = re.search(r"silent_ms=(\d+)", re.sub(r"\x1b\[[0-9;]*m", "", line))
             if m:
                 silent.append(int(m.group(1)))
     succeeded = statuses.get("succeeded", 0)

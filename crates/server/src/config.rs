@@ -423,6 +423,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn split_roles_need_a_redis_queue_url() {
+        let mut config = ServerConfig::default();
+        assert_eq!(config.server.role, Role::All);
+        for role in [Role::Api, Role::Worker] {
+            config.server.role = role;
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("server.role") && err.contains("queue.url"), "{err}");
+        }
+        config.queue.url = "http://127.0.0.1:6379".into();
+        assert!(config.validate().unwrap_err().to_string().contains("queue.url"));
+        config.queue.url = "redis://127.0.0.1:6379/0".into();
+        assert!(config.validate().is_ok());
+        config.queue.visibility_timeout_s = 1;
+        assert!(config.validate().unwrap_err().to_string().contains("queue.visibility_timeout_s"));
+        assert_eq!("worker".parse::<Role>(), Ok(Role::Worker));
+        assert!("gpu".parse::<Role>().unwrap_err().contains("all, api, worker"));
+    }
+
+    #[test]
     fn hosts_are_matched_without_port_and_case() {
         let mut config = ServerConfig::default();
         for host in ["127.0.0.1:8080", "[::1]:8080", "10.0.0.7", "localhost:8080", "LOCALHOST", "a.localhost"] {

@@ -725,7 +725,9 @@ impl RedisBackend {
             if let Err(err) = self.heartbeat() {
                 tracing::warn!(error = %err, "heartbeat to redis failed");
             }
-            if lock(&self.running).is_empty() {
+            // Even while a batch runs here: a dead worker's jobs then run next on this one, not
+            // whenever every worker happens to be idle at a tick (minutes under steady load).
+            if self.jobs.queued() < self.settings.max_batch {
                 if let Err(err) = self.take_over() {
                     tracing::warn!(error = %err, "taking over silent workers' jobs failed");
                 }
@@ -768,14 +770,15 @@ impl RedisBackend {
                 .arg(idle_ms)
                 .arg("0-0")
                 .arg("COUNT")
-                .arg(self.settings.max_batch)
+                .arg(self.settings.max_batch.saturating_sub(self.jobs.queued()).max(1))
                 .query(&mut *con)?;
             let claimed = array(&reply).get(1).map(stream_entries).unwrap_or_default();
             for (entry, id) in claimed {
-                let seen: Option<i64> = redis::cmd("HGET").arg(self.keys.job(&id)).arg("seen_ms").query(&mut *con)?;
-                let silent = seen
-                    .map(|s| Duration::from_millis((now_ms() - s).max(0) as u64))
-                    .unwrap_or(self.settings.visibility);
+                // Last heard of: a heartbeat, or its acceptance (read by a worker that died before holding it).
+                let (seen, created): (Option<i64>, Option<i64>) =
+                    redis::cmd("HMGET").arg(self.keys.job(&id)).arg("seen_ms").arg("created_ms").query(&mut *con)?;
+                let last = seen.or(created).unwrap_or_else(now_ms);
+                let silent = Duration::from_millis((now_ms() - last).max(0) as u64);
                 self.hold(&stream, &entry, &id, Some(silent));
             }
         }
