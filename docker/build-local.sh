@@ -114,7 +114,7 @@ log="$work/smoke.log"
 # chroot isolation shares this machine's network: the server listens on a free local port.
 buildah run --env FLOWGEN_SERVER__LISTEN="127.0.0.1:$port" "$ctr" -- flowgen serve >"$log" 2>&1 &
 server=$!
-cleanup() { kill "$server" 2>/dev/null || true; pkill -f "127.0.0.1:$port" 2>/dev/null || true; buildah rm "$ctr" >/dev/null 2>&1 || true; }
+cleanup() { kill "$server" 2>/dev/null || true; buildah rm "$ctr" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 t0=$(date +%s)
 # The image's HEALTHCHECK command, on this port.
@@ -142,3 +142,55 @@ print(f"PNG {sys.argv[1]}: {len(data)} bytes, {width}x{height}")
 EOF
 [ "$status" = succeeded ] || { echo "the generation did not succeed"; exit 1; }
 echo "smoke test passed"
+cleanup
+trap - EXIT
+
+step "smoke test, scale-out: redis-server here, one API and two workers from the image"
+command -v redis-server >/dev/null || $sudo apt-get install -y -qq redis-server
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+rport=$(free); aport=$(free)
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always --dir "$work" >"$work/redis.log" 2>&1 &
+redis=$!
+ctrs=(); pids=()
+run_role() {  # role port
+  local c; c=$(buildah from "$tag"); ctrs+=("$c")
+  buildah run --env FLOWGEN_SERVER__LISTEN="127.0.0.1:$2" --env FLOWGEN_QUEUE__URL="redis://127.0.0.1:$rport/0" \
+    "$c" -- flowgen serve --role "$1" >"$work/$1-$2.log" 2>&1 &
+  pids+=($!)
+}
+cleanup_scale() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  kill "$redis" 2>/dev/null || true
+  for c in "${ctrs[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
+}
+trap cleanup_scale EXIT
+wports=("$(free)" "$(free)")
+run_role api "$aport"
+for p in "${wports[@]}"; do run_role worker "$p"; done
+t0=$(date +%s)
+for p in "$aport" "${wports[@]}"; do
+  until curl -fsS "http://127.0.0.1:$p/ready" >/dev/null 2>&1; do
+    if [ $(( $(date +%s) - t0 )) -gt 120 ]; then echo "port $p not ready after 120 s"; tail -5 "$work"/*-"$p".log; exit 1; fi
+    sleep 0.5
+  done
+done
+echo "api and 2 workers ready after $(( $(date +%s) - t0 )) s; a worker answers jobs routes with: $(curl -s "http://127.0.0.1:${wports[0]}/v1/generations" | head -c 90)"
+ids=()
+for seed in 1 2 3 4 5 6; do
+  ids+=("$(curl -fsS -XPOST "http://127.0.0.1:$aport/v1/generations" -H 'content-type: application/json' \
+    -d "{\"label\": $seed, \"seed\": $seed, \"n\": 4, \"steps\": 16}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')")
+done
+for id in "${ids[@]}"; do
+  for _ in $(seq 600); do
+    status=$(curl -fsS "http://127.0.0.1:$aport/v1/generations/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+    [ "$status" = succeeded ] || [ "$status" = failed ] && break
+    sleep 0.1
+  done
+  [ "$status" = succeeded ] || { echo "job $id: $status"; exit 1; }
+  curl -fsS "http://127.0.0.1:$aport/v1/generations/$id/images/3" | head -c 8 | od -An -c | grep -q 'P   N   G' || { echo "no PNG for $id"; exit 1; }
+done
+echo "6 jobs through the API, run by the workers: all succeeded, PNGs served"
+for p in "${wports[@]}"; do
+  echo "worker :$p ran $(grep -c 'job succeeded' "$work/worker-$p.log") jobs"
+done
+echo "scale-out smoke test passed"
