@@ -474,11 +474,17 @@ impl RedisBackend {
             stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         };
-        let mut con = backend.connection()?;
+        backend.create_groups()?;
+        Ok(backend)
+    }
+
+    /// The consumer group on each priority's stream (again after Redis lost its data).
+    fn create_groups(&self) -> Result<()> {
+        let mut con = self.connection()?;
         for priority in PRIORITIES {
             let created: redis::RedisResult<()> = redis::cmd("XGROUP")
                 .arg("CREATE")
-                .arg(backend.keys.stream(priority))
+                .arg(self.keys.stream(priority))
                 .arg(GROUP)
                 .arg("0")
                 .arg("MKSTREAM")
@@ -490,7 +496,14 @@ impl RedisBackend {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(backend)
+        Ok(())
+    }
+
+    /// Whether Redis answers now (readiness follows it).
+    pub fn ping(&self) -> Result<()> {
+        let mut con = self.connection()?;
+        let _: String = redis::cmd("PING").query(&mut *con)?;
+        Ok(())
     }
 
     pub fn keys(&self) -> &Keys {
@@ -635,6 +648,14 @@ impl RedisBackend {
                         for (entry, id) in stream_entries(entries) {
                             self.hold(&name, &entry, &id, None);
                         }
+                    }
+                }
+                Err(err) if err.code() == Some("NOGROUP") => {
+                    // A Redis that restarted without its data has no group: make it again.
+                    tracing::warn!("the job streams' consumer group is gone (Redis lost its data?); creating it again");
+                    if let Err(err) = self.create_groups() {
+                        tracing::warn!(error = %err, "cannot create the consumer group; retrying in 1 s");
+                        std::thread::sleep(Duration::from_secs(1));
                     }
                 }
                 Err(err) => {

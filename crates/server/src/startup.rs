@@ -88,8 +88,10 @@ async fn start_shared(config: ServerConfig, models: Models) -> Result<Arc<AppSta
     backend.start_background(role.runs_engine());
     tracing::info!(role = role.as_str(), queue = %url, %consumer, "shared queue connected");
     let ttl_ms = (config.queue.result_ttl_s as i64).saturating_mul(1000);
+    let pinged = backend.clone();
     let backends = Backends { jobs, queue: backend.clone(), results: backend.clone(), progress: backend, metrics };
     let state = Arc::new(AppState::new(config, models, backends));
+    tokio::spawn(watch_redis(state.clone(), pinged));
     if role.runs_engine() {
         tokio::spawn(warm_then_batch(state.clone()));
     } else {
@@ -101,6 +103,20 @@ async fn start_shared(config: ServerConfig, models: Models) -> Result<Arc<AppSta
         tokio::spawn(expire_results(state.clone(), ttl_ms));
     }
     Ok(state)
+}
+
+/// Readiness is 503 while Redis does not answer, and 200 again once it does.
+async fn watch_redis(state: Arc<AppState>, backend: Arc<RedisBackend>) {
+    let mut draining = state.draining_receiver();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = draining.changed() => return,
+        }
+        let probe = backend.clone();
+        let answered = tokio::task::spawn_blocking(move || probe.ping()).await.is_ok_and(|r| r.is_ok());
+        state.journal_written(answered);
+    }
 }
 
 async fn warm_then_batch(state: Arc<AppState>) {

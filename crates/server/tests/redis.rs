@@ -25,8 +25,13 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
+        // The probe listener is dropped before redis-server binds the port.
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        RedisServer::start_on(port)
+    }
+
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -317,4 +322,31 @@ async fn shared_admission_limits_and_idempotency_hold_across_api_processes() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&full));
     assert!(String::from_utf8_lossy(&full).contains("queue is full (3 jobs)"));
     assert_eq!(first.state.queue.queued(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_is_503_while_redis_is_down_and_200_again_when_it_is_back() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let prefix = prefix();
+    let api = node(config(&redis, &prefix, Role::Api), FakeEngine::new("fake", Duration::ZERO)).await;
+    let worker = node(config(&redis, &prefix, Role::Worker), FakeEngine::new("fake", Duration::ZERO)).await;
+    drop(redis);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.state.is_ready() {
+        assert!(Instant::now() < deadline, "still ready with Redis down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = call(&api.state, "POST", "/v1/generations", Some(json!({"seed": 1}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
+    let _back = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.state.is_ready() {
+        assert!(Instant::now() < deadline, "not ready again after Redis came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A Redis that came back empty: the worker makes the consumer group again and runs the job.
+    let id = submit(&api, json!({"seed": 2})).await;
+    wait_for(&api, &id, "succeeded", Duration::from_secs(15)).await;
+    assert!(worker.state.is_ready());
 }
