@@ -230,22 +230,10 @@ impl Jobs {
         let mine = inner.lanes.iter().map(|l| l.owner_len(owner)).sum::<usize>()
             + inner.reserved.get(owner).copied().unwrap_or(0);
         if mine >= self.per_key {
-            self.metrics.rejected("key_queue_full");
-            return Err(ApiError::Overloaded {
-                message: format!(
-                    "this API key already has {mine} jobs queued, the most one key may have (queue.max_queued_per_key = {}); \
-                     retry when some have started",
-                    self.per_key
-                ),
-                retry_after_s: self.retry_after(&inner),
-            });
+            return Err(key_queue_full(&self.metrics, mine, self.per_key, self.retry_after(&inner)));
         }
         if inner.queued() + reserved_total >= self.capacity {
-            self.metrics.rejected("queue_full");
-            return Err(ApiError::Overloaded {
-                message: format!("the queue is full ({} jobs); retry later", self.capacity),
-                retry_after_s: self.retry_after(&inner),
-            });
+            return Err(queue_full(&self.metrics, self.capacity, self.retry_after(&inner)));
         }
         *inner.reserved.entry(owner.to_string()).or_default() += 1;
         self.count(&inner);
@@ -581,6 +569,24 @@ impl Jobs {
         self.metrics.live_jobs.set(inner.entries.len() as i64);
         self.metrics.admissions_in_flight.set(inner.reserved.values().sum::<usize>() as i64);
     }
+}
+
+/// 429 for a key with `queued` jobs queued, the most `queue.max_queued_per_key` allows.
+pub(crate) fn key_queue_full(metrics: &Metrics, queued: usize, per_key: usize, retry_after_s: u64) -> ApiError {
+    metrics.rejected("key_queue_full");
+    ApiError::Overloaded {
+        message: format!(
+            "this API key already has {queued} jobs queued, the most one key may have (queue.max_queued_per_key = {per_key}); \
+             retry when some have started"
+        ),
+        retry_after_s,
+    }
+}
+
+/// 429 for a queue holding `queue.capacity` jobs.
+pub(crate) fn queue_full(metrics: &Metrics, capacity: usize, retry_after_s: u64) -> ApiError {
+    metrics.rejected("queue_full");
+    ApiError::Overloaded { message: format!("the queue is full ({capacity} jobs); retry later"), retry_after_s }
 }
 
 fn insert(inner: &mut Inner, job: StoredJob) {

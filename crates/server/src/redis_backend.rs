@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Script, Value};
 use tokio::sync::watch;
@@ -866,13 +866,26 @@ struct RedisProgress {
     job_key: String,
     events: String,
     pool: r2d2::Pool<redis::Client>,
+    /// When progress last went to Redis: a round trip per job and step would slow the batch.
+    published: Mutex<Option<Instant>>,
 }
+
+/// The most often one job's progress is written to Redis (its final step always is).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 impl JobProgress for RedisProgress {
     fn step(&self, step: usize, total: Option<usize>) {
         self.local.step(step, total);
         if self.local.is_cancelled() {
             return;
+        }
+        {
+            let mut published = lock(&self.published);
+            let due = published.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) || Some(step) == total;
+            if !due {
+                return;
+            }
+            *published = Some(Instant::now());
         }
         let Ok(mut con) = self.pool.get() else { return };
         let total_text = total.map(|t| t.to_string()).unwrap_or_default();
@@ -994,6 +1007,7 @@ impl JobQueue for RedisBackend {
                         job_key: self.keys.job(&job.id),
                         events: self.keys.events(),
                         pool: self.pool.clone(),
+                        published: Mutex::new(None),
                     };
                     started.push(BatchJob { progress: Arc::new(progress), ..job });
                 }

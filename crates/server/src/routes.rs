@@ -381,23 +381,10 @@ async fn refused(
             let key = idempotency_key.as_deref().unwrap_or_default();
             Err(ApiError::Conflict(format!("Idempotency-Key {key:?} was used for a different request (job {id})")))
         }
-        Refusal::QueueFull { .. } => {
-            state.metrics.rejected("queue_full");
-            Err(ApiError::Overloaded {
-                message: format!("the queue is full ({} jobs); retry later", q.capacity),
-                retry_after_s: 5,
-            })
-        }
+        // The shared queue has no local throughput estimate: a short retry.
+        Refusal::QueueFull { .. } => Err(crate::jobs::queue_full(&state.metrics, q.capacity, 5)),
         Refusal::KeyQueueFull { queued } => {
-            state.metrics.rejected("key_queue_full");
-            Err(ApiError::Overloaded {
-                message: format!(
-                    "this API key already has {queued} jobs queued, the most one key may have (queue.max_queued_per_key = {}); \
-                     retry when some have started",
-                    q.max_queued_per_key
-                ),
-                retry_after_s: 5,
-            })
+            Err(crate::jobs::key_queue_full(&state.metrics, queued, q.max_queued_per_key, 5))
         }
         Refusal::StoreFull { stored } => {
             state.metrics.rejected("key_store_full");

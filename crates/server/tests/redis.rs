@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use flowgen_server::config::Role;
-use flowgen_server::redis_backend::{Keys, RedisBackend, RedisSettings};
+use flowgen_server::redis_backend::{RedisBackend, RedisSettings};
 use flowgen_server::testing::FakeEngine;
 use flowgen_server::{app, AppState, Engine, Models, ServerConfig};
 use http_body_util::BodyExt;
@@ -242,7 +242,6 @@ async fn a_job_that_panics_the_engine_three_times_is_dead_lettered_and_the_other
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, poison);
     assert!(dead[0].1.contains("panic"), "{dead:?}");
-    assert_eq!(Keys::new(&prefix).dead_letter(), format!("{prefix}:dead"));
 }
 
 async fn futures_like(api: &Node, n: u64) -> Vec<String> {
