@@ -440,7 +440,6 @@ pub struct RedisBackend {
     /// SSE watchers of live jobs, fed by the events channel.
     watchers: Mutex<HashMap<String, watch::Sender<Snapshot>>>,
     metrics: Arc<Metrics>,
-    stop: AtomicBool,
     /// Draining: no new jobs are read; heartbeats go on for the batch that finishes.
     draining: AtomicBool,
 }
@@ -471,7 +470,6 @@ impl RedisBackend {
             running: Mutex::new(HashSet::new()),
             watchers: Mutex::new(HashMap::new()),
             metrics,
-            stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         };
         backend.create_groups()?;
@@ -515,7 +513,8 @@ impl RedisBackend {
     }
 
     /// Start the pub/sub listener (every role) and, for a worker, the stream reader and the
-    /// heartbeat/takeover loop. They stop with `shutdown`.
+    /// heartbeat/takeover loop. They run for the life of the process (heartbeats go on while a
+    /// draining worker finishes its batch).
     pub fn start_background(self: &Arc<Self>, runs_engine: bool) {
         let me = self.clone();
         std::thread::Builder::new().name("redis-events".into()).spawn(move || me.listen()).ok();
@@ -527,13 +526,9 @@ impl RedisBackend {
         }
     }
 
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
     /// Listen to the events and cancel channels, reconnecting after a lost connection.
     fn listen(&self) {
-        while !self.stopped() {
+        loop {
             if let Err(err) = self.listen_once() {
                 tracing::warn!(error = %err, "redis pub/sub connection lost; reconnecting in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
@@ -541,6 +536,7 @@ impl RedisBackend {
         }
     }
 
+    /// Returns only when the connection fails.
     fn listen_once(&self) -> Result<()> {
         let mut con = self.client.get_connection()?;
         let mut pubsub = con.as_pubsub();
@@ -550,7 +546,7 @@ impl RedisBackend {
         // Events missed while disconnected: read the watched jobs' state again.
         self.refresh_watchers();
         let cancels = self.keys.cancels();
-        while !self.stopped() {
+        loop {
             let message = match pubsub.get_message() {
                 Ok(message) => message,
                 Err(e) if e.is_timeout() => {
@@ -566,7 +562,6 @@ impl RedisBackend {
                 self.publish_local(&id, snapshot);
             }
         }
-        Ok(())
     }
 
     /// Tell a job's watchers; a final state is never overwritten by a late earlier event.
@@ -613,7 +608,7 @@ impl RedisBackend {
     /// a busy worker leaves new jobs to idle ones.
     fn read_streams(&self) {
         let mut con: Option<redis::Connection> = None;
-        while !self.stopped() && !self.draining.load(Ordering::SeqCst) {
+        while !self.draining.load(Ordering::SeqCst) {
             let room = self.settings.max_batch.saturating_sub(self.jobs.queued());
             if room == 0 || !lock(&self.running).is_empty() {
                 std::thread::sleep(Duration::from_millis(20));
@@ -738,11 +733,8 @@ impl RedisBackend {
     /// of the visibility timeout.
     fn maintain(&self) {
         let period = self.settings.visibility / 3;
-        while !self.stopped() {
+        loop {
             std::thread::sleep(period.max(Duration::from_millis(200)));
-            if self.stopped() {
-                break;
-            }
             if let Err(err) = self.heartbeat() {
                 tracing::warn!(error = %err, "heartbeat to redis failed");
             }
