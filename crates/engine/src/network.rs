@@ -8,8 +8,9 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::Result;
+use crate::models::blockwise::{Blockwise, BlockwiseConfig};
 use crate::models::sit::{Sit, SitConfig};
-use crate::velocity::{SitVelocity, TimeConvention, VelocityModel};
+use crate::velocity::{BlockwiseVelocity, SitVelocity, TimeConvention, VelocityModel};
 use crate::weights::WeightsFile;
 
 /// The architecture of one network, tagged by `kind` in model.toml.
@@ -21,11 +22,14 @@ pub enum NetworkArch {
     /// FlowTurbo's velocity refiner: a SiT over concat(x, v) (`in_channels_scale = 2`) that
     /// predicts the offset to add to v; the sampler concatenates, the network sees 2C channels.
     FlowturboRefiner(SitConfig),
+    /// Blockwise Flow Matching: a feature trunk and per-segment velocity blocks, dispatched by
+    /// each row's time (official `bfm.py` module tree).
+    Blockwise(BlockwiseConfig),
 }
 
 impl NetworkArch {
     /// Every kind model.toml may name.
-    pub const KINDS: &'static [&'static str] = &["sit", "flowturbo-refiner"];
+    pub const KINDS: &'static [&'static str] = &["sit", "flowturbo-refiner", "blockwise"];
     /// The kind of a `[network]` without `kind` (files written before kinds existed).
     pub const DEFAULT_KIND: &'static str = "sit";
 
@@ -33,6 +37,7 @@ impl NetworkArch {
         match self {
             NetworkArch::Sit(_) => "sit",
             NetworkArch::FlowturboRefiner(_) => "flowturbo-refiner",
+            NetworkArch::Blockwise(_) => "blockwise",
         }
     }
 
@@ -44,18 +49,15 @@ impl NetworkArch {
                 cfg.in_channels_scale
             )),
             NetworkArch::FlowturboRefiner(cfg) => cfg.validate(),
-        }
-    }
-
-    /// The SiT configuration of kinds built on the SiT module tree.
-    fn sit(&self) -> &SitConfig {
-        match self {
-            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => cfg,
+            NetworkArch::Blockwise(cfg) => cfg.validate(),
         }
     }
 
     pub fn num_classes(&self) -> usize {
-        self.sit().num_classes
+        match self {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => cfg.num_classes,
+            NetworkArch::Blockwise(cfg) => cfg.num_classes,
+        }
     }
 
     pub fn in_channels(&self) -> usize {
@@ -64,28 +66,37 @@ impl NetworkArch {
 
     /// (channels, height, width) of the state the network takes.
     pub fn state_shape(&self) -> (usize, usize, usize) {
-        let cfg = self.sit();
-        (cfg.in_channels, cfg.input_size, cfg.input_size)
+        match self {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
+            NetworkArch::Blockwise(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
+        }
     }
 
-    /// Floating-point operations of one forward pass for one image.
+    /// Floating-point operations of one forward pass for one image (a blockwise model: the
+    /// trunk and one segment's blocks).
     pub fn forward_flops(&self) -> f64 {
-        self.sit().forward_flops()
+        match self {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => cfg.forward_flops(),
+            NetworkArch::Blockwise(cfg) => cfg.forward_flops(),
+        }
     }
 
-    /// The null label implied by the architecture alone (SiT: trained with label dropout).
+    /// The null label implied by the architecture alone (trained with label dropout).
     pub fn inferred_null_label(&self) -> Option<u32> {
-        self.sit().null_label()
+        match self {
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => cfg.null_label(),
+            NetworkArch::Blockwise(cfg) => cfg.null_label(),
+        }
     }
 
     /// Whether `label` can be this network's null label.
     pub fn check_null_label(&self, label: u32) -> std::result::Result<(), String> {
-        // SiT appends the null row after the classes.
-        let classes = self.sit().num_classes;
+        // Both module trees append the null row after the classes.
+        let classes = self.num_classes();
         if label as usize == classes {
             Ok(())
         } else {
-            Err(format!("{label}: a SiT null label is the row after the classes, {classes}"))
+            Err(format!("{label}: a {} null label is the row after the classes, {classes}", self.kind()))
         }
     }
 }
@@ -146,6 +157,11 @@ impl NetworkSection {
                 let rows = cfg.label_rows().max(null_label.map_or(0, |n| n as usize + 1));
                 let net = weights.build(dtype, device, |vb| Sit::with_label_rows(cfg, rows, vb))?;
                 Ok(Box::new(SitVelocity { net, convention: self.convention }))
+            }
+            NetworkArch::Blockwise(cfg) => {
+                let rows = cfg.label_rows().max(null_label.map_or(0, |n| n as usize + 1));
+                let net = weights.build(dtype, device, |vb| Blockwise::with_label_rows(cfg, rows, vb))?;
+                Ok(Box::new(BlockwiseVelocity { net, convention: self.convention }))
             }
         }
     }

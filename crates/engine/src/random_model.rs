@@ -15,6 +15,7 @@ use rand_distr::{Distribution, Normal};
 use crate::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, NetworkSection, TimeConvention};
 use crate::error::{Error, Result};
 use crate::models::autoencoder::{AutoencoderConfig, AutoencoderKl};
+use crate::models::blockwise::Blockwise;
 use crate::models::sit::{Sit, SitConfig};
 use crate::network::NetworkArch;
 use crate::weights::save_safetensors;
@@ -120,7 +121,10 @@ pub fn tiny_latent_config(name: &str) -> ModelConfig {
 /// `config` with a FlowTurbo refiner beside its SiT (one block of half the width, written with
 /// random weights by `write_random_model`) and `plan` as its recommended `flowturbo` plan.
 pub fn with_tiny_refiner(mut config: ModelConfig, plan: &str) -> ModelConfig {
-    let (NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit)) = &config.network.arch;
+    // A refiner is a SiT over (x, v): it follows a SiT main network only.
+    let (NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit)) = &config.network.arch else {
+        return config;
+    };
     let refiner = SitConfig {
         hidden_size: (sit.hidden_size / 2).max(sit.num_heads * 4),
         depth: 1,
@@ -158,10 +162,19 @@ pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64) -> Result
         // The main network keeps the seed it always had; auxiliary ones get their own.
         let net_seed = if i == 0 { seed } else { seed.wrapping_add(100 + i as u64) };
         let (vb, created) = random_var_builder(net_seed, &device);
-        let (NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit)) = &section.arch;
-        Sit::new(sit, vb)?;
-        let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
-        save_sit_weights(sit, &tensors, &dir.join(&section.weights))?;
+        let path = dir.join(&section.weights);
+        match &section.arch {
+            NetworkArch::Sit(sit) | NetworkArch::FlowturboRefiner(sit) => {
+                Sit::new(sit, vb)?;
+                let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
+                save_sit_weights(sit, &tensors, &path)?;
+            }
+            NetworkArch::Blockwise(cfg) => {
+                Blockwise::new(cfg, vb)?;
+                let tensors = created.lock().map_err(|_| Error::EnginePanicked("poisoned".into()))?.clone();
+                save_safetensors(&tensors, &path)?;
+            }
+        }
     }
     if let Some(ae) = &config.autoencoder {
         let (vb, created) = random_var_builder(seed.wrapping_add(1), &device);

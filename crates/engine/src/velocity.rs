@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::models::blockwise::Blockwise;
 use crate::models::sit::Sit;
 use crate::samplers::VelocityField;
 
@@ -51,6 +52,21 @@ pub struct SitVelocity {
 }
 
 impl VelocityModel for SitVelocity {
+    fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward(x, t, y)?)
+    }
+    fn convention(&self) -> TimeConvention {
+        self.convention
+    }
+}
+
+/// A blockwise model: each row's segment follows from its own network time.
+pub struct BlockwiseVelocity {
+    pub net: Blockwise,
+    pub convention: TimeConvention,
+}
+
+impl VelocityModel for BlockwiseVelocity {
     fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
         Ok(self.net.forward(x, t, y)?)
     }

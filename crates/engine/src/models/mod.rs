@@ -1,6 +1,7 @@
 //! Networks with the official PyTorch module trees, so published checkpoints load unchanged.
 
 pub mod autoencoder;
+pub mod blockwise;
 pub mod conv;
 pub mod fused;
 pub mod sit;
