@@ -53,6 +53,14 @@ impl Classifier {
         h.flatten_from(1)?.apply(&self.fc1)?.relu()
     }
 
+    /// The second conv stage's map as tokens: (B, 1, 28, 28) -> (B, 49, channels.1), one token
+    /// per cell of the 7x7 grid, row-major (the latent grid of the shipped autoencoder).
+    pub fn spatial_features(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = xs.apply(&self.conv1)?.relu()?.max_pool2d(2)?;
+        let h = h.apply(&self.conv2)?.relu()?.max_pool2d(2)?;
+        h.flatten_from(2)?.transpose(1, 2)?.contiguous()
+    }
+
     pub fn logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.head(&self.features(xs)?)
     }

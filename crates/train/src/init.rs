@@ -64,3 +64,85 @@ pub fn named_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
 pub fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
     Ok(vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<candle_core::Result<_>>()?)
 }
+
+/// Tensors from `frozen` (plain, no gradient) except names starting with `trainable_prefix`,
+/// which come from a VarMap of trainable variables.
+struct FrozenExcept {
+    frozen: HashMap<String, Tensor>,
+    trainable: VarMap,
+    trainable_prefix: String,
+}
+
+impl candle_nn::var_builder::SimpleBackend for FrozenExcept {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            candle_core::bail!("{name}: shape {:?} where the model expects {s:?}", tensor.shape());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: candle_core::DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = if name.starts_with(&self.trainable_prefix) {
+            let data = self.trainable.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            data.get(name).map(|v| v.as_tensor().clone())
+        } else {
+            self.frozen.get(name).cloned()
+        };
+        tensor
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name} is missing from the frozen weights")))?
+            .to_device(dev)?
+            .to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        if name.starts_with(&self.trainable_prefix) {
+            self.trainable.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        } else {
+            self.frozen.contains_key(name)
+        }
+    }
+}
+
+/// A module built from `frozen` weights with only the tensors named `trainable_prefix...`
+/// trainable (seeded, biases at zero, then `adjust`ed): the VarMap holds just those.
+pub fn partly_trainable<M>(
+    seed: u64,
+    device: &Device,
+    frozen: HashMap<String, Tensor>,
+    trainable_prefix: &str,
+    build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+    adjust: impl FnOnce(&mut HashMap<String, Tensor>) -> Result<()>,
+) -> Result<(M, VarMap)> {
+    let (vb, created) = random_var_builder(seed, device);
+    build(vb)?;
+    let created = created.lock().map_err(|_| TrainError::invalid("init", "poisoned"))?.clone();
+    let mut fresh: HashMap<String, Tensor> = created.into_iter().filter(|(n, _)| n.starts_with(trainable_prefix)).collect();
+    if fresh.is_empty() {
+        return Err(TrainError::invalid("init", format!("the model has no tensors named {trainable_prefix}*")));
+    }
+    for (name, t) in fresh.iter_mut() {
+        if name.ends_with(".bias") && !name.contains("norm") {
+            *t = t.zeros_like()?;
+        }
+    }
+    adjust(&mut fresh)?;
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().map_err(|_| TrainError::invalid("init", "poisoned"))?;
+        for (name, t) in fresh {
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    let backend =
+        FrozenExcept { frozen, trainable: varmap.clone(), trainable_prefix: trainable_prefix.to_string() };
+    let module = build(VarBuilder::from_backend(Box::new(backend), candle_core::DType::F32, device.clone()))?;
+    Ok((module, varmap))
+}

@@ -1,6 +1,7 @@
 //! flowgen-train: trains the models flowgen ships (on MNIST), and measures them.
 
 pub mod autoencoder;
+pub mod blockwise;
 pub mod boss;
 pub mod checkpoint;
 pub mod classifier;

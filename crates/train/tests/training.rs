@@ -328,3 +328,108 @@ fn straightening_fits_the_chords_resumes_exactly_and_writes_a_servable_model() {
     let out = pipeline.generate(&settings, &ImageInputs::cycle(&[1, 2], 2, 0), &mut Unobserved).unwrap();
     assert_eq!((out.images.len(), out.stats.nfe()), (2, 3));
 }
+
+#[test]
+fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
+    use flowgen_engine::config::AutoencoderSection;
+    use flowgen_engine::models::blockwise::BlockwiseConfig;
+    use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+    use flowgen_engine::samplers::Unobserved;
+    use flowgen_engine::{ImageInputs, Pipeline, ScheduleAccess, SettingsRequest};
+    use flowgen_train::blockwise::{self, AlignmentTargets, BlockwiseModelParts, BlockwiseTraining, FrnTraining};
+    let dev = Device::Cpu;
+    let latents = tiny_latents();
+    let net = BlockwiseConfig {
+        input_size: 4,
+        in_channels: 4,
+        patch_size: 1,
+        hidden_size: 16,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        num_classes: 4,
+        class_dropout_prob: 0.1,
+        learn_sigma: false,
+        segments: 3,
+        segment_depth: 1,
+        feature_alignment_depth: 1,
+        frn_depth: 0,
+        adaln_lora_dim: 4,
+        dim_projection: 6,
+        projection_hidden: 8,
+        rope_theta: 10000.0,
+    };
+    // Alignment targets with structure: a per-class pattern over the 16 tokens and 6 channels.
+    let pattern: Vec<f32> = latents
+        .labels
+        .iter()
+        .flat_map(|&l| (0..16 * 6).map(move |i| ((i as f32 * 0.37 + l as f32 * 1.3).sin()).max(0.0)))
+        .collect();
+    let targets = AlignmentTargets { features: Tensor::from_vec(pattern, (64, 16, 6), &dev).unwrap() };
+    let cfg = BlockwiseTraining { net: net.clone(), align_weight: 0.5, opts: TrainOptions { batch_size: 12, ..opts(40) } };
+    let dir = tempfile::tempdir().unwrap();
+    fn place<'a>(dir: &'a Path, device: &'a Device, resume: bool) -> RunPlace<'a> {
+        RunPlace { out: dir, device, resume }
+    }
+    let place = |dir, resume| place(dir, &dev, resume);
+    let (report, ema) = blockwise::train(&cfg, &latents, Some(&targets), place(dir.path(), false), &mut go).unwrap();
+    let (header, rows) = read_csv(&dir.path().join("loss.csv")).unwrap();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let mean = |r: &[Vec<f64>], c: usize| r.iter().map(|row| row[c]).sum::<f64>() / r.len() as f64;
+    let (early, late) = (&rows[..4], &rows[rows.len() - 4..]);
+    assert!(mean(late, col("velocity_loss")) < 0.8 * mean(early, col("velocity_loss")), "velocity loss did not fall");
+    assert!(mean(late, col("align_loss")) < mean(early, col("align_loss")) - 0.05, "alignment did not improve");
+    assert!(report.final_align_loss < 0.0 && report.parameters > 0);
+    for name in ["representation_blocks.0.attn.q_norm.weight", "velocity_blocks.2.0.adaLN_modulation.2.weight", "linear_projection.4.weight"] {
+        assert!(ema.contains_key(name), "{name}");
+    }
+    // Without alignment the projection head gets no gradient and the align column stays 0.
+    let plain = BlockwiseTraining { align_weight: 0.0, ..cfg.clone() };
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain_report, _) = blockwise::train(&plain, &latents, None, place(plain_dir.path(), false), &mut go).unwrap();
+    assert_eq!(plain_report.final_align_loss, 0.0);
+    let nowhere = tempfile::tempdir().unwrap();
+    let err = blockwise::train(&cfg, &latents, None, place(nowhere.path(), false), &mut go);
+    assert!(err.unwrap_err().to_string().contains("alignment targets"));
+
+    // Stopped after step 13 and resumed: the same weights as the straight run.
+    let split = tempfile::tempdir().unwrap();
+    let mut stop = |log: &StepLog| if log.step == 13 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+    assert!(blockwise::train(&cfg, &latents, Some(&targets), place(split.path(), false), &mut stop).is_err());
+    let (_, resumed) = blockwise::train(&cfg, &latents, Some(&targets), place(split.path(), true), &mut go).unwrap();
+    for (name, t) in &ema {
+        let diff = (t - &resumed[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+
+    // FRN stage: only frn_blocks.* train, and they beat reusing the anchor.
+    let frn_cfg = FrnTraining { net: BlockwiseConfig { frn_depth: 1, ..net.clone() }, opts: TrainOptions { batch_size: 12, lr: 5e-3, ..opts(150) } };
+    let frn_dir = tempfile::tempdir().unwrap();
+    let (frn_report, frn) = blockwise::train_frn(&frn_cfg, ema.clone(), &latents, place(frn_dir.path(), false), &mut go).unwrap();
+    assert!(frn.keys().all(|k| k.starts_with("frn_blocks.")) && frn.contains_key("frn_blocks.0.adaLN_modulation.1.weight"));
+    assert!(frn_report.final_loss < 0.8 * frn_report.anchor_reuse_loss, "FRN {} vs anchor reuse {}", frn_report.final_loss, frn_report.anchor_reuse_loss);
+
+    // Written as a model directory (a random tiny autoencoder of the latent shape), it serves.
+    let base = tiny_latent_config("ae-source");
+    let ae_dir = tempfile::tempdir().unwrap();
+    write_random_model(ae_dir.path(), &base, 4).unwrap();
+    let section: AutoencoderSection = base.autoencoder.clone().unwrap();
+    let model = tempfile::tempdir().unwrap();
+    // The tiny autoencoder decodes 7x7 latents: a 7x7 network of the same recipe.
+    let net7 = BlockwiseConfig { input_size: 7, frn_depth: 1, num_classes: 10, ..net.clone() };
+    let (vb, created) = flowgen_engine::random_model::random_var_builder(5, &dev);
+    flowgen_engine::models::blockwise::Blockwise::new(&net7, vb).unwrap();
+    let weights = created.lock().unwrap().clone();
+    let parts = BlockwiseModelParts {
+        name: "tiny-blockwise",
+        net: &net7,
+        weights: &weights,
+        autoencoder: &section,
+        autoencoder_weights: &ae_dir.path().join("autoencoder.safetensors"),
+        defaults: flowgen_engine::config::Defaults { sampler: "euler".into(), steps: 6, guidance: 1.5, ..Default::default() },
+    };
+    blockwise::write_model_dir(model.path(), parts).unwrap();
+    let pipeline = Pipeline::load(model.path(), &dev).unwrap();
+    let settings = pipeline.config().solve_settings(&SettingsRequest::default(), ScheduleAccess::Named).unwrap();
+    let out = pipeline.generate(&settings, &ImageInputs::cycle(&[0, 3], 2, 0), &mut Unobserved).unwrap();
+    assert_eq!((out.images.len(), out.stats.nfe()), (2, 6));
+}

@@ -9,12 +9,14 @@ use flowgen_engine::candle_core::{DType, Device};
 use flowgen_engine::config::{AutoencoderSection, Defaults, ModelConfig};
 use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
+use flowgen_engine::models::blockwise::BlockwiseConfig;
 use flowgen_engine::models::sit::{Sit, SitConfig};
 use flowgen_engine::{NetworkArch, Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_engine::weights::WeightsFile;
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
 use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
 use flowgen_train::data::{Digits, Split};
+use flowgen_train::blockwise::{self, AlignmentTargets, BlockwiseModelParts, BlockwiseTraining, FrnTraining};
 use flowgen_train::boss::straighten::{self, StraightenTraining, StraightenedModel, TeacherSetup, Trajectories};
 use flowgen_train::flowturbo::{self, RefinerTraining};
 use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
@@ -67,6 +69,28 @@ pub enum TrainCommand {
         #[command(flatten)]
         refiner: RefinerArgs,
     },
+    /// Blockwise Flow Matching, stage 1: a feature trunk and per-segment velocity blocks trained
+    /// in BFM's time (t = 1 noise) on a batch split evenly across segments, with the trunk's
+    /// features aligned to the classifier's spatial map; writes a servable model to OUT/model.
+    Blockwise {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        blockwise: BlockwiseArgs,
+    },
+    /// Blockwise Flow Matching, FRN stage: everything of --model frozen, a feature residual
+    /// network trained to approximate the trunk from each segment's first-step anchor; installs
+    /// it in --model (frn_depth in model.toml).
+    BlockwiseFrn {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// A blockwise model directory (from `train blockwise`); the FRN is added to it.
+        #[arg(long)]
+        model: PathBuf,
+        /// FRN blocks (the release: 4 against a 20-block trunk).
+        #[arg(long, default_value_t = 1)]
+        frn_depth: usize,
+    },
     /// BOSS straightening: fine-tune a copy of --model's velocity network so that Euler on
     /// --schedule follows the guided teacher's trajectories; writes a servable model directory.
     Straighten {
@@ -105,6 +129,49 @@ pub struct StraightenArgs {
     /// Where the straightened model directory goes [default: OUT/model].
     #[arg(long)]
     into: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BlockwiseArgs {
+    /// Run directory of `flowgen train autoencoder` (autoencoder.toml + autoencoder.safetensors).
+    #[arg(long)]
+    autoencoder: PathBuf,
+    /// The classifier whose second conv map (7x7 tokens) the trunk's features are aligned to.
+    #[arg(long, default_value = "models/mnist-classifier")]
+    classifier: PathBuf,
+    /// Weight of the feature-alignment loss (the release: 0.05); 0 trains without alignment.
+    #[arg(long, default_value_t = 0.05)]
+    align_weight: f64,
+    /// Time segments M.
+    #[arg(long, default_value_t = 4)]
+    segments: usize,
+    /// Velocity blocks per segment.
+    #[arg(long, default_value_t = 1)]
+    segment_depth: usize,
+    /// Blocks of the shared feature trunk.
+    #[arg(long, default_value_t = 3)]
+    trunk_depth: usize,
+    /// Transformer width.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Attention heads (hidden / heads must be a multiple of 4 for the 2-D RoPE).
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Inner width of the low-rank adaLN modulations (the release: hidden / 4).
+    #[arg(long, default_value_t = 32)]
+    lora: usize,
+    /// Hidden width of the alignment projection head.
+    #[arg(long, default_value_t = 256)]
+    projection_hidden: usize,
+    /// Patch size over the latent (1: 49 tokens for 7x7).
+    #[arg(long, default_value_t = 1)]
+    patch: usize,
+    /// Probability of replacing a label by the null label (needed for guidance).
+    #[arg(long, default_value_t = 0.1)]
+    label_dropout: f64,
+    /// Name written into the model directory's model.toml.
+    #[arg(long, default_value = "mnist-latent-blockwise")]
+    name: String,
 }
 
 #[derive(Args)]
@@ -305,6 +372,8 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         TrainCommand::Velocity { common, velocity } => train_velocity(common, velocity),
         TrainCommand::Refiner { common, refiner } => train_refiner(common, refiner),
         TrainCommand::Straighten { common, straighten } => train_straighten(common, straighten),
+        TrainCommand::Blockwise { common, blockwise } => train_blockwise(common, blockwise),
+        TrainCommand::BlockwiseFrn { common, model, frn_depth } => train_blockwise_frn(common, &model, frn_depth),
         TrainCommand::PlotLoss { run } => {
             let title = format!("training loss: {}", run.display());
             flowgen_train::plot::plot_loss_csv(&run.join("loss.csv"), &run.join("loss.png"), &title)?;
@@ -382,13 +451,8 @@ fn choose_kappa(latents: &Latents, cost: PairCost) -> Result<(f64, KappaCurve)> 
 fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
     let device = parse_device(&common.device)?;
     let (train, _val) = common.data()?;
-    let section_path = args.autoencoder.join("autoencoder.toml");
-    let text = std::fs::read_to_string(&section_path).with_context(|| format!("reading {}", section_path.display()))?;
-    let section: AutoencoderSection =
-        toml::from_str(&text).with_context(|| format!("parsing {}", section_path.display()))?;
-    let ae_weights = args.autoencoder.join(&section.weights);
+    let (section, ae_weights, ae) = load_autoencoder(&args.autoencoder, &device)?;
     let arch = section.arch.clone();
-    let ae = WeightsFile::open(&ae_weights)?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
     eprintln!("encoding {} training digits", train.len());
     let latents = Latents::encode(&ae, &section, &train, &device)?;
     let (objective, curve) = parse_objective(&args, &latents)?;
@@ -580,6 +644,139 @@ fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
         report.train_seconds,
         report.samples_per_second,
         into.display()
+    );
+    Ok(())
+}
+
+/// Read a `train autoencoder` run directory's section and build the autoencoder.
+fn load_autoencoder(dir: &std::path::Path, device: &Device) -> Result<(AutoencoderSection, PathBuf, AutoencoderKl)> {
+    let section_path = dir.join("autoencoder.toml");
+    let text = std::fs::read_to_string(&section_path).with_context(|| format!("reading {}", section_path.display()))?;
+    let section: AutoencoderSection =
+        toml::from_str(&text).with_context(|| format!("parsing {}", section_path.display()))?;
+    let weights = dir.join(&section.weights);
+    let arch = section.arch.clone();
+    let ae = WeightsFile::open(&weights)?.build(DType::F32, device, |vb| AutoencoderKl::new(&arch, vb))?;
+    Ok((section, weights, ae))
+}
+
+fn train_blockwise(common: CommonArgs, args: BlockwiseArgs) -> Result<()> {
+    let device = parse_device(&common.device)?;
+    let (train, _val) = common.data()?;
+    let (section, ae_weights, ae) = load_autoencoder(&args.autoencoder, &device)?;
+    eprintln!("encoding {} training digits", train.len());
+    let latents = Latents::encode(&ae, &section, &train, &device)?;
+    let targets = if args.align_weight > 0.0 {
+        let classifier = classifier::Classifier::load(&args.classifier, &device)
+            .with_context(|| format!("loading the classifier {}", args.classifier.display()))?;
+        Some(AlignmentTargets::from_classifier(&classifier, &train, &device).context("alignment targets")?)
+    } else {
+        None
+    };
+    let arch = &section.arch;
+    let net = BlockwiseConfig {
+        input_size: train.rows / arch.downsample_factor(),
+        in_channels: arch.latent_channels,
+        patch_size: args.patch,
+        hidden_size: args.hidden,
+        num_heads: args.heads,
+        mlp_ratio: 4.0,
+        num_classes: 10,
+        class_dropout_prob: args.label_dropout,
+        learn_sigma: false,
+        segments: args.segments,
+        segment_depth: args.segment_depth,
+        feature_alignment_depth: args.trunk_depth,
+        frn_depth: 0,
+        adaln_lora_dim: args.lora,
+        dim_projection: match &targets {
+            Some(t) => t.channels()?,
+            None => 0,
+        },
+        projection_hidden: args.projection_hidden,
+        rope_theta: 10000.0,
+    };
+    let cfg = BlockwiseTraining { net: net.clone(), align_weight: args.align_weight, opts: common.options() };
+    let bar = progress_bar(common.steps);
+    let (report, ema) = blockwise::train(
+        &cfg,
+        &latents,
+        targets.as_ref(),
+        common.place(&device),
+        &mut report_step(&bar, common.log_every),
+    )
+    .context("training the blockwise model")?;
+    bar.finish_and_clear();
+    let model_dir = common.out.join("model");
+    let defaults = Defaults { sampler: "euler".into(), steps: 8, guidance: 1.5, ..Defaults::default() };
+    let parts = BlockwiseModelParts {
+        name: &args.name,
+        net: &net,
+        weights: &ema,
+        autoencoder: &section,
+        autoencoder_weights: &ae_weights,
+        defaults,
+    };
+    blockwise::write_model_dir(&model_dir, parts)?;
+    std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    let flops = net.flops();
+    println!(
+        "blockwise: final loss {:.4} (velocity {:.4}, alignment {:.4}), {} parameters, GFLOPs per image and forward: trunk {:.4}, segment {:.4}; {:.0} s, {:.1} samples/s -> {}",
+        report.final_loss,
+        report.final_velocity_loss,
+        report.final_align_loss,
+        report.parameters,
+        flops.trunk / 1e9,
+        flops.segment / 1e9,
+        report.train_seconds,
+        report.samples_per_second,
+        model_dir.display()
+    );
+    Ok(())
+}
+
+fn train_blockwise_frn(common: CommonArgs, model: &std::path::Path, frn_depth: usize) -> Result<()> {
+    let device = parse_device(&common.device)?;
+    let mut config = ModelConfig::load(model).with_context(|| format!("loading {}", model.display()))?;
+    let NetworkArch::Blockwise(base_cfg) = &config.network.arch else {
+        bail!("{}: the FRN stage needs a blockwise network", model.display());
+    };
+    let net = BlockwiseConfig { frn_depth, ..base_cfg.clone() };
+    let weights_path = model.join(&config.network.weights);
+    let base: std::collections::HashMap<String, _> =
+        flowgen_engine::candle_core::safetensors::load(&weights_path, &device)
+            .with_context(|| format!("reading {}", weights_path.display()))?
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("frn_blocks."))
+            .collect();
+    let section = config.autoencoder.clone().context("the model has no [autoencoder] to encode digits with")?;
+    let arch = section.arch.clone();
+    let ae = WeightsFile::open(&model.join(&section.weights))?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
+    let (train, _val) = common.data()?;
+    eprintln!("encoding {} training digits", train.len());
+    let latents = Latents::encode(&ae, &section, &train, &device)?;
+    let cfg = FrnTraining { net: net.clone(), opts: common.options() };
+    let bar = progress_bar(common.steps);
+    let (report, frn) = blockwise::train_frn(&cfg, base.clone(), &latents, common.place(&device), &mut report_step(&bar, common.log_every))
+        .context("training the FRN")?;
+    bar.finish_and_clear();
+    std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    let mut all = base;
+    all.extend(frn);
+    flowgen_engine::weights::save_safetensors(&all, &weights_path)?;
+    config.network.arch = NetworkArch::Blockwise(net.clone());
+    let path = model.join("model.toml");
+    std::fs::write(&path, config.to_toml_string()).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "blockwise FRN: final loss {:.5} (reusing the anchor: {:.5}), {} parameters, {:.4} GFLOPs per image and forward against the trunk's {:.4}; {:.0} s, {:.1} samples/s -> {}",
+        report.final_loss,
+        report.anchor_reuse_loss,
+        report.parameters,
+        net.flops().frn / 1e9,
+        net.flops().trunk / 1e9,
+        report.train_seconds,
+        report.samples_per_second,
+        weights_path.display()
     );
     Ok(())
 }
