@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::models::autoencoder::AutoencoderConfig;
 pub use crate::network::NetworkSection;
-use crate::samplers::{Sampler, MAIN_NETWORK};
+use crate::network::NetworkArch;
+use crate::samplers::{Sampler, FRN_NETWORK, MAIN_NETWORK};
 use crate::schedule::{ScheduleAccess, ScheduleSpec};
 pub use crate::velocity::TimeConvention;
 
@@ -195,6 +196,17 @@ impl ModelConfig {
 
     /// The auxiliary networks `sampler` calls are all in this model; the error names the one missing.
     pub fn check_networks(&self, sampler: &Sampler) -> Result<()> {
+        if matches!(sampler, Sampler::Fra) && !self.network.arch.has_frn() {
+            return Err(Error::invalid(
+                "sampler",
+                format!(
+                    "fra reuses a blockwise network's features through its FRN; model {:?} has none ({} network{})",
+                    self.name,
+                    self.network.arch.kind(),
+                    if matches!(self.network.arch, NetworkArch::Blockwise(_)) { " with frn_depth = 0" } else { "" }
+                ),
+            ));
+        }
         for (name, _) in sampler.networks() {
             if !self.networks.contains_key(name) {
                 return Err(Error::invalid(
@@ -211,9 +223,14 @@ impl ModelConfig {
 
     /// Floating-point operations of one forward pass for one image of the main network
     /// (`MAIN_NETWORK`) or of `[networks.NAME]`.
+    /// For a blockwise model, `FRN_NETWORK` is an FRA evaluation: its FRN and one segment's blocks.
     pub fn network_flops(&self, name: &str) -> Option<f64> {
         if name == MAIN_NETWORK {
             return Some(self.network.arch.forward_flops());
+        }
+        if let (NetworkArch::Blockwise(cfg), true) = (&self.network.arch, name == FRN_NETWORK) {
+            let parts = cfg.flops();
+            return Some(parts.segment + parts.frn);
         }
         self.networks.get(name).map(|n| n.arch.forward_flops())
     }

@@ -81,6 +81,11 @@ impl NetworkArch {
         }
     }
 
+    /// Whether the network has a feature residual network for FRA (a blockwise one with frn_depth > 0).
+    pub fn has_frn(&self) -> bool {
+        matches!(self, NetworkArch::Blockwise(cfg) if cfg.frn_depth > 0)
+    }
+
     /// The null label implied by the architecture alone (trained with label dropout).
     pub fn inferred_null_label(&self) -> Option<u32> {
         match self {

@@ -39,10 +39,31 @@ impl TimeConvention {
     }
 }
 
+/// What a network may keep between the evaluations of one solve to make later ones cheaper
+/// (blockwise FRA: the trunk's anchor features of the current segment). Opaque to samplers,
+/// which only make one per solve and read how many evaluations reused it.
+#[derive(Default)]
+pub struct FeatureMemo {
+    pub(crate) state: Option<Box<dyn std::any::Any + Send>>,
+    /// Evaluations that reused the memo instead of running the full network.
+    pub reused: usize,
+}
+
 /// A network that predicts velocity in its own convention: v = net(x, t, y).
 pub trait VelocityModel: Send + Sync {
     fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor>;
     fn convention(&self) -> TimeConvention;
+
+    /// Like `forward`, reusing and updating `memo` where the network can (the default cannot).
+    fn forward_with_memo(&self, x: &Tensor, t: &Tensor, y: &Tensor, memo: &mut FeatureMemo) -> Result<Tensor> {
+        let _ = memo;
+        self.forward(x, t, y)
+    }
+
+    /// Whether `forward_with_memo` can reuse anything.
+    fn reuses_features(&self) -> bool {
+        false
+    }
 }
 
 /// A SiT/DiT transformer together with the time convention its checkpoint was trained in.
@@ -72,6 +93,12 @@ impl VelocityModel for BlockwiseVelocity {
     }
     fn convention(&self) -> TimeConvention {
         self.convention
+    }
+    fn forward_with_memo(&self, x: &Tensor, t: &Tensor, y: &Tensor, memo: &mut FeatureMemo) -> Result<Tensor> {
+        crate::models::blockwise::forward_fra(&self.net, x, t, y, memo)
+    }
+    fn reuses_features(&self) -> bool {
+        self.net.has_frn()
     }
 }
 
@@ -187,7 +214,20 @@ impl VelocityField for GuidedField<'_> {
         let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
         self.guided(x, x_uncond, s, labels, true)
     }
+
+    fn velocity_with_memo(&self, x: &Tensor, s: &[f64], memo: &mut FeatureMemo) -> Result<Tensor> {
+        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        let mut forward = |x: &Tensor, t: &Tensor, y: &Tensor| self.model.forward_with_memo(x, t, y, memo);
+        Ok(self.guided_by(&mut forward, x, None, s, labels, false)?.0)
+    }
+
+    fn reuses_features(&self) -> bool {
+        self.model.reuses_features()
+    }
 }
+
+/// One forward of the wrapped network: (x, network time, labels) -> output.
+type Forward<'f> = dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'f;
 
 /// The labels of one evaluation: conditional, null, and both stacked when already built.
 #[derive(Clone, Copy)]
@@ -203,6 +243,20 @@ impl GuidedField<'_> {
     /// `x_uncond` when given), as the doubled batch of SiT's `forward_with_cfg` carries it.
     fn guided(
         &self,
+        x: &Tensor,
+        x_uncond: Option<&Tensor>,
+        s: &[f64],
+        labels: Labels,
+        want_path: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut forward = |x: &Tensor, t: &Tensor, y: &Tensor| self.model.forward(x, t, y);
+        self.guided_by(&mut forward, x, x_uncond, s, labels, want_path)
+    }
+
+    /// `guided` with the network's forward given (plain, or reusing a solve's memo).
+    fn guided_by(
+        &self,
+        forward: &mut Forward,
         x: &Tensor,
         x_uncond: Option<&Tensor>,
         s: &[f64],
@@ -229,7 +283,7 @@ impl GuidedField<'_> {
                     Some(yy) => yy.clone(),
                     None => Tensor::cat(&[labels.cond, null], 0)?,
                 };
-                let out = self.model.forward(&xx, &tt, &yy)?;
+                let out = forward(&xx, &tt, &yy)?;
                 let cond = out.narrow(0, 0, b)?;
                 // Masked by the output's channels: a refiner takes 2C channels and returns C.
                 let mask = self.channel_mask(&cond)?;
@@ -249,7 +303,7 @@ impl GuidedField<'_> {
             }
             _ => {
                 let t = self.times(s, x.device())?;
-                (self.model.forward(x, &t, labels.cond)?, None)
+                (forward(x, &t, labels.cond)?, None)
             }
         };
         let signed = |v: Tensor| -> Result<Tensor> { Ok(if sign < 0.0 { v.neg()? } else { v }) };

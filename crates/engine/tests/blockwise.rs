@@ -189,3 +189,116 @@ fn part_flops_add_up_to_a_forward() {
     let block = 2.0 * (d * r + r * 6.0 * d + n * d * 3.0 * d + 2.0 * n * n * d + n * d * d + 2.0 * n * d * 128.0);
     assert!((deeper - f.trunk - 2.0 * block).abs() < 1e-6, "{deeper} vs {} + 2 x {block}", f.trunk);
 }
+
+#[test]
+fn fra_reproduces_the_released_frn_sampler() {
+    // 3 segments x 2 Euler steps, guidance 2: the trunk runs at each segment's first step and
+    // the FRN approximates it at the second, as `sample_ode_frn`.
+    let io = io();
+    let model = BlockwiseVelocity { net: load(), convention: TimeConvention::Lfm };
+    let labels: Vec<u32> = labels(&io, "labels").to_vec1().unwrap();
+    let guidance = Guidance { scale: 2.0, null_label: Some(1000), channels: None, interval: (0.0, 1.0) };
+    let field = GuidedField::new(&model, &labels, guidance, &Device::Cpu).unwrap();
+    let schedule = Schedule::uniform(6).unwrap();
+    let (x, stats) = Sampler::Fra.solve(&field, io["noise"].clone(), &schedule, &mut Unobserved).unwrap();
+    let diff = max_abs_diff(&x, &io["sample_ode_frn"]);
+    assert!(diff < 1e-4, "sample_ode_frn: max |diff| = {diff}");
+    assert_eq!((stats.evaluations["velocity"], stats.evaluations["frn"], stats.steps), (3, 3, 6));
+    // And it is not the plain sampler's result: the FRN path was taken.
+    assert!(max_abs_diff(&x, &io["sample_ode"]) > 1e-3);
+}
+
+#[test]
+fn fra_with_a_zero_frn_reuses_the_anchor_within_each_segment() {
+    // Zero the shared patch embedding of the trunk and the FRN, and the FRN's modulations: the
+    // FRN's residual is then exactly 0 and the trunk's features depend on (t, y) only, so FRA
+    // must equal a loop that keeps each segment's first-step features.
+    let cfg = tiny_config();
+    let mut tensors = candle_core::safetensors::load(fixture("blockwise_tiny.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.starts_with("representation_x_embedder") || (name.starts_with("frn_blocks") && name.contains("adaLN")) {
+            *t = t.zeros_like().unwrap();
+        }
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let net = Blockwise::new(&cfg, vb).unwrap();
+    let io = io();
+    let y = labels(&io, "labels");
+    let x0 = io["noise"].clone();
+
+    // By hand: Euler in the engine frame (s = 1 - t, u = -v), anchor at each segment's start.
+    let mut x = x0.clone();
+    let mut anchor = None;
+    for step in 0..6 {
+        let (s0, s1) = (step as f64 / 6.0, (step + 1) as f64 / 6.0);
+        let t = Tensor::from_vec(vec![(1.0 - s0) as f32; 2], 2, &Device::Cpu).unwrap();
+        let inputs = net.step_inputs(&x, &t, &y).unwrap();
+        if step % 2 == 0 {
+            anchor = Some(net.trunk(&inputs).unwrap());
+        }
+        let v = net.velocity_head(&inputs, anchor.as_ref().unwrap(), step / 2).unwrap();
+        x = (x - (v * (s1 - s0)).unwrap()).unwrap();
+    }
+    let model = BlockwiseVelocity { net, convention: TimeConvention::Lfm };
+    let field = GuidedField::new(&model, &y.to_vec1::<u32>().unwrap(), Guidance::none(), &Device::Cpu).unwrap();
+    let (fra, stats) = Sampler::Fra.solve(&field, x0, &Schedule::uniform(6).unwrap(), &mut Unobserved).unwrap();
+    let diff = max_abs_diff(&fra, &x);
+    assert!(diff < 1e-5, "FRA with a zero FRN vs anchor reuse: max |diff| = {diff}");
+    assert_eq!(stats.evaluations["frn"], 3);
+}
+
+#[test]
+fn a_blockwise_model_directory_serves_fixed_step_samplers_and_fra_with_their_costs() {
+    use flowgen_engine::config::NetworkSection;
+    use flowgen_engine::random_model::{tiny_latent_config, write_random_model};
+    use flowgen_engine::{ImageInputs, NetworkArch, Pipeline, ScheduleAccess, SettingsRequest};
+    let net = BlockwiseConfig {
+        input_size: 7,
+        patch_size: 1,
+        num_classes: 10,
+        segments: 4,
+        segment_depth: 1,
+        feature_alignment_depth: 2,
+        frn_depth: 1,
+        dim_projection: 0,
+        ..tiny_config()
+    };
+    let mut config = tiny_latent_config("tiny-blockwise");
+    config.network = NetworkSection {
+        weights: "velocity.safetensors".into(),
+        convention: TimeConvention::Lfm,
+        arch: NetworkArch::Blockwise(net.clone()),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &config, 11).unwrap();
+    let pipeline = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let cfg = pipeline.config();
+    let parts = net.flops();
+    assert_eq!(cfg.network_flops("velocity"), Some(parts.trunk + parts.segment));
+    assert_eq!(cfg.network_flops("frn"), Some(parts.segment + parts.frn));
+    let inputs = ImageInputs::cycle(&[1, 7], 2, 0);
+    let run = |sampler: &str, steps: usize| {
+        let request = SettingsRequest { sampler: Some(sampler.into()), steps: Some(steps), ..Default::default() };
+        let settings = cfg.solve_settings(&request, ScheduleAccess::Named).unwrap();
+        pipeline.generate(&settings, &inputs, &mut Unobserved).unwrap()
+    };
+    // Heun's second evaluation of a step lands in the next segment at segment ends: rows are
+    // dispatched by their own time, whatever the sampler.
+    for (sampler, nfe) in [("euler", 8), ("heun", 16), ("midpoint", 16)] {
+        let out = run(sampler, 8);
+        assert_eq!((out.images.len(), out.stats.nfe()), (2, nfe), "{sampler}");
+    }
+    // FRA on 8 steps over 4 segments: the trunk at 4 of them, the FRN at the other 4.
+    let out = run("fra", 8);
+    assert_eq!((out.stats.evaluations["velocity"], out.stats.evaluations["frn"]), (4, 4));
+    let counts = out.stats.evaluations.iter().map(|(k, &n)| (k.as_str(), n as f64));
+    let fra_flops = cfg.solve_flops(counts, true);
+    let full_flops = cfg.solve_flops([("velocity", 8.0)], true);
+    let saved = 2.0 * 4.0 * (parts.trunk - parts.frn);
+    assert!((full_flops - fra_flops - saved).abs() < 1e-3, "{full_flops} - {fra_flops} != {saved}");
+    // Models without an FRN refuse FRA by name.
+    let mut sit = tiny_latent_config("tiny-sit");
+    sit.name = "tiny-sit".into();
+    let err = sit.check_networks(&Sampler::Fra).unwrap_err().to_string();
+    assert!(err.contains("fra") && err.contains("FRN"), "{err}");
+}

@@ -697,3 +697,54 @@ impl Blockwise {
         }
     }
 }
+
+// ---- Feature residual approximation (FRA) ----
+
+/// The trunk features kept between the FRA evaluations of one solve: taken at the first
+/// evaluation in a segment, reused with the FRN at the segment's later steps.
+struct FraAnchor {
+    segment: usize,
+    /// Network time the anchor was taken at (the segment's start on an aligned grid).
+    time: f64,
+    features: Tensor,
+}
+
+/// FRA's forward (the released `sample_ode_frn`): the full trunk at the first evaluation in a
+/// segment, kept as the anchor; later evaluations in the same segment use anchor + coeff x FRN
+/// with coeff = (t_anchor - t) / segment length, the fraction of the segment covered since. A
+/// batch whose rows span segments, a batch of another size (guidance switching on or off) or a
+/// model without an FRN runs the full network and takes a new anchor where it can.
+pub fn forward_fra(
+    net: &Blockwise,
+    xs: &Tensor,
+    t: &Tensor,
+    y: &Tensor,
+    memo: &mut crate::velocity::FeatureMemo,
+) -> crate::error::Result<Tensor> {
+    let cfg = net.config();
+    let times = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let Some(&time) = times.first() else { return Ok(net.forward(xs, t, y)?) };
+    let segment = cfg.segment_of(time);
+    if !net.has_frn() || times.iter().any(|&ti| cfg.segment_of(ti) != segment) {
+        return Ok(net.forward(xs, t, y)?);
+    }
+    let inputs = net.step_inputs(xs, t, y)?;
+    let anchor = memo.state.as_ref().and_then(|s| s.downcast_ref::<FraAnchor>());
+    let reusable = anchor.filter(|a| a.segment == segment && a.features.dim(0).ok() == Some(xs.dim(0).unwrap_or(0)));
+    let features = match reusable {
+        Some(anchor) => {
+            let length = 1.0 / cfg.segments as f64;
+            let coeff: Vec<f32> = times.iter().map(|&ti| ((anchor.time - ti) / length) as f32).collect();
+            let coeff = Tensor::from_vec(coeff, (times.len(), 1, 1), xs.device())?.to_dtype(anchor.features.dtype())?;
+            let features = (&anchor.features + net.frn_residual(&inputs)?.broadcast_mul(&coeff)?)?;
+            memo.reused += 1;
+            features
+        }
+        None => {
+            let features = net.trunk(&inputs)?;
+            memo.state = Some(Box::new(FraAnchor { segment, time, features: features.clone() }));
+            features
+        }
+    };
+    Ok(net.velocity_channels(net.velocity_head(&inputs, &features, segment)?)?)
+}

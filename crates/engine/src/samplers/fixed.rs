@@ -60,7 +60,7 @@ pub(super) fn solve(
                 cache = Some(d1);
                 next
             }
-            Sampler::Dopri5(_) | Sampler::FlowTurbo(_) => {
+            Sampler::Dopri5(_) | Sampler::FlowTurbo(_) | Sampler::Fra => {
                 return Err(Error::Solver(format!("{} has its own solver", sampler.name())))
             }
         };

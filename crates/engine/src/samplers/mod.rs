@@ -8,6 +8,7 @@
 mod dopri5;
 mod fixed;
 mod flowturbo;
+mod fra;
 pub(crate) mod fused;
 
 use std::collections::BTreeMap;
@@ -19,9 +20,11 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
+use crate::velocity::FeatureMemo;
 
 pub use dopri5::Dopri5Options;
 pub use flowturbo::{FlowTurboPlan, RefinerCondition, REFINER_NETWORK};
+pub use fra::FRN_NETWORK;
 
 /// Name under which the main velocity network's evaluations are counted.
 pub const MAIN_NETWORK: &str = "velocity";
@@ -45,6 +48,18 @@ pub trait VelocityField {
     fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
         let _ = x_uncond;
         Ok((self.velocity(x, s)?, None))
+    }
+
+    /// The velocity, letting the network reuse what it kept in `memo` from earlier evaluations
+    /// of this solve (blockwise FRA); fields that keep nothing evaluate in full.
+    fn velocity_with_memo(&self, x: &Tensor, s: &[f64], memo: &mut FeatureMemo) -> Result<Tensor> {
+        let _ = memo;
+        self.velocity(x, s)
+    }
+
+    /// Whether `velocity_with_memo` can reuse anything.
+    fn reuses_features(&self) -> bool {
+        false
     }
 }
 
@@ -179,6 +194,10 @@ pub enum Sampler {
     PseudoCorrector,
     /// FlowTurbo's Heun / pseudo-corrector / refiner plan (needs the `refiner` network when R > 0).
     FlowTurbo(FlowTurboPlan),
+    /// Blockwise Flow Matching's feature residual approximation: Euler, with the trunk run only
+    /// at each segment's first step and its FRN approximation after (needs a blockwise model
+    /// with an FRN).
+    Fra,
     Dopri5(Dopri5Options),
 }
 
@@ -209,6 +228,7 @@ pub const FAMILIES: &[SamplerFamily] = &[
         parameters: "H<a>P<b>R<c>,condition=cached|refined",
         parse: FlowTurboPlan::from_parameters,
     },
+    SamplerFamily { name: "fra", aliases: &["bfm-fra", "blockwise-fra"], parameters: "", parse: |_| Ok(Sampler::Fra) },
     SamplerFamily {
         name: "dopri5",
         aliases: &["dopri", "dormand-prince"],
@@ -328,6 +348,7 @@ impl Sampler {
             Sampler::Rk4 => "rk4",
             Sampler::PseudoCorrector => "pseudo-corrector",
             Sampler::FlowTurbo(_) => "flowturbo",
+            Sampler::Fra => "fra",
             Sampler::Dopri5(_) => "dopri5",
         }
     }
@@ -348,7 +369,7 @@ impl Sampler {
     /// Main-network NFE a fixed-step solve of `steps` steps costs (None for adaptive solvers).
     pub fn nfe_for(&self, steps: usize) -> Option<usize> {
         match self {
-            Sampler::Euler => Some(steps),
+            Sampler::Euler | Sampler::Fra => Some(steps),
             Sampler::Midpoint | Sampler::Heun => Some(2 * steps),
             Sampler::Rk4 => Some(4 * steps),
             Sampler::PseudoCorrector => Some(steps + 1),
@@ -412,6 +433,7 @@ impl Sampler {
         match self {
             Sampler::Dopri5(opts) => dopri5::solve(opts, fields.main, x0, observer),
             Sampler::FlowTurbo(plan) => flowturbo::solve(plan, fields, x0, schedule, observer),
+            Sampler::Fra => fra::solve(fields.main, x0, schedule, observer),
             fixed_step => fixed::solve(fixed_step, fields.main, x0, schedule, observer),
         }
     }
