@@ -167,7 +167,10 @@ pub fn run(
             failed: results.failures.len(),
             lost: args.jobs - succeeded - results.failures.len(),
         };
-        eprintln!("{row:?}");
+        eprintln!(
+            "{workers} worker(s): {:.2} images/s ({:.3} of the raw engine), {} succeeded, {} failed, {} lost",
+            row.images_per_s, row.ratio, row.succeeded, row.failed, row.lost
+        );
         rows.push(row);
     }
     Ok(rows)
