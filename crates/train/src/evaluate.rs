@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use flowgen_engine::samplers::{Dopri5Options, Unobserved, VelocityField};
+use flowgen_engine::samplers::{Dopri5Options, Unobserved, VelocityField, MAIN_NETWORK};
 use flowgen_engine::{noise, Guidance, GuidedField, ImageInputs, Pipeline, Sampler, ScheduleSpec, SolveSettings};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,14 @@ pub struct EvalResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rmse_vs_reference: Option<f64>,
     pub nfe_per_image: f64,
+    /// Measured evaluations per image of the networks beside the main one (a refiner, a
+    /// blockwise model's FRN), by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub other_evaluations_per_image: std::collections::BTreeMap<String, f64>,
+    /// Network FLOPs per image from the measured evaluations of every network (two forwards
+    /// per guided evaluation).
+    #[serde(default)]
+    pub gflops_per_image: f64,
     pub seconds_per_image: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub straightness: Option<f64>,
@@ -65,7 +73,7 @@ pub struct EvalContext {
     pub fd_autoencoder_floor: Option<f64>,
     pub fd_autoencoder_sampled_floor: Option<f64>,
     /// The tight Dormand-Prince solve: final states, total NFE, seconds per image.
-    reference: Option<(Tensor, usize, f64)>,
+    reference: Option<Solved>,
     /// Whether results carry the RMSE against the reference (which costs one tight solve).
     pub with_reference: bool,
     batch: usize,
@@ -170,11 +178,14 @@ impl EvalContext {
         self.batch
     }
 
-    /// Final states of `sampler` for all n images, with total NFE over images and seconds per
-    /// image: the median over full batches after the first (a warm-up), so one batch slowed by
+    /// Final states of `sampler` for all n images, with what they cost and seconds per image:
+    /// the median over full batches after the first (a warm-up), so one batch slowed by
     /// something else on the machine does not move it.
-    fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<(Tensor, usize, f64)> {
+    fn solve_all(&self, pipeline: &Pipeline, sampler: &Sampler, steps: usize) -> Result<Solved> {
         let (mut states, mut nfe) = (Vec::new(), 0usize);
+        let mut other: std::collections::BTreeMap<String, f64> = Default::default();
+        let mut flops = 0.0;
+        let guided = self.guidance.scale != 1.0;
         let settings = self.settings(sampler.clone(), steps);
         let mut timed = Vec::new();
         for start in (0..self.labels.len()).step_by(self.batch) {
@@ -186,12 +197,27 @@ impl EvalContext {
             timed.push((started.elapsed().as_secs_f64(), end - start));
             stats.require_all()?;
             nfe += stats.per_sample_nfe.iter().sum::<usize>();
+            // Batched evaluations: every image of the batch went through each of them.
+            let images = (end - start) as f64;
+            for (name, &count) in stats.evaluations.iter().filter(|(name, _)| name.as_str() != MAIN_NETWORK) {
+                *other.entry(name.clone()).or_default() += count as f64 * images;
+            }
+            let counts = stats.evaluations.iter().map(|(name, &count)| (name.as_str(), count as f64));
+            flops += pipeline.config().solve_flops(counts, guided) * images;
             states.push(state);
         }
         let full: Vec<(f64, usize)> = timed.iter().skip(1).copied().filter(|&(_, k)| k == self.batch).collect();
         let counted = if full.is_empty() { timed } else { full };
         let per_image: Vec<f64> = counted.iter().map(|&(t, k)| t / k.max(1) as f64).collect();
-        Ok((Tensor::cat(&states, 0)?, nfe, median(per_image)))
+        let n = self.labels.len().max(1) as f64;
+        other.values_mut().for_each(|v| *v /= n);
+        Ok(Solved {
+            state: Tensor::cat(&states, 0)?,
+            nfe,
+            other_per_image: other,
+            gflops_per_image: flops / n / 1e9,
+            seconds_per_image: median(per_image),
+        })
     }
 
     /// Seconds per image of `sampler` solving one image at a time: one warm-up solve, then the
@@ -222,12 +248,13 @@ impl EvalContext {
 
     /// The tight Dormand-Prince solution from the same noise (computed once per context).
     pub fn reference(&mut self, pipeline: &Pipeline) -> Result<Tensor> {
-        if let Some((state, _, _)) = &self.reference {
+        if let Some(Solved { state, .. }) = &self.reference {
             return Ok(state.clone());
         }
         let solved = self.solve_all(pipeline, &reference_sampler(), 0)?;
-        self.reference = Some(solved.clone());
-        Ok(solved.0)
+        let state = solved.state.clone();
+        self.reference = Some(solved);
+        Ok(state)
     }
 
     pub fn evaluate(
@@ -239,7 +266,7 @@ impl EvalContext {
         straightness: bool,
     ) -> Result<EvalResult> {
         // The reference sampler itself is solved once, not twice.
-        let (state, nfe, seconds) = match &self.reference {
+        let solved = match &self.reference {
             Some(solved) if *sampler == reference_sampler() => solved.clone(),
             _ => {
                 let solved = self.solve_all(pipeline, sampler, steps)?;
@@ -249,6 +276,7 @@ impl EvalContext {
                 solved
             }
         };
+        let state = &solved.state;
         let mut feats = Vec::with_capacity(self.labels.len());
         let mut correct = 0usize;
         for start in (0..self.labels.len()).step_by(self.batch) {
@@ -261,7 +289,7 @@ impl EvalContext {
         let fd = fd_of_features(&feats, &self.val_features)?;
         let rmse = if self.with_reference {
             let reference = self.reference(pipeline)?;
-            Some((&state - &reference)?.sqr()?.mean_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            Some((state - &reference)?.sqr()?.mean_all()?.sqrt()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
         } else {
             None
         };
@@ -279,8 +307,10 @@ impl EvalContext {
             fd_ratio: fd / self.fd_floor.max(1e-12),
             accuracy: correct as f64 / n as f64,
             rmse_vs_reference: rmse,
-            nfe_per_image: nfe as f64 / n as f64,
-            seconds_per_image: seconds,
+            nfe_per_image: solved.nfe as f64 / n as f64,
+            other_evaluations_per_image: solved.other_per_image,
+            gflops_per_image: solved.gflops_per_image,
+            seconds_per_image: solved.seconds_per_image,
             straightness: if straightness { Some(self.straightness(pipeline, 64)?) } else { None },
             fd_autoencoder_floor: self.fd_autoencoder_floor,
             fd_autoencoder_sampled_floor: self.fd_autoencoder_sampled_floor,
@@ -333,6 +363,17 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub const STRAIGHTNESS_IMAGES: usize = 256;
 
 /// The Dormand-Prince settings of the RMSE reference (and of `eval --sampler dopri5`).
+/// One sampler's final states for every image of an evaluation, and what they cost.
+#[derive(Clone)]
+struct Solved {
+    state: Tensor,
+    /// Main-network evaluations summed over images.
+    nfe: usize,
+    other_per_image: std::collections::BTreeMap<String, f64>,
+    gflops_per_image: f64,
+    seconds_per_image: f64,
+}
+
 pub fn reference_sampler() -> Sampler {
     Sampler::Dopri5(Dopri5Options { rtol: 1e-5, atol: 1e-5, max_nfe: 5000 })
 }

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use flowgen_engine::samplers::MAIN_NETWORK;
-use flowgen_engine::{Guidance, ModelConfig, Sampler, ScheduleSpec};
+use flowgen_engine::{Guidance, Sampler, ScheduleSpec};
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
@@ -133,23 +132,6 @@ pub fn plan_runs(
 pub fn gflops_per_image(forward_flops: f64, nfe: f64, guidance: &Guidance) -> f64 {
     let forwards = if guidance.scale != 1.0 { 2.0 } else { 1.0 };
     forward_flops * nfe * forwards / 1e9
-}
-
-/// Evaluations per image of the networks beside the main one (a refiner) that `sampler` calls.
-pub fn auxiliary_evaluations(sampler: &Sampler) -> BTreeMap<String, f64> {
-    sampler.networks().into_iter().map(|(name, count)| (name.to_string(), count as f64)).collect()
-}
-
-/// `gflops_per_image` of the main network's `nfe` plus every auxiliary network's evaluations,
-/// each at its own forward cost (guided the same way as the main one).
-pub fn solve_gflops_per_image(
-    model: &ModelConfig,
-    nfe: f64,
-    auxiliary: &BTreeMap<String, f64>,
-    guidance: &Guidance,
-) -> f64 {
-    let counts = std::iter::once((MAIN_NETWORK, nfe)).chain(auxiliary.iter().map(|(name, &n)| (name.as_str(), n)));
-    model.solve_flops(counts, guidance.scale != 1.0) / 1e9
 }
 
 /// Which points are on the Pareto front of (cost, loss), both lower-is-better: no other point

@@ -12,7 +12,7 @@ use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 use flowgen_train::sampler_bench::{
-    auxiliary_evaluations, gemm_gflops, mark_pareto, solve_gflops_per_image, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
+    gemm_gflops, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
     ScheduleChoice, DEFAULT_BUDGETS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -82,6 +82,9 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
             if cfg.sampler_plans.contains_key("flowturbo") {
                 names.insert(5, "flowturbo".into());
             }
+            if cfg.network.arch.has_frn() {
+                names.insert(1, "fra".into());
+            }
             names
         }
     };
@@ -133,10 +136,11 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
         ctx.schedule = run.schedule.clone();
         let eval = ctx.evaluate(&pipeline, &classifier, &run.sampler, run.steps, false)?;
         let alone = ctx.seconds_per_image_alone(&pipeline, &run.sampler, run.steps, args.alone)?;
-        let auxiliary = auxiliary_evaluations(&run.sampler);
+        // Costs as measured: the evaluations each network actually ran (a blockwise FRA solve's
+        // FRN steps are only known once solved).
         rows.push(BenchRow {
-            gflops_per_image: solve_gflops_per_image(cfg, eval.nfe_per_image, &auxiliary, &guidance),
-            auxiliary_evaluations: auxiliary,
+            gflops_per_image: eval.gflops_per_image,
+            auxiliary_evaluations: eval.other_evaluations_per_image.clone(),
             ms_per_image_alone: 1000.0 * alone,
             ms_per_image_batched: 1000.0 * eval.seconds_per_image,
             group: run.group.clone(),
