@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Serve(ServeBenchArgs),
     /// Quality, cost and speed of every sampler at equal network-evaluation budgets.
     Samplers(super::bench_samplers::SamplersBenchArgs),
+    /// FD against network GFLOPs per image across models and samplers (e.g. blockwise vs SiT).
+    Frontier(super::bench_frontier::FrontierBenchArgs),
     /// Per-step cost of each sampler beyond its network forwards (guidance mix, update, set-up).
     Steps(super::bench_steps::StepsBenchArgs),
 }
@@ -100,6 +102,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Serve(args) => serve(args),
         BenchCommand::Samplers(args) => super::bench_samplers::run(args),
+        BenchCommand::Frontier(args) => super::bench_frontier::run(args),
         BenchCommand::Steps(args) => super::bench_steps::run(args),
     }
 }

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_frontier;
 pub mod bench_samplers;
 pub mod bench_scale;
 pub mod bench_steps;

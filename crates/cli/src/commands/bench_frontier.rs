@@ -1,0 +1,203 @@
+//! `flowgen bench frontier`: FD against network GFLOPs per image for several models and samplers
+//! at the same step counts and from one noise set, so models of different architectures (a
+//! blockwise network against a single one) compare at equal compute.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flowgen_engine::device::parse_device;
+use flowgen_engine::{Pipeline, ScheduleAccess, SettingsRequest};
+use flowgen_train::classifier::Classifier;
+use flowgen_train::data::{Digits, Split};
+use flowgen_train::evaluate::{EvalContext, EvalResult, EvalSetup};
+use flowgen_train::plot::{line_plot, PlotSpec, Series};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct FrontierBenchArgs {
+    /// Model directories to compare (the same latent shape, so they share the noise).
+    #[arg(long, value_delimiter = ',', default_value = "models/default")]
+    models: Vec<PathBuf>,
+    /// Fixed-step samplers; each runs on every model that takes it (fra needs a blockwise model
+    /// with an FRN).
+    #[arg(long, value_delimiter = ',', default_value = "euler,fra")]
+    samplers: Vec<String>,
+    /// Step counts of every run.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16,32")]
+    steps: Vec<usize>,
+    /// Images per run (labels 0-9 in turn, image i from seed + i), the same for every run.
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per batched solve.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Classifier directory (classifier.json + classifier.safetensors).
+    #[arg(long, default_value = "models/mnist-classifier")]
+    classifier: PathBuf,
+    /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
+    #[arg(long, default_value = "data/mnist")]
+    data: PathBuf,
+    /// Classifier-free guidance scale of every run [default: what each model is served with].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Where frontier.md, frontier.csv, frontier.json and frontier.png go.
+    #[arg(long, default_value = "bench-frontier")]
+    out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// A line of the plot: one model with one sampler over the step counts.
+fn series_name(e: &EvalResult) -> String {
+    format!("{} {}", e.model, e.sampler)
+}
+
+pub fn run(args: FrontierBenchArgs) -> Result<()> {
+    anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
+    anyhow::ensure!(!args.steps.is_empty() && args.steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
+    let device = parse_device(&args.device)?;
+    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
+    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
+    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    let mut pipelines = Vec::new();
+    for dir in &args.models {
+        let pipeline = Pipeline::load(dir, &device).with_context(|| format!("loading {}", dir.display()))?;
+        let mut samplers = Vec::new();
+        for name in &args.samplers {
+            let sampler = pipeline.config().resolve_sampler(name).with_context(|| format!("--samplers {name}"))?;
+            anyhow::ensure!(!sampler.is_adaptive(), "--samplers {name}: the frontier compares fixed-step samplers");
+            match pipeline.config().check_networks(&sampler) {
+                Ok(()) => samplers.push(sampler),
+                Err(why) => eprintln!("{}: skipping {name}: {why}", dir.display()),
+            }
+        }
+        pipelines.push((dir, pipeline, samplers));
+    }
+    let total: usize = pipelines.iter().map(|(_, _, s)| s.len() * args.steps.len()).sum();
+    anyhow::ensure!(total > 0, "no model takes any of --samplers {:?}", args.samplers);
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs (eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut points = Vec::new();
+    let mut fd_floor = 0.0;
+    for (dir, pipeline, samplers) in &pipelines {
+        let cfg = pipeline.config();
+        let wanted = SettingsRequest { guidance: args.guidance, sampler: Some("euler".into()), ..Default::default() };
+        let served = cfg.solve_settings(&wanted, ScheduleAccess::Named).context("--guidance")?;
+        let guidance = pipeline.guidance(served.guidance, served.guidance_interval);
+        let setup =
+            EvalSetup { classifier: &classifier, train: &train, val: &val, n: args.n, seed: args.seed, guidance };
+        let mut ctx = EvalContext::new(setup, &device)?;
+        ctx.set_batch(args.batch);
+        ctx.with_reference = false;
+        fd_floor = ctx.fd_floor;
+        for sampler in samplers {
+            for &steps in &args.steps {
+                bar.set_message(format!("{} {} {steps} steps", cfg.name, sampler.canonical()));
+                let eval = ctx
+                    .evaluate(pipeline, &classifier, sampler, steps, false)
+                    .with_context(|| format!("{}: {} at {steps} steps", dir.display(), sampler.canonical()))?;
+                points.push(eval);
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let markdown = to_markdown(&points, fd_floor, args.n);
+    std::fs::write(args.out.join("frontier.md"), &markdown)?;
+    std::fs::write(args.out.join("frontier.csv"), to_csv(&points))?;
+    std::fs::write(args.out.join("frontier.json"), serde_json::to_string_pretty(&points)?)?;
+    let mut names: Vec<String> = Vec::new();
+    for p in &points {
+        if !names.contains(&series_name(p)) {
+            names.push(series_name(p));
+        }
+    }
+    let series: Vec<Series> = names
+        .iter()
+        .map(|name| {
+            let mut line: Vec<(f64, f64)> =
+                points.iter().filter(|p| &series_name(p) == name).map(|p| (p.gflops_per_image, p.fd_ratio)).collect();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series::line(name.clone(), line)
+        })
+        .collect();
+    let spec = PlotSpec {
+        title: "FD / real-data floor vs network GFLOPs per image",
+        x_label: "GFLOPs per image",
+        y_label: "FD ratio",
+        log_x: true,
+        log_y: true,
+    };
+    line_plot(&args.out.join("frontier.png"), &spec, &series)?;
+    print!("{markdown}");
+    println!(
+        "{} runs in {:.0} s -> {}/frontier.{{md,csv,json,png}}",
+        points.len(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn other_evaluations(eval: &EvalResult) -> String {
+    if eval.other_evaluations_per_image.is_empty() {
+        return "-".into();
+    }
+    eval.other_evaluations_per_image.iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
+}
+
+fn to_markdown(points: &[EvalResult], fd_floor: f64, n: usize) -> String {
+    let mut out = format!(
+        "{n} images per run, one noise set (image i: label i mod 10, seed i), real-data FD floor {fd_floor:.2}\n\n\
+         | model | sampler | steps | NFE (full network) | other evaluations | GFLOPs/image | FD | FD ratio | accuracy | ms/image batched |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for e in points {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {} | {:.3} | {:.2} | {:.3} | {:.1} % | {:.2} |\n",
+            e.model,
+            e.sampler,
+            e.steps,
+            e.nfe_per_image,
+            other_evaluations(e),
+            e.gflops_per_image,
+            e.fd,
+            e.fd_ratio,
+            100.0 * e.accuracy,
+            1000.0 * e.seconds_per_image
+        ));
+    }
+    out
+}
+
+fn to_csv(points: &[EvalResult]) -> String {
+    let mut out = String::from(
+        "model,sampler,steps,nfe_per_image,other_evaluations,gflops_per_image,fd,fd_floor,fd_ratio,accuracy,ms_per_image_batched\n",
+    );
+    for e in points {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            e.model,
+            e.sampler,
+            e.steps,
+            e.nfe_per_image,
+            other_evaluations(e).replace(", ", ";"),
+            e.gflops_per_image,
+            e.fd,
+            e.fd_floor,
+            e.fd_ratio,
+            e.accuracy,
+            1000.0 * e.seconds_per_image
+        ));
+    }
+    out
+}
