@@ -543,3 +543,52 @@ fn flowturbo_through_the_server_matches_the_cli_and_journals_the_canonical_plan(
         }
     }
 }
+
+#[test]
+fn a_blockwise_model_serves_euler_and_fra_by_name_and_records_their_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let made = flowgen(&["model", "init-random", "--out", model.to_str().unwrap(), "--seed", "3", "--blockwise"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let model = model.to_str().unwrap().to_string();
+    // The CLI: 8 FRA steps over 4 segments run the trunk at 4 and the FRN at 4; the manifest
+    // records both counts and the GFLOPs they cost, below Euler's with the trunk at every step.
+    let manifest = |sampler: &str| -> Value {
+        let out = dir.path().join(sampler);
+        let run = flowgen(&[
+            "generate",
+            "--model",
+            &model,
+            "--label",
+            "0-3",
+            "--n",
+            "4",
+            "--seed",
+            "2",
+            "--sampler",
+            sampler,
+            "--steps",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{sampler}: {}", String::from_utf8_lossy(&run.stderr));
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
+    };
+    let fra = manifest("fra");
+    let euler = manifest("euler");
+    let text = fra.to_string();
+    assert!(text.contains("\"frn\":4") && text.contains("\"velocity\":4"), "{fra}");
+    let gflops = |m: &Value| m["images"][0]["gflops"].as_f64().unwrap_or_else(|| panic!("no gflops in {m}"));
+    assert!(gflops(&fra) < gflops(&euler), "fra {} vs euler {}", gflops(&fra), gflops(&euler));
+
+    // The server: the same samplers by name, and the same image as the CLI for the same seed.
+    let server = Server::start(&model, &dir.path().join("data"), &dir.path().join("serve.log"), &[]);
+    let id = server.submit(json!({"label": 0, "seed": 2, "sampler": "FRA", "steps": 8}));
+    let view = server.wait(&id, "succeeded", Duration::from_secs(60));
+    assert_eq!(view["sampler"], "fra", "{view}");
+    let cli = Image::from_png(&std::fs::read(dir.path().join("fra").join("000.png")).unwrap()).unwrap().0;
+    assert_eq!(server.png(&id, 0), cli, "server and CLI disagree");
+    let id = server.submit(json!({"label": 1, "sampler": "heun", "steps": 4}));
+    server.wait(&id, "succeeded", Duration::from_secs(60));
+}

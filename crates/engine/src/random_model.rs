@@ -146,6 +146,37 @@ pub fn with_tiny_refiner(mut config: ModelConfig, plan: &str) -> ModelConfig {
     config
 }
 
+/// `config` with its network replaced by a tiny blockwise one of the same latent shape and
+/// classes (BFM's time convention, 4 segments of one block, a 2-block trunk and a 1-block FRN).
+pub fn with_tiny_blockwise(mut config: ModelConfig) -> ModelConfig {
+    let (c, h, _) = config.network.arch.state_shape();
+    let net = crate::models::blockwise::BlockwiseConfig {
+        input_size: h,
+        in_channels: c,
+        patch_size: 1,
+        hidden_size: 32,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        num_classes: config.network.arch.num_classes(),
+        class_dropout_prob: 0.1,
+        learn_sigma: false,
+        segments: 4,
+        segment_depth: 1,
+        feature_alignment_depth: 2,
+        frn_depth: 1,
+        adaln_lora_dim: 8,
+        dim_projection: 0,
+        projection_hidden: 64,
+        rope_theta: 10000.0,
+    };
+    config.network = NetworkSection {
+        weights: "velocity.safetensors".into(),
+        convention: TimeConvention::Lfm,
+        arch: NetworkArch::Blockwise(net),
+    };
+    config
+}
+
 /// Save `tensors` plus the fixed `pos_embed` table so the file has the official key set.
 pub fn save_sit_weights(net_cfg: &SitConfig, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let mut all = tensors.clone();

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use flowgen_engine::random_model::{tiny_latent_config, with_tiny_refiner, write_random_model};
+use flowgen_engine::random_model::{tiny_latent_config, with_tiny_blockwise, with_tiny_refiner, write_random_model};
 use flowgen_engine::{candle_core::Device, Pipeline};
 
 #[derive(Subcommand)]
@@ -21,8 +21,11 @@ pub enum ModelCommand {
         name: String,
         /// Add a random FlowTurbo refiner ([networks.refiner]) with this recommended plan, e.g.
         /// flowturbo:H1P2R2.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "blockwise")]
         refiner: Option<String>,
+        /// Make the network a tiny blockwise one (BFM: 4 time segments and an FRN, so `fra` runs).
+        #[arg(long)]
+        blockwise: bool,
     },
     /// Load a model directory, check its weights, and print its configuration.
     Check {
@@ -34,8 +37,11 @@ pub enum ModelCommand {
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
-        ModelCommand::InitRandom { out, seed, name, refiner } => {
+        ModelCommand::InitRandom { out, seed, name, refiner, blockwise } => {
             let mut config = tiny_latent_config(&name);
+            if blockwise {
+                config = with_tiny_blockwise(config);
+            }
             if let Some(plan) = &refiner {
                 flowgen_engine::Sampler::parse(plan).with_context(|| format!("--refiner {plan}"))?;
                 config = with_tiny_refiner(config, plan);
