@@ -69,7 +69,7 @@ pub fn document(generated: &utoipa::openapi::OpenApi, config: &ServerConfig, mod
     body["output_compression"] = nullable(quality.clone());
     body["sampler"] = nullable(json!({
         "type": "string", "enum": samplers,
-        "description": "A sampler family; dopri5 also takes parameters, e.g. \"dopri5:rtol=1e-4,atol=1e-4,max_nfe=500\" (max_nfe at most limits.max_nfe), and flowturbo a plan of Heun, pseudo-corrector and refiner steps, e.g. \"flowturbo:H2P4R2\" (on a model with a refiner; plain \"flowturbo\" is its recommended plan)"
+        "description": "A sampler family; dopri5 also takes parameters, e.g. \"dopri5:rtol=1e-4,atol=1e-4,max_nfe=500\" (max_nfe at most limits.max_nfe), and flowturbo a plan of Heun, pseudo-corrector and refiner steps, e.g. \"flowturbo:H2P4R2\" (on a model with a refiner; plain \"flowturbo\" is its recommended plan); fra is Blockwise Flow Matching's feature residual approximation (on a blockwise model with an FRN)"
     }));
     body["schedule"] = nullable(json!({
         "type": "string", "enum": schedules,

@@ -77,6 +77,19 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
         }
         pipelines.push((dir, pipeline, samplers));
     }
+    // Models are told apart by name, or by name and directory where two share a name.
+    let labels: Vec<String> = pipelines
+        .iter()
+        .map(|(dir, pipeline, _)| {
+            let name = &pipeline.config().name;
+            let shared = pipelines.iter().filter(|(_, other, _)| &other.config().name == name).count() > 1;
+            if shared {
+                format!("{name} ({})", dir.display())
+            } else {
+                name.clone()
+            }
+        })
+        .collect();
     let total: usize = pipelines.iter().map(|(_, _, s)| s.len() * args.steps.len()).sum();
     anyhow::ensure!(total > 0, "no model takes any of --samplers {:?}", args.samplers);
     let bar = ProgressBar::new(total as u64);
@@ -87,7 +100,7 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let mut points = Vec::new();
     let mut fd_floor = 0.0;
-    for (dir, pipeline, samplers) in &pipelines {
+    for ((dir, pipeline, samplers), label) in pipelines.iter().zip(&labels) {
         let cfg = pipeline.config();
         let wanted = SettingsRequest { guidance: args.guidance, sampler: Some("euler".into()), ..Default::default() };
         let served = cfg.solve_settings(&wanted, ScheduleAccess::Named).context("--guidance")?;
@@ -104,7 +117,18 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
                 let eval = ctx
                     .evaluate(pipeline, &classifier, sampler, steps, false)
                     .with_context(|| format!("{}: {} at {steps} steps", dir.display(), sampler.canonical()))?;
-                points.push(eval);
+                // A background run's log gets a line per run instead of the bar.
+                if bar.is_hidden() {
+                    eprintln!(
+                        "{label} {} {steps} steps: FD ratio {:.3}, {:.3} GFLOPs/image ({}/{total} runs, {:.0} s)",
+                        sampler.canonical(),
+                        eval.fd_ratio,
+                        eval.gflops_per_image,
+                        points.len() + 1,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                points.push(EvalResult { model: label.clone(), ..eval });
                 bar.inc(1);
             }
         }
