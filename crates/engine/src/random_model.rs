@@ -168,6 +168,7 @@ pub fn with_tiny_blockwise(mut config: ModelConfig) -> ModelConfig {
         dim_projection: 0,
         projection_hidden: 64,
         rope_theta: 10000.0,
+        abs_pos_embed: false,
     };
     config.network = NetworkSection {
         weights: "velocity.safetensors".into(),

@@ -44,6 +44,7 @@ fn tiny_config() -> BlockwiseConfig {
         dim_projection: 12,
         projection_hidden: 24,
         rope_theta: 10000.0,
+        abs_pos_embed: false,
     }
 }
 
@@ -301,4 +302,23 @@ fn a_blockwise_model_directory_serves_fixed_step_samplers_and_fra_with_their_cos
     sit.name = "tiny-sit".into();
     let err = sit.check_networks(&Sampler::Fra).unwrap_err().to_string();
     assert!(err.contains("fra") && err.contains("FRN"), "{err}");
+}
+
+#[test]
+fn only_the_optional_absolute_table_tells_tokens_of_a_constant_state_apart() {
+    // With RoPE alone, a constant state gives every token the same value vector, so attention
+    // (whatever its weights) and every block keep the tokens identical; the absolute table
+    // breaks that symmetry.
+    let x = Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[3u32], &Device::Cpu).unwrap();
+    let spread = |abs_pos_embed: bool| {
+        let cfg = BlockwiseConfig { abs_pos_embed, ..tiny_config() };
+        let (vb, _) = flowgen_engine::random_model::random_var_builder(1, &Device::Cpu);
+        let net = Blockwise::new(&cfg, vb).unwrap();
+        let features = net.trunk(&net.step_inputs(&x, &t, &y).unwrap()).unwrap();
+        max_abs_diff(&features.i((0, 0)).unwrap(), &features.i((0, 9)).unwrap())
+    };
+    assert!(spread(false) < 1e-5, "{}", spread(false));
+    assert!(spread(true) > 1e-3, "{}", spread(true));
 }

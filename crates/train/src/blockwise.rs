@@ -469,6 +469,7 @@ mod tests {
             dim_projection: 0,
             projection_hidden: 8,
             rope_theta: 10000.0,
+            abs_pos_embed: false,
         };
         let (times, segments) = segment_times(&cfg, 37, &mut ChaCha8Rng::seed_from_u64(3));
         assert_eq!(times.len(), 37);

@@ -357,6 +357,7 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
         dim_projection: 6,
         projection_hidden: 8,
         rope_theta: 10000.0,
+        abs_pos_embed: false,
     };
     // Alignment targets with structure: a per-class pattern over the 16 tokens and 6 channels.
     let pattern: Vec<f32> = latents

@@ -169,6 +169,10 @@ pub struct BlockwiseArgs {
     /// Probability of replacing a label by the null label (needed for guidance).
     #[arg(long, default_value_t = 0.1)]
     label_dropout: f64,
+    /// Add a fixed sin-cos absolute position table to the patch embeddings (the release has 2-D
+    /// RoPE only).
+    #[arg(long)]
+    abs_pos_embed: bool,
     /// Name written into the model directory's model.toml.
     #[arg(long, default_value = "mnist-latent-blockwise")]
     name: String,
@@ -695,6 +699,7 @@ fn train_blockwise(common: CommonArgs, args: BlockwiseArgs) -> Result<()> {
         },
         projection_hidden: args.projection_hidden,
         rope_theta: 10000.0,
+        abs_pos_embed: args.abs_pos_embed,
     };
     let cfg = BlockwiseTraining { net: net.clone(), align_weight: args.align_weight, opts: common.options() };
     let bar = progress_bar(common.steps);

@@ -56,6 +56,10 @@ pub struct BlockwiseConfig {
     pub projection_hidden: usize,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// Add a fixed 2-D sin-cos position table to both patch embeddings (not in the release,
+    /// which has RoPE only; off for official checkpoints).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abs_pos_embed: bool,
 }
 
 fn default_mlp_ratio() -> f64 {
@@ -529,6 +533,8 @@ pub struct Blockwise {
     final_layer: FinalLayer,
     frn_blocks: Vec<Block>,
     rope: Rope,
+    /// (1, N, D) fixed sin-cos table when `abs_pos_embed` is set.
+    pos_embed: Option<Tensor>,
     cfg: BlockwiseConfig,
 }
 
@@ -566,6 +572,12 @@ impl Blockwise {
             final_layer: FinalLayer::new(cfg, vb.pp("final_layer"))?,
             frn_blocks: blocks(BlockKind::Frn, cfg.frn_depth, vb.pp("frn_blocks"))?,
             rope: Rope { cos: cos.to_dtype(vb.dtype())?, sin: sin.to_dtype(vb.dtype())? },
+            pos_embed: if cfg.abs_pos_embed {
+                let table = super::sit::sincos_pos_embed_2d(d, cfg.grid_size());
+                Some(Tensor::from_vec(table, (1, cfg.num_tokens(), d), vb.device())?.to_dtype(vb.dtype())?)
+            } else {
+                None
+            },
             cfg: cfg.clone(),
         })
     }
@@ -585,10 +597,19 @@ impl Blockwise {
         Ok(StepInputs { c, patches })
     }
 
+    /// Tokens of a patch embedding, with the absolute table when the model has one.
+    fn embed(&self, patches: &Tensor, embedder: &Linear) -> Result<Tensor> {
+        let h = patches.apply(embedder)?;
+        match &self.pos_embed {
+            Some(table) => h.broadcast_add(table),
+            None => Ok(h),
+        }
+    }
+
     /// The trunk's per-token semantic features (B, N, D).
     pub fn trunk(&self, inputs: &StepInputs) -> Result<Tensor> {
         let global = inputs.c.silu()?.apply(&self.global_ada_ln)?;
-        let mut h = inputs.patches.apply(&self.representation_x_embedder)?;
+        let mut h = self.embed(&inputs.patches, &self.representation_x_embedder)?;
         for block in &self.representation_blocks {
             h = block.forward(&h, &inputs.c, Some(&global), &self.rope)?;
         }
@@ -600,7 +621,7 @@ impl Blockwise {
         if self.frn_blocks.is_empty() {
             return Err(candle_core::Error::Msg("this blockwise model has no FRN (frn_depth = 0)".into()));
         }
-        let mut h = inputs.patches.apply(&self.representation_x_embedder)?;
+        let mut h = self.embed(&inputs.patches, &self.representation_x_embedder)?;
         for block in &self.frn_blocks {
             h = block.forward(&h, &inputs.c, None, &self.rope)?;
         }
@@ -628,7 +649,7 @@ impl Blockwise {
         let (b, n, d) = features.dims3()?;
         let c_tok = Tensor::cat(&[&inputs.c.unsqueeze(1)?.broadcast_as((b, n, d))?, features], D::Minus1)?;
         let global = c_tok.silu()?.apply(&self.global_ada_ln2)?;
-        let mut h = inputs.patches.apply(&self.x_embedder)?;
+        let mut h = self.embed(&inputs.patches, &self.x_embedder)?;
         for block in blocks {
             h = block.forward(&h, &c_tok, Some(&global), &self.rope)?;
         }
