@@ -298,8 +298,7 @@ fn a_blockwise_model_directory_serves_fixed_step_samplers_and_fra_with_their_cos
     let saved = 2.0 * 4.0 * (parts.trunk - parts.frn);
     assert!((full_flops - fra_flops - saved).abs() < 1e-3, "{full_flops} - {fra_flops} != {saved}");
     // Models without an FRN refuse FRA by name.
-    let mut sit = tiny_latent_config("tiny-sit");
-    sit.name = "tiny-sit".into();
+    let sit = tiny_latent_config("tiny-sit");
     let err = sit.check_networks(&Sampler::Fra).unwrap_err().to_string();
     assert!(err.contains("fra") && err.contains("FRN"), "{err}");
 }

@@ -211,6 +211,38 @@ fn mean_tail(values: &[f64]) -> f64 {
     tail.iter().sum::<f64>() / tail.len().max(1) as f64
 }
 
+/// One step's training batch, the same draw in both stages (resumable from the step alone).
+struct Batch {
+    idx: Vec<usize>,
+    /// Data latents and noise, (B, C, H, W).
+    x: Tensor,
+    eps: Tensor,
+    /// Network times (t = 1 noise) and their segments, rows grouped by segment.
+    times: Vec<f32>,
+    segments: Vec<usize>,
+    /// Labels, dropped to the null label with the network's dropout probability.
+    labels: Tensor,
+}
+
+fn draw_batch(
+    net: &BlockwiseConfig,
+    opts: &TrainOptions,
+    step: usize,
+    latents: &Latents,
+    null: u32,
+    device: &Device,
+) -> Result<Batch> {
+    let shape = [opts.batch_size, net.in_channels, net.input_size, net.input_size];
+    let idx = batch_indices(opts.seed, step, opts.batch_size, latents.len());
+    let (x, mut labels) = latents.sample(&idx, &seeded_normal(opts.seed, step, 2, &shape, device)?)?;
+    let eps = seeded_normal(opts.seed, step, 3, &shape, device)?;
+    let mut rng = step_rng(opts.seed, step, 4);
+    let (times, segments) = segment_times(net, idx.len(), &mut rng);
+    drop_labels(&mut labels, null, net.class_dropout_prob, &mut rng);
+    let labels = Tensor::from_vec(labels, idx.len(), device)?;
+    Ok(Batch { idx, x, eps, times, segments, labels })
+}
+
 /// Labels of a batch with each replaced by `null` with probability `dropout`.
 fn drop_labels(labels: &mut [u32], null: u32, dropout: f64, rng: &mut ChaCha8Rng) {
     for label in labels.iter_mut() {
@@ -262,18 +294,11 @@ pub fn train(
     let columns = ["loss", "velocity_loss", "align_loss", "grad_norm", "lr"];
     let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &columns)?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let shape = [cfg.opts.batch_size, cfg.net.in_channels, cfg.net.input_size, cfg.net.input_size];
     let mut logged: Vec<(f64, f64, f64)> = Vec::new();
     for step in run.start_step..cfg.opts.steps {
-        let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, latents.len());
-        let draw = seeded_normal(cfg.opts.seed, step, 2, &shape, device)?;
-        let (x, mut labels) = latents.sample(&idx, &draw)?;
-        let eps = seeded_normal(cfg.opts.seed, step, 3, &shape, device)?;
-        let mut rng = step_rng(cfg.opts.seed, step, 4);
-        let (times, segments) = segment_times(&cfg.net, idx.len(), &mut rng);
-        drop_labels(&mut labels, null, cfg.net.class_dropout_prob, &mut rng);
+        let Batch { idx, x, eps, times, segments, labels } =
+            draw_batch(&cfg.net, &cfg.opts, step, latents, null, device)?;
         let t = Tensor::from_vec(times, idx.len(), device)?;
-        let labels = Tensor::from_vec(labels, idx.len(), device)?;
         let align_rows = targets.map(|t| t.rows(&idx)).transpose()?;
         let align = align_rows.as_ref().map(|rows| (cfg.align_weight, rows));
         let loss = stage_one_loss(&net, (&x, &eps), (&t, &segments), &labels, align)?;
@@ -349,16 +374,10 @@ pub fn train_frn(
     let mut run =
         Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "anchor_reuse_loss", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let shape = [cfg.opts.batch_size, cfg.net.in_channels, cfg.net.input_size, cfg.net.input_size];
     let mut logged: Vec<(f64, f64)> = Vec::new();
     for step in run.start_step..cfg.opts.steps {
-        let idx = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, latents.len());
-        let draw = seeded_normal(cfg.opts.seed, step, 2, &shape, device)?;
-        let (x, mut labels) = latents.sample(&idx, &draw)?;
-        let eps = seeded_normal(cfg.opts.seed, step, 3, &shape, device)?;
-        let mut rng = step_rng(cfg.opts.seed, step, 4);
-        let (times, segments) = segment_times(&cfg.net, idx.len(), &mut rng);
-        drop_labels(&mut labels, null, cfg.net.class_dropout_prob, &mut rng);
+        let Batch { idx, x, eps, times, segments, labels } =
+            draw_batch(&cfg.net, &cfg.opts, step, latents, null, device)?;
         let mut starts = Vec::with_capacity(idx.len());
         let mut coeffs = Vec::with_capacity(idx.len());
         for (&t, &segment) in times.iter().zip(&segments) {
@@ -370,7 +389,6 @@ pub fn train_frn(
         let t = Tensor::from_vec(times, n, device)?;
         let t_start = Tensor::from_vec(starts, n, device)?;
         let coeff = Tensor::from_vec(coeffs, n, device)?;
-        let labels = Tensor::from_vec(labels, n, device)?;
         let (loss, reuse) = frn_loss(&net, (&x, &eps), (&t, &t_start, &coeff), &labels)?;
         let outcome = run.optimise(step, &loss)?;
         run.end_step(

@@ -12,8 +12,8 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::fused::{gated_residual, linear, modulate, Linear};
-use super::sit::timestep_embedding;
-use super::{gelu_tanh, layer_norm_no_affine};
+use super::layer_norm_no_affine;
+use super::sit::{Mlp, TimestepEmbedder};
 
 const NORM_EPS: f64 = 1e-6;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -282,28 +282,6 @@ impl Module for RmsNorm {
 
 // ---- Small blocks ----
 
-#[derive(Debug, Clone)]
-struct TimestepEmbedder {
-    linear_1: Linear,
-    linear_2: Linear,
-    dtype: DType,
-}
-
-impl TimestepEmbedder {
-    fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
-        let linear_1 = linear(FREQUENCY_EMBEDDING_SIZE, hidden, vb.pp("mlp.0"))?;
-        let linear_2 = linear(hidden, hidden, vb.pp("mlp.2"))?;
-        Ok(Self { linear_1, linear_2, dtype: vb.dtype() })
-    }
-}
-
-impl Module for TimestepEmbedder {
-    fn forward(&self, t: &Tensor) -> Result<Tensor> {
-        let freq = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE, 10000.0)?.to_dtype(self.dtype)?;
-        freq.apply(&self.linear_1)?.silu()?.apply(&self.linear_2)
-    }
-}
-
 /// Multi-head self-attention with RMSNorm q/k norms and 2-D RoPE.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -337,26 +315,6 @@ impl Attention {
         let q = (q * (head_dim as f64).powf(-0.5))?;
         let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?.apply(&self.proj)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &BlockwiseConfig, vb: VarBuilder) -> Result<Self> {
-        let fc1 = linear(cfg.hidden_size, cfg.mlp_hidden(), vb.pp("fc1"))?;
-        let fc2 = linear(cfg.mlp_hidden(), cfg.hidden_size, vb.pp("fc2"))?;
-        Ok(Self { fc1, fc2 })
-    }
-}
-
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        gelu_tanh(&xs.apply(&self.fc1)?)?.apply(&self.fc2)
     }
 }
 
@@ -416,7 +374,7 @@ impl Block {
         };
         Ok(Self {
             attn: Attention::new(cfg, vb.pp("attn"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg.hidden_size, cfg.mlp_hidden(), vb.pp("mlp"))?,
             modulation,
             conditioning,
         })

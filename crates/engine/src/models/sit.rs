@@ -185,7 +185,7 @@ impl Module for PatchEmbed {
 }
 
 #[derive(Debug, Clone)]
-struct TimestepEmbedder {
+pub(crate) struct TimestepEmbedder {
     linear_1: Linear,
     linear_2: Linear,
     /// The weights' dtype: times arrive in f32 (bf16 would round them coarsely) and the
@@ -194,7 +194,7 @@ struct TimestepEmbedder {
 }
 
 impl TimestepEmbedder {
-    fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let linear_1 = linear(FREQUENCY_EMBEDDING_SIZE, hidden, vb.pp("mlp.0"))?;
         let linear_2 = linear(hidden, hidden, vb.pp("mlp.2"))?;
         Ok(Self { linear_1, linear_2, dtype: vb.dtype() })
@@ -237,16 +237,17 @@ impl Module for Attention {
     }
 }
 
+/// timm's `Mlp` with GELU-tanh (`fc1`, `fc2`), shared by the SiT and blockwise blocks.
 #[derive(Debug, Clone)]
-struct Mlp {
+pub(crate) struct Mlp {
     fc1: Linear,
     fc2: Linear,
 }
 
 impl Mlp {
-    fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
-        let fc1 = linear(cfg.hidden_size, cfg.mlp_hidden(), vb.pp("fc1"))?;
-        let fc2 = linear(cfg.mlp_hidden(), cfg.hidden_size, vb.pp("fc2"))?;
+    pub(crate) fn new(hidden: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let fc1 = linear(hidden, mlp_hidden, vb.pp("fc1"))?;
+        let fc2 = linear(mlp_hidden, hidden, vb.pp("fc2"))?;
         Ok(Self { fc1, fc2 })
     }
 }
@@ -268,7 +269,7 @@ struct SitBlock {
 impl SitBlock {
     fn new(cfg: &SitConfig, vb: VarBuilder) -> Result<Self> {
         let attn = Attention::new(cfg, vb.pp("attn"))?;
-        let mlp = Mlp::new(cfg, vb.pp("mlp"))?;
+        let mlp = Mlp::new(cfg.hidden_size, cfg.mlp_hidden(), vb.pp("mlp"))?;
         let ada_ln_modulation = linear(cfg.hidden_size, 6 * cfg.hidden_size, vb.pp("adaLN_modulation.1"))?;
         Ok(Self { attn, mlp, ada_ln_modulation })
     }
