@@ -12,9 +12,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use flowgen_engine::config::{AutoencoderSection, Defaults, GuidanceSection, ModelConfig, NetworkSection};
+use flowgen_engine::config::{AutoencoderSection, Defaults, NetworkSection};
 use flowgen_engine::models::blockwise::{Blockwise, BlockwiseConfig, StepInputs};
-use flowgen_engine::random_model::DIGIT_NAMES;
 use flowgen_engine::weights::save_safetensors;
 use flowgen_engine::{NetworkArch, TimeConvention};
 use rand::Rng;
@@ -26,7 +25,7 @@ use crate::data::Digits;
 use crate::error::{Result, TrainError};
 use crate::init::{partly_trainable, trainable};
 use crate::run::{batch_indices, seeded_normal, step_rng, Run, RunPlace, StepLog, TrainOptions};
-use crate::velocity::Latents;
+use crate::velocity::{write_model_toml, Latents};
 
 /// File name of the blockwise network in a model directory.
 pub const BLOCKWISE_WEIGHTS: &str = "velocity.safetensors";
@@ -430,34 +429,13 @@ pub struct BlockwiseModelParts<'a> {
 pub fn write_model_dir(dir: &Path, parts: BlockwiseModelParts) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     save_safetensors(parts.weights, &dir.join(BLOCKWISE_WEIGHTS))?;
-    let ae_target = dir.join("autoencoder.safetensors");
-    if parts.autoencoder_weights != ae_target {
-        std::fs::copy(parts.autoencoder_weights, &ae_target)
-            .map_err(|e| TrainError::io(parts.autoencoder_weights, e))?;
-    }
-    let config = ModelConfig {
-        name: parts.name.to_string(),
-        description: "class-conditional latent blockwise flow model (BFM) trained on MNIST by flowgen".into(),
-        label_names: DIGIT_NAMES.iter().map(|s| s.to_string()).collect(),
-        network: NetworkSection {
-            weights: BLOCKWISE_WEIGHTS.into(),
-            convention: TimeConvention::Lfm,
-            arch: NetworkArch::Blockwise(parts.net.clone()),
-        },
-        autoencoder: Some(AutoencoderSection {
-            weights: "autoencoder.safetensors".into(),
-            ..parts.autoencoder.clone()
-        }),
-        guidance: GuidanceSection::default(),
-        defaults: parts.defaults,
-        networks: Default::default(),
-        presets: Default::default(),
-        sampler_plans: Default::default(),
-        schedules: Default::default(),
+    let network = NetworkSection {
+        weights: BLOCKWISE_WEIGHTS.into(),
+        convention: TimeConvention::Lfm,
+        arch: NetworkArch::Blockwise(parts.net.clone()),
     };
-    let path = dir.join("model.toml");
-    std::fs::write(&path, config.to_toml_string()).map_err(|e| TrainError::io(&path, e))?;
-    Ok(())
+    let description = "class-conditional latent blockwise flow model (BFM) trained on MNIST by flowgen";
+    write_model_toml(dir, parts.name, description, network, parts.autoencoder, parts.autoencoder_weights, parts.defaults)
 }
 
 #[cfg(test)]

@@ -178,23 +178,38 @@ pub struct ModelDirParts<'a> {
 pub fn write_model_dir(dir: &Path, parts: ModelDirParts) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     save_sit_weights(parts.sit, parts.ema, &dir.join("velocity.safetensors"))?;
+    let network = NetworkSection {
+        weights: "velocity.safetensors".into(),
+        convention: TimeConvention::Sit,
+        arch: NetworkArch::Sit(parts.sit.clone()),
+    };
+    let description = "class-conditional latent flow model trained on MNIST by flowgen";
+    write_model_toml(dir, parts.name, description, network, parts.autoencoder, parts.autoencoder_weights, parts.defaults)
+}
+
+/// The part every trained model directory shares: the autoencoder copied in beside the network
+/// (so the directory is self-contained) and a model.toml naming both.
+pub(crate) fn write_model_toml(
+    dir: &Path,
+    name: &str,
+    description: &str,
+    network: NetworkSection,
+    autoencoder: &AutoencoderSection,
+    autoencoder_weights: &Path,
+    defaults: Defaults,
+) -> Result<()> {
     let ae_target = dir.join("autoencoder.safetensors");
-    std::fs::copy(parts.autoencoder_weights, &ae_target).map_err(|e| TrainError::io(parts.autoencoder_weights, e))?;
+    if autoencoder_weights != ae_target {
+        std::fs::copy(autoencoder_weights, &ae_target).map_err(|e| TrainError::io(autoencoder_weights, e))?;
+    }
     let config = ModelConfig {
-        name: parts.name.to_string(),
-        description: "class-conditional latent flow model trained on MNIST by flowgen".into(),
+        name: name.to_string(),
+        description: description.into(),
         label_names: DIGIT_NAMES.iter().map(|s| s.to_string()).collect(),
-        network: NetworkSection {
-            weights: "velocity.safetensors".into(),
-            convention: TimeConvention::Sit,
-            arch: NetworkArch::Sit(parts.sit.clone()),
-        },
-        autoencoder: Some(AutoencoderSection {
-            weights: "autoencoder.safetensors".into(),
-            ..parts.autoencoder.clone()
-        }),
+        network,
+        autoencoder: Some(AutoencoderSection { weights: "autoencoder.safetensors".into(), ..autoencoder.clone() }),
         guidance: GuidanceSection::default(),
-        defaults: parts.defaults,
+        defaults,
         networks: Default::default(),
         presets: Default::default(),
         sampler_plans: Default::default(),

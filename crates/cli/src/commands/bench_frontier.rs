@@ -49,6 +49,10 @@ pub struct FrontierBenchArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Instead of running anything, join the frontier.json files of earlier runs (the same --n,
+    /// --seed and data, for example one run per model on its own core) into one report in --out.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["models", "samplers", "steps", "guidance"])]
+    merge: Vec<PathBuf>,
 }
 
 /// A line of the plot: one model with one sampler over the step counts.
@@ -57,6 +61,9 @@ fn series_name(e: &EvalResult) -> String {
 }
 
 pub fn run(args: FrontierBenchArgs) -> Result<()> {
+    if !args.merge.is_empty() {
+        return merge(&args.merge, &args.out);
+    }
     anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
     anyhow::ensure!(!args.steps.is_empty() && args.steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
     let device = parse_device(&args.device)?;
@@ -134,13 +141,64 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let markdown = to_markdown(&points, fd_floor, args.n);
-    std::fs::write(args.out.join("frontier.md"), &markdown)?;
-    std::fs::write(args.out.join("frontier.csv"), to_csv(&points))?;
-    std::fs::write(args.out.join("frontier.json"), serde_json::to_string_pretty(&points)?)?;
+    write_report(&points, fd_floor, args.n, &args.out)?;
+    println!(
+        "{} runs in {:.0} s -> {}/frontier.{{md,csv,json,png}}",
+        points.len(),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// One report from several runs' frontier.json: they must share the image count and the real-data
+/// floor, or their FDs would not be comparable.
+fn merge(inputs: &[PathBuf], out: &std::path::Path) -> Result<()> {
+    let mut points: Vec<EvalResult> = Vec::new();
+    for path in inputs {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--merge: reading {}", path.display()))?;
+        let more: Vec<EvalResult> = serde_json::from_str(&text)
+            .with_context(|| format!("--merge: {} is not a frontier.json", path.display()))?;
+        if let (Some(first), Some(other)) = (points.first(), more.first()) {
+            anyhow::ensure!(
+                first.n == other.n && (first.fd_floor - other.fd_floor).abs() <= 1e-9 * first.fd_floor.abs().max(1.0),
+                "--merge: {} has n {} and FD floor {:.4}, the first file n {} and floor {:.4}; only runs on the same images and data can share a frontier",
+                path.display(),
+                other.n,
+                other.fd_floor,
+                first.n,
+                first.fd_floor
+            );
+        }
+        // A model name already taken by another file's runs (two models of one name) gets that
+        // file's folder, as a single frontier run tells such models apart by directory.
+        let taken: Vec<String> = points.iter().map(|p| p.model.clone()).collect();
+        let folder = path.parent().map(|p| p.display().to_string()).unwrap_or_default();
+        points.extend(more.into_iter().map(|p| {
+            if taken.contains(&p.model) {
+                EvalResult { model: format!("{} ({folder})", p.model), ..p }
+            } else {
+                p
+            }
+        }));
+    }
+    let Some(first) = points.first() else {
+        anyhow::bail!("--merge: the files hold no runs");
+    };
+    let (fd_floor, n) = (first.fd_floor, first.n);
+    write_report(&points, fd_floor, n, out)?;
+    println!("{} runs from {} files -> {}/frontier.{{md,csv,json,png}}", points.len(), inputs.len(), out.display());
+    Ok(())
+}
+
+fn write_report(points: &[EvalResult], fd_floor: f64, n: usize, out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let markdown = to_markdown(points, fd_floor, n);
+    std::fs::write(out.join("frontier.md"), &markdown)?;
+    std::fs::write(out.join("frontier.csv"), to_csv(points))?;
+    std::fs::write(out.join("frontier.json"), serde_json::to_string_pretty(points)?)?;
     let mut names: Vec<String> = Vec::new();
-    for p in &points {
+    for p in points {
         if !names.contains(&series_name(p)) {
             names.push(series_name(p));
         }
@@ -161,14 +219,8 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
         log_x: true,
         log_y: true,
     };
-    line_plot(&args.out.join("frontier.png"), &spec, &series)?;
+    line_plot(&out.join("frontier.png"), &spec, &series)?;
     print!("{markdown}");
-    println!(
-        "{} runs in {:.0} s -> {}/frontier.{{md,csv,json,png}}",
-        points.len(),
-        started.elapsed().as_secs_f64(),
-        args.out.display()
-    );
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fused::{gated_residual, linear, modulate, Linear};
 use super::layer_norm_no_affine;
-use super::sit::{Mlp, TimestepEmbedder};
+use super::sit::{check_training_knobs, check_transformer_shape, Mlp, TimestepEmbedder};
 
 const NORM_EPS: f64 = 1e-6;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -100,25 +100,12 @@ impl BlockwiseConfig {
             ("segment_depth", self.segment_depth),
             ("adaln_lora_dim", self.adaln_lora_dim),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be at least 1"));
-        }
-        if !self.input_size.is_multiple_of(self.patch_size) {
-            return Err(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return Err(format!("hidden_size {} is not a multiple of num_heads {}", self.hidden_size, self.num_heads));
-        }
+        check_transformer_shape(&positive, self.input_size, self.patch_size, self.hidden_size, self.num_heads)?;
         // 2-D RoPE rotates half of each head with the row and half with the column, in pairs.
         if !self.head_dim().is_multiple_of(4) {
             return Err(format!("head dim {} (hidden_size / num_heads) must be a multiple of 4", self.head_dim()));
         }
-        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
-            return Err("mlp_ratio must be positive".into());
-        }
-        if !(0.0..1.0).contains(&self.class_dropout_prob) {
-            return Err("class_dropout_prob must be in [0, 1)".into());
-        }
+        check_training_knobs(self.mlp_ratio, self.class_dropout_prob)?;
         if self.rope_theta.is_nan() || self.rope_theta <= 1.0 {
             return Err("rope_theta must be above 1".into());
         }

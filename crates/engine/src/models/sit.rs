@@ -48,6 +48,37 @@ fn is_one(n: &usize) -> bool {
     *n == 1
 }
 
+/// The shape rules every patch transformer here shares: positive sizes, whole patches, whole heads.
+pub(crate) fn check_transformer_shape(
+    positive: &[(&str, usize)],
+    input_size: usize,
+    patch_size: usize,
+    hidden_size: usize,
+    num_heads: usize,
+) -> std::result::Result<(), String> {
+    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(format!("{name} must be at least 1"));
+    }
+    if !input_size.is_multiple_of(patch_size) {
+        return Err(format!("input_size {input_size} is not a multiple of patch_size {patch_size}"));
+    }
+    if !hidden_size.is_multiple_of(num_heads) {
+        return Err(format!("hidden_size {hidden_size} is not a multiple of num_heads {num_heads}"));
+    }
+    Ok(())
+}
+
+/// The MLP width and label-dropout rules shared by the patch transformers.
+pub(crate) fn check_training_knobs(mlp_ratio: f64, class_dropout_prob: f64) -> std::result::Result<(), String> {
+    if mlp_ratio.is_nan() || mlp_ratio <= 0.0 {
+        return Err("mlp_ratio must be positive".into());
+    }
+    if !(0.0..1.0).contains(&class_dropout_prob) {
+        return Err("class_dropout_prob must be in [0, 1)".into());
+    }
+    Ok(())
+}
+
 impl SitConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let positive = [
@@ -60,26 +91,12 @@ impl SitConfig {
             ("num_classes", self.num_classes),
             ("in_channels_scale", self.in_channels_scale),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be at least 1"));
-        }
-        if !self.input_size.is_multiple_of(self.patch_size) {
-            return Err(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return Err(format!("hidden_size {} is not a multiple of num_heads {}", self.hidden_size, self.num_heads));
-        }
+        check_transformer_shape(&positive, self.input_size, self.patch_size, self.hidden_size, self.num_heads)?;
         // The 2-D sin-cos position embedding splits hidden into four equal parts.
         if !self.hidden_size.is_multiple_of(4) {
             return Err(format!("hidden_size {} must be a multiple of 4", self.hidden_size));
         }
-        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
-            return Err("mlp_ratio must be positive".into());
-        }
-        if !(0.0..1.0).contains(&self.class_dropout_prob) {
-            return Err("class_dropout_prob must be in [0, 1)".into());
-        }
-        Ok(())
+        check_training_knobs(self.mlp_ratio, self.class_dropout_prob)
     }
 
     pub fn out_channels(&self) -> usize {
