@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::autoencoder::AutoencoderConfig;
-pub use crate::network::NetworkSection;
 use crate::network::NetworkArch;
+pub use crate::network::NetworkSection;
 use crate::samplers::{Sampler, FRN_NETWORK, MAIN_NETWORK};
 use crate::schedule::{ScheduleAccess, ScheduleSpec};
 pub use crate::velocity::TimeConvention;

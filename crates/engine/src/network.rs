@@ -67,7 +67,9 @@ impl NetworkArch {
     /// (channels, height, width) of the state the network takes.
     pub fn state_shape(&self) -> (usize, usize, usize) {
         match self {
-            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
+            NetworkArch::Sit(cfg) | NetworkArch::FlowturboRefiner(cfg) => {
+                (cfg.in_channels, cfg.input_size, cfg.input_size)
+            }
             NetworkArch::Blockwise(cfg) => (cfg.in_channels, cfg.input_size, cfg.input_size),
         }
     }

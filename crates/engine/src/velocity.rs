@@ -196,7 +196,8 @@ impl<'a> GuidedField<'a> {
 
 impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
-        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        let labels =
+            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
         Ok(self.guided(x, None, s, labels, false)?.0)
     }
 
@@ -211,12 +212,14 @@ impl VelocityField for GuidedField<'_> {
     }
 
     fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
-        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        let labels =
+            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
         self.guided(x, x_uncond, s, labels, true)
     }
 
     fn velocity_with_memo(&self, x: &Tensor, s: &[f64], memo: &mut FeatureMemo) -> Result<Tensor> {
-        let labels = Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        let labels =
+            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
         let mut forward = |x: &Tensor, t: &Tensor, y: &Tensor| self.model.forward_with_memo(x, t, y, memo);
         Ok(self.guided_by(&mut forward, x, None, s, labels, false)?.0)
     }

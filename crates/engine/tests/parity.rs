@@ -159,7 +159,10 @@ fn refiner_config() -> SitConfig {
 
 fn flowturbo_nets() -> (SitVelocity, SitVelocity) {
     let build = |file: &str, cfg: SitConfig| SitVelocity {
-        net: WeightsFile::open(&fixture(file)).unwrap().build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb)).unwrap(),
+        net: WeightsFile::open(&fixture(file))
+            .unwrap()
+            .build(DType::F32, &Device::Cpu, |vb| Sit::new(&cfg, vb))
+            .unwrap(),
         convention: TimeConvention::Sit,
     };
     let predictor = build("flowturbo_predictor_tiny.safetensors", sit_config());

@@ -290,7 +290,8 @@ fn flowturbo_with_a_zero_refiner_steps_on_with_the_cached_velocity() {
         Ok(xv.narrow(1, 0, c)?.zeros_like()?)
     };
     let fields = Fields::main(&riccati).with(REFINER_NETWORK, &zero);
-    let (x4, stats) = flowturbo("H1P1R2").solve_with(&fields, x0(), &Schedule::uniform(4).unwrap(), &mut Unobserved).unwrap();
+    let (x4, stats) =
+        flowturbo("H1P1R2").solve_with(&fields, x0(), &Schedule::uniform(4).unwrap(), &mut Unobserved).unwrap();
     // By hand: a Heun step, a pseudo-corrector step, then two Euler steps on the cache it left.
     let h = 0.25;
     let u = |x: &Tensor, s: f64| riccati(x, &[s]).unwrap();
@@ -317,8 +318,7 @@ fn flowturbo_refiner_steps_condition_on_the_cached_or_the_refined_velocity() {
     let fields = Fields::main(&riccati).with(REFINER_NETWORK, &scaled);
     let grid = Schedule::uniform(2).unwrap();
     let (cached, _) = flowturbo("H1R1").solve_with(&fields, x0(), &grid, &mut Unobserved).unwrap();
-    let (refined, _) =
-        flowturbo("H1R1,condition=refined").solve_with(&fields, x0(), &grid, &mut Unobserved).unwrap();
+    let (refined, _) = flowturbo("H1R1,condition=refined").solve_with(&fields, x0(), &grid, &mut Unobserved).unwrap();
     let u = |x: &Tensor, s: f64| riccati(x, &[s]).unwrap();
     let h = 0.5;
     let x = x0();

@@ -435,7 +435,15 @@ pub fn write_model_dir(dir: &Path, parts: BlockwiseModelParts) -> Result<()> {
         arch: NetworkArch::Blockwise(parts.net.clone()),
     };
     let description = "class-conditional latent blockwise flow model (BFM) trained on MNIST by flowgen";
-    write_model_toml(dir, parts.name, description, network, parts.autoencoder, parts.autoencoder_weights, parts.defaults)
+    write_model_toml(
+        dir,
+        parts.name,
+        description,
+        network,
+        parts.autoencoder,
+        parts.autoencoder_weights,
+        parts.defaults,
+    )
 }
 
 #[cfg(test)]

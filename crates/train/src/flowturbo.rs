@@ -65,10 +65,15 @@ impl RefinerTraining {
     }
 
     fn validate(&self, teacher: &SitConfig) -> Result<()> {
-        NetworkArch::FlowturboRefiner(self.refiner.clone()).validate().map_err(|m| TrainError::invalid("refiner", m))?;
+        NetworkArch::FlowturboRefiner(self.refiner.clone())
+            .validate()
+            .map_err(|m| TrainError::invalid("refiner", m))?;
         let (lo, hi) = self.dt_range;
         if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0) {
-            return Err(TrainError::invalid("dt-min/dt-max", format!("need 0 <= dt-min < dt-max <= 1, got {lo}, {hi}")));
+            return Err(TrainError::invalid(
+                "dt-min/dt-max",
+                format!("need 0 <= dt-min < dt-max <= 1, got {lo}, {hi}"),
+            ));
         }
         let same = self.refiner.in_channels == teacher.in_channels
             && self.refiner.input_size == teacher.input_size
@@ -117,7 +122,8 @@ pub fn train(
     let refiner_cfg = cfg.refiner.clone();
     let (refiner, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(&refiner_cfg, vb), sit_adaln_zero)?;
     let run_id = format!("refiner {}", serde_json::to_string(cfg).unwrap_or_default());
-    let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "reuse_loss", "grad_norm", "lr"])?;
+    let mut run =
+        Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "reuse_loss", "grad_norm", "lr"])?;
     let parameters = run.vars.iter().map(|(_, v)| v.elem_count()).sum();
     let shape = [cfg.opts.batch_size, teacher_cfg.in_channels, teacher_cfg.input_size, teacher_cfg.input_size];
     // (loss, reuse loss) of each logged step.
@@ -133,8 +139,10 @@ pub fn train(
         let (lo, hi) = cfg.dt_range;
         let dt = hi - (hi - lo) * rng.random::<f64>();
         // One label-drop mask, shared by the refiner and the teacher's second call.
-        let dropped: Vec<u32> =
-            labels.iter().map(|&l| if rng.random::<f64>() < teacher_cfg.class_dropout_prob { null } else { l }).collect();
+        let dropped: Vec<u32> = labels
+            .iter()
+            .map(|&l| if rng.random::<f64>() < teacher_cfg.class_dropout_prob { null } else { l })
+            .collect();
         let s = Tensor::from_vec(s, idx.len(), device)?;
         let s_col = s.reshape((idx.len(), 1, 1, 1))?;
         let xs = (x0.broadcast_mul(&(1.0 - &s_col)?)? + x1.broadcast_mul(&s_col)?)?;

@@ -124,7 +124,8 @@ pub fn partly_trainable<M>(
     let (vb, created) = random_var_builder(seed, device);
     build(vb)?;
     let created = created.lock().map_err(|_| TrainError::invalid("init", "poisoned"))?.clone();
-    let mut fresh: HashMap<String, Tensor> = created.into_iter().filter(|(n, _)| n.starts_with(trainable_prefix)).collect();
+    let mut fresh: HashMap<String, Tensor> =
+        created.into_iter().filter(|(n, _)| n.starts_with(trainable_prefix)).collect();
     if fresh.is_empty() {
         return Err(TrainError::invalid("init", format!("the model has no tensors named {trainable_prefix}*")));
     }
@@ -141,8 +142,7 @@ pub fn partly_trainable<M>(
             data.insert(name, Var::from_tensor(&t)?);
         }
     }
-    let backend =
-        FrozenExcept { frozen, trainable: varmap.clone(), trainable_prefix: trainable_prefix.to_string() };
+    let backend = FrozenExcept { frozen, trainable: varmap.clone(), trainable_prefix: trainable_prefix.to_string() };
     let module = build(VarBuilder::from_backend(Box::new(backend), candle_core::DType::F32, device.clone()))?;
     Ok((module, varmap))
 }

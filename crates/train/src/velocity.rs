@@ -184,7 +184,15 @@ pub fn write_model_dir(dir: &Path, parts: ModelDirParts) -> Result<()> {
         arch: NetworkArch::Sit(parts.sit.clone()),
     };
     let description = "class-conditional latent flow model trained on MNIST by flowgen";
-    write_model_toml(dir, parts.name, description, network, parts.autoencoder, parts.autoencoder_weights, parts.defaults)
+    write_model_toml(
+        dir,
+        parts.name,
+        description,
+        network,
+        parts.autoencoder,
+        parts.autoencoder_weights,
+        parts.defaults,
+    )
 }
 
 /// The part every trained model directory shares: the autoencoder copied in beside the network

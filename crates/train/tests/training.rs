@@ -218,7 +218,8 @@ fn refiner_beats_velocity_reuse_resumes_exactly_and_installs_into_its_model() {
         flowturbo::train(&cfg, &teacher, &latents, RunPlace { out: run.path(), device: &dev, resume: false }, &mut go)
             .unwrap();
     let (header, rows) = read_csv(&run.path().join("loss.csv")).unwrap();
-    let (loss, reuse) = (header.iter().position(|h| h == "loss").unwrap(), header.iter().position(|h| h == "reuse_loss").unwrap());
+    let (loss, reuse) =
+        (header.iter().position(|h| h == "loss").unwrap(), header.iter().position(|h| h == "reuse_loss").unwrap());
     let late = &rows[rows.len() - 3..];
     let mean = |col: usize| late.iter().map(|r| r[col]).sum::<f64>() / late.len() as f64;
     assert!(mean(loss) < 0.8 * mean(reuse), "refiner {} vs reusing v {}", mean(loss), mean(reuse));
@@ -290,14 +291,16 @@ fn straightening_fits_the_chords_resumes_exactly_and_writes_a_servable_model() {
     let start = first.states.get(0).unwrap().get(0).unwrap().unsqueeze(0).unwrap();
     assert_eq!((start - noise0).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 
-    let cfg = StraightenTraining { teacher: setup.clone(), opts: TrainOptions { batch_size: 16, lr: 2e-3, ..opts(40) } };
+    let cfg =
+        StraightenTraining { teacher: setup.clone(), opts: TrainOptions { batch_size: 16, lr: 2e-3, ..opts(40) } };
     let weights = teacher_dir.path().join("velocity.safetensors");
     let out = tempfile::tempdir().unwrap();
     fn place<'a>(dir: &'a Path, device: &'a Device, resume: bool) -> RunPlace<'a> {
         RunPlace { out: dir, device, resume }
     }
     let (report, ema) =
-        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(out.path(), &dev, false), &mut go).unwrap();
+        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(out.path(), &dev, false), &mut go)
+            .unwrap();
     let total = |h: &straighten::HeldOut| h.chord_loss.iter().sum::<f64>();
     assert_eq!(report.teacher.chord_loss.len(), 3);
     assert!(total(&report.straightened) < 0.7 * total(&report.teacher), "{report:?}");
@@ -306,10 +309,19 @@ fn straightening_fits_the_chords_resumes_exactly_and_writes_a_servable_model() {
     // Stopped after step 15 and resumed: the same weights as the straight run.
     let split = tempfile::tempdir().unwrap();
     let mut stop = |log: &StepLog| if log.step == 15 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-    assert!(straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(split.path(), &dev, false), &mut stop)
-        .is_err());
+    assert!(straighten::train(
+        &cfg,
+        &sit,
+        TimeConvention::Sit,
+        &weights,
+        &first,
+        place(split.path(), &dev, false),
+        &mut stop
+    )
+    .is_err());
     let (_, resumed) =
-        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(split.path(), &dev, true), &mut go).unwrap();
+        straighten::train(&cfg, &sit, TimeConvention::Sit, &weights, &first, place(split.path(), &dev, true), &mut go)
+            .unwrap();
     for (name, t) in &ema {
         let diff = (t - &resumed[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
@@ -317,8 +329,12 @@ fn straightening_fits_the_chords_resumes_exactly_and_writes_a_servable_model() {
 
     // The written model serves Euler on its schedule by default.
     let model = tempfile::tempdir().unwrap();
-    let parts =
-        StraightenedModel { teacher_dir: teacher_dir.path(), schedule_name: "tiny-3", times: &setup.times, guidance: 1.5 };
+    let parts = StraightenedModel {
+        teacher_dir: teacher_dir.path(),
+        schedule_name: "tiny-3",
+        times: &setup.times,
+        guidance: 1.5,
+    };
     straighten::write_model(model.path(), parts, &sit, &ema).unwrap();
     let config = ModelConfig::load(model.path()).unwrap();
     assert_eq!((config.defaults.sampler.as_str(), config.defaults.schedule.as_str()), ("euler", "tiny-3"));
@@ -366,7 +382,8 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
         .flat_map(|&l| (0..16 * 6).map(move |i| ((i as f32 * 0.37 + l as f32 * 1.3).sin()).max(0.0)))
         .collect();
     let targets = AlignmentTargets { features: Tensor::from_vec(pattern, (64, 16, 6), &dev).unwrap() };
-    let cfg = BlockwiseTraining { net: net.clone(), align_weight: 0.5, opts: TrainOptions { batch_size: 12, ..opts(40) } };
+    let cfg =
+        BlockwiseTraining { net: net.clone(), align_weight: 0.5, opts: TrainOptions { batch_size: 12, ..opts(40) } };
     let dir = tempfile::tempdir().unwrap();
     fn place<'a>(dir: &'a Path, device: &'a Device, resume: bool) -> RunPlace<'a> {
         RunPlace { out: dir, device, resume }
@@ -380,7 +397,11 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
     assert!(mean(late, col("velocity_loss")) < 0.8 * mean(early, col("velocity_loss")), "velocity loss did not fall");
     assert!(mean(late, col("align_loss")) < mean(early, col("align_loss")) - 0.05, "alignment did not improve");
     assert!(report.final_align_loss < 0.0 && report.parameters > 0);
-    for name in ["representation_blocks.0.attn.q_norm.weight", "velocity_blocks.2.0.adaLN_modulation.2.weight", "linear_projection.4.weight"] {
+    for name in [
+        "representation_blocks.0.attn.q_norm.weight",
+        "velocity_blocks.2.0.adaLN_modulation.2.weight",
+        "linear_projection.4.weight",
+    ] {
         assert!(ema.contains_key(name), "{name}");
     }
     // Without alignment the projection head gets no gradient and the align column stays 0.
@@ -403,11 +424,22 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
     }
 
     // FRN stage: only frn_blocks.* train, and they beat reusing the anchor.
-    let frn_cfg = FrnTraining { net: BlockwiseConfig { frn_depth: 1, ..net.clone() }, opts: TrainOptions { batch_size: 12, lr: 5e-3, ..opts(150) } };
+    let frn_cfg = FrnTraining {
+        net: BlockwiseConfig { frn_depth: 1, ..net.clone() },
+        opts: TrainOptions { batch_size: 12, lr: 5e-3, ..opts(150) },
+    };
     let frn_dir = tempfile::tempdir().unwrap();
-    let (frn_report, frn) = blockwise::train_frn(&frn_cfg, ema.clone(), &latents, place(frn_dir.path(), false), &mut go).unwrap();
-    assert!(frn.keys().all(|k| k.starts_with("frn_blocks.")) && frn.contains_key("frn_blocks.0.adaLN_modulation.1.weight"));
-    assert!(frn_report.final_loss < 0.8 * frn_report.anchor_reuse_loss, "FRN {} vs anchor reuse {}", frn_report.final_loss, frn_report.anchor_reuse_loss);
+    let (frn_report, frn) =
+        blockwise::train_frn(&frn_cfg, ema.clone(), &latents, place(frn_dir.path(), false), &mut go).unwrap();
+    assert!(
+        frn.keys().all(|k| k.starts_with("frn_blocks.")) && frn.contains_key("frn_blocks.0.adaLN_modulation.1.weight")
+    );
+    assert!(
+        frn_report.final_loss < 0.8 * frn_report.anchor_reuse_loss,
+        "FRN {} vs anchor reuse {}",
+        frn_report.final_loss,
+        frn_report.anchor_reuse_loss
+    );
 
     // Written as a model directory (a random tiny autoencoder of the latent shape), it serves.
     let base = tiny_latent_config("ae-source");
@@ -426,7 +458,12 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
         weights: &weights,
         autoencoder: &section,
         autoencoder_weights: &ae_dir.path().join("autoencoder.safetensors"),
-        defaults: flowgen_engine::config::Defaults { sampler: "euler".into(), steps: 6, guidance: 1.5, ..Default::default() },
+        defaults: flowgen_engine::config::Defaults {
+            sampler: "euler".into(),
+            steps: 6,
+            guidance: 1.5,
+            ..Default::default()
+        },
     };
     blockwise::write_model_dir(model.path(), parts).unwrap();
     let pipeline = Pipeline::load(model.path(), &dev).unwrap();

@@ -12,8 +12,8 @@ use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 use flowgen_train::sampler_bench::{
-    gemm_gflops, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup,
-    ScheduleChoice, DEFAULT_BUDGETS,
+    gemm_gflops, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup, ScheduleChoice,
+    DEFAULT_BUDGETS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -127,7 +127,8 @@ pub fn run(args: StepsBenchArgs) -> Result<()> {
                 guidance: args.guidance,
                 ..Default::default()
             };
-            let settings = cfg.solve_settings(&request, ScheduleAccess::Named).with_context(|| format!("--samplers {name}"))?;
+            let settings =
+                cfg.solve_settings(&request, ScheduleAccess::Named).with_context(|| format!("--samplers {name}"))?;
             anyhow::ensure!(
                 !settings.sampler.is_adaptive(),
                 "{name}: steps of an adaptive solver vary; pick a fixed-step one"
@@ -145,7 +146,8 @@ pub fn run(args: StepsBenchArgs) -> Result<()> {
             solve_once()?;
             solve_once()?;
             let timed: Vec<(f64, f64)> = (0..args.repeats.max(1)).map(|_| solve_once()).collect::<Result<_>>()?;
-            let (solve, forwards) = (median(timed.iter().map(|t| t.0).collect()), median(timed.iter().map(|t| t.1).collect()));
+            let (solve, forwards) =
+                (median(timed.iter().map(|t| t.0).collect()), median(timed.iter().map(|t| t.1).collect()));
             let rest = median(timed.iter().map(|t| t.0 - t.1).collect());
             rows.push(StepRow {
                 sampler: settings.sampler.canonical(),
@@ -172,9 +174,16 @@ pub fn run(args: StepsBenchArgs) -> Result<()> {
             100.0 * r.overhead_fraction
         );
     }
-    println!("{} rows on {} ({}; medians of {} solves after 2 warm-ups)", rows.len(), cfg.name, args.device, args.repeats);
+    println!(
+        "{} rows on {} ({}; medians of {} solves after 2 warm-ups)",
+        rows.len(),
+        cfg.name,
+        args.device,
+        args.repeats
+    );
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -272,7 +272,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let total_nfe: usize = manifest.images.iter().map(|m| m.nfe).sum();
     let total_gflops: f64 = manifest.images.iter().map(|m| m.gflops).sum();
     let others: String = manifest.images.first().map_or(String::new(), |m| {
-        m.evaluations.iter().filter(|(k, _)| k.as_str() != MAIN_NETWORK).map(|(k, v)| format!(", {v} {k} evaluations")).collect()
+        m.evaluations
+            .iter()
+            .filter(|(k, _)| k.as_str() != MAIN_NETWORK)
+            .map(|(k, v)| format!(", {v} {k} evaluations"))
+            .collect()
     });
     println!(
         "generated {n} images with {} in {seconds:.2} s ({:.2} images/s, {:.1} NFE/image{others}, {:.3} GFLOPs/image) -> {}",

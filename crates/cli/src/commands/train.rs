@@ -11,13 +11,13 @@ use flowgen_engine::device::parse_device;
 use flowgen_engine::models::autoencoder::AutoencoderKl;
 use flowgen_engine::models::blockwise::BlockwiseConfig;
 use flowgen_engine::models::sit::{Sit, SitConfig};
-use flowgen_engine::{NetworkArch, Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_engine::weights::WeightsFile;
+use flowgen_engine::{NetworkArch, Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_train::autoencoder::{self, AutoencoderTraining};
-use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
-use flowgen_train::data::{Digits, Split};
 use flowgen_train::blockwise::{self, AlignmentTargets, BlockwiseModelParts, BlockwiseTraining, FrnTraining};
 use flowgen_train::boss::straighten::{self, StraightenTraining, StraightenedModel, TeacherSetup, Trajectories};
+use flowgen_train::classifier::{self, ClassifierConfig, ClassifierTraining};
+use flowgen_train::data::{Digits, Split};
 use flowgen_train::flowturbo::{self, RefinerTraining};
 use flowgen_train::losses::{elbow, tilt_relative_variance, wcfm_eps, Objective, PairCost};
 use flowgen_train::run::seeded_normal;
@@ -540,8 +540,9 @@ fn train_refiner(common: CommonArgs, args: RefinerArgs) -> Result<()> {
         opts: common.options(),
     };
     let bar = progress_bar(common.steps);
-    let (report, ema) = flowturbo::train(&cfg, &teacher, &latents, common.place(&device), &mut report_step(&bar, common.log_every))
-        .context("training the refiner")?;
+    let (report, ema) =
+        flowturbo::train(&cfg, &teacher, &latents, common.place(&device), &mut report_step(&bar, common.log_every))
+            .context("training the refiner")?;
     bar.finish_and_clear();
     std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     flowturbo::install_refiner(&args.model, &cfg.refiner, &ema, args.plan.as_deref())
@@ -567,7 +568,10 @@ fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
         bail!("{}: straightening needs a sit network", args.model.display());
     };
     if config.guidance.channels.is_some() {
-        bail!("{}: straightening supports guidance on all channels only ([guidance] channels is set)", args.model.display());
+        bail!(
+            "{}: straightening supports guidance on all channels only ([guidance] channels is set)",
+            args.model.display()
+        );
     }
     let request = SettingsRequest {
         sampler: Some("euler".into()),
@@ -576,7 +580,8 @@ fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
         guidance: args.guidance,
         ..Default::default()
     };
-    let settings = config.solve_settings(&request, ScheduleAccess::NamedAndFiles).context("--schedule/--nfe/--guidance")?;
+    let settings =
+        config.solve_settings(&request, ScheduleAccess::NamedAndFiles).context("--schedule/--nfe/--guidance")?;
     let schedule = settings.schedule.build(settings.steps).context("--schedule")?;
     // A stored schedule keeps its name in the new model; any other is stored as straightened-K.
     let k = schedule.steps();
@@ -598,8 +603,10 @@ fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
     std::fs::create_dir_all(&common.out)?;
     let bar = ProgressBar::new(args.trajectories as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} teacher trajectories (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} teacher trajectories (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
     let mut on_done = |done: usize| {
@@ -640,7 +647,11 @@ fn train_straighten(common: CommonArgs, args: StraightenArgs) -> Result<()> {
     let show = |v: &[f64]| v.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
     println!("| held out ({} trajectories) | chord loss per step | Euler {k} end RMSE |\n|---|---|---|", args.held_out);
     println!("| teacher | {} | {:.4} |", show(&report.teacher.chord_loss), report.teacher.euler_end_rmse);
-    println!("| straightened | {} | {:.4} |", show(&report.straightened.chord_loss), report.straightened.euler_end_rmse);
+    println!(
+        "| straightened | {} | {:.4} |",
+        show(&report.straightened.chord_loss),
+        report.straightened.euler_end_rmse
+    );
     println!(
         "straightened for euler on {schedule_name} ({k} steps, guidance {}): final loss {:.4}, trajectories {trajectory_seconds:.0} s, training {:.0} s ({:.1} samples/s) -> {}",
         settings.guidance,
@@ -756,14 +767,21 @@ fn train_blockwise_frn(common: CommonArgs, model: &std::path::Path, frn_depth: u
             .collect();
     let section = config.autoencoder.clone().context("the model has no [autoencoder] to encode digits with")?;
     let arch = section.arch.clone();
-    let ae = WeightsFile::open(&model.join(&section.weights))?.build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
+    let ae = WeightsFile::open(&model.join(&section.weights))?
+        .build(DType::F32, &device, |vb| AutoencoderKl::new(&arch, vb))?;
     let (train, _val) = common.data()?;
     eprintln!("encoding {} training digits", train.len());
     let latents = Latents::encode(&ae, &section, &train, &device)?;
     let cfg = FrnTraining { net: net.clone(), opts: common.options() };
     let bar = progress_bar(common.steps);
-    let (report, frn) = blockwise::train_frn(&cfg, base.clone(), &latents, common.place(&device), &mut report_step(&bar, common.log_every))
-        .context("training the FRN")?;
+    let (report, frn) = blockwise::train_frn(
+        &cfg,
+        base.clone(),
+        &latents,
+        common.place(&device),
+        &mut report_step(&bar, common.log_every),
+    )
+    .context("training the FRN")?;
     bar.finish_and_clear();
     std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     let mut all = base;

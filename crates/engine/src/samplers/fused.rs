@@ -21,7 +21,13 @@ impl CustomOp2 for Axpy {
         "sampler-axpy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, k) = (slice(s1, l1)?, slice(s2, l2)?);
         let h = self.0;
         let out: Vec<f32> = x.iter().zip(k).map(|(&x, &k)| x + h * k).collect();

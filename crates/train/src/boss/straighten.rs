@@ -77,11 +77,7 @@ impl TeacherSetup {
         grid.extend(&self.times);
         grid.sort_by(f64::total_cmp);
         grid.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
-        let at = self
-            .times
-            .iter()
-            .map(|&t| grid.iter().position(|&g| (g - t).abs() < 1e-9).unwrap_or(0))
-            .collect();
+        let at = self.times.iter().map(|&t| grid.iter().position(|&g| (g - t).abs() < 1e-9).unwrap_or(0)).collect();
         (grid, at)
     }
 
@@ -271,12 +267,17 @@ pub fn train(
         return Err(TrainError::invalid("trajectories", "were drawn with other settings"));
     }
     let file = WeightsFile::open(teacher_weights)?;
-    let (student, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(sit_cfg, vb), |tensors| {
-        for (name, t) in tensors.iter_mut() {
-            *t = file.load(name, DType::F32, device)?;
-        }
-        Ok(())
-    })?;
+    let (student, varmap) = trainable(
+        cfg.opts.seed,
+        device,
+        |vb| Sit::new(sit_cfg, vb),
+        |tensors| {
+            for (name, t) in tensors.iter_mut() {
+                *t = file.load(name, DType::F32, device)?;
+            }
+            Ok(())
+        },
+    )?;
     let teacher = Sit::new(sit_cfg, VarBuilder::from_tensors(snapshot_of(&varmap)?, DType::F32, device))?;
     let run_id = format!("straighten {}", serde_json::to_string(cfg).unwrap_or_default());
     let mut run = Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "grad_norm", "lr"])?;
@@ -285,8 +286,10 @@ pub fn train(
     let (k_steps, held_out) = (setup.steps(), setup.held_out);
     let train_rows = trajectories.len() - held_out;
     for step in run.start_step..cfg.opts.steps {
-        let rows: Vec<usize> =
-            batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, train_rows).into_iter().map(|i| i + held_out).collect();
+        let rows: Vec<usize> = batch_indices(cfg.opts.seed, step, cfg.opts.batch_size, train_rows)
+            .into_iter()
+            .map(|i| i + held_out)
+            .collect();
         let mut rng = step_rng(cfg.opts.seed, step, 5);
         let ks: Vec<usize> = rows.iter().map(|_| rng.random_range(0..k_steps)).collect();
         let (x_k, x_next) = trajectories.pairs(&rows, &ks)?;
@@ -353,11 +356,17 @@ pub struct StraightenedModel<'a> {
 }
 
 /// Write a servable model directory whose defaults are Euler on the straightened schedule.
-pub fn write_model(dir: &Path, parts: StraightenedModel, sit_cfg: &SitConfig, weights: &HashMap<String, Tensor>) -> Result<()> {
+pub fn write_model(
+    dir: &Path,
+    parts: StraightenedModel,
+    sit_cfg: &SitConfig,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
     let mut config = ModelConfig::load(parts.teacher_dir)?;
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     let k = parts.times.len() - 1;
-    config.name = format!("{}-straightened-{}-{k}", config.name, parts.schedule_name.trim_end_matches(&format!("-{k}")));
+    config.name =
+        format!("{}-straightened-{}-{k}", config.name, parts.schedule_name.trim_end_matches(&format!("-{k}")));
     config.description = format!(
         "{} straightened (BOSS) for Euler on {} ({k} steps) at guidance {}",
         config.description, parts.schedule_name, parts.guidance
