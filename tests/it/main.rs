@@ -543,7 +543,47 @@ fn every_shipped_velocity_model_loads_and_generates() {
         assert!(out_dir.join("000.png").exists(), "{name}");
         checked.push(name);
     }
-    assert!(checked.iter().any(|n| n == "default"), "{checked:?}");
+    assert!(checked.iter().any(|n| n == "default") && checked.iter().any(|n| n == "blockwise"), "{checked:?}");
+}
+
+/// The shipped classifier's reading of generated PNGs: the share whose digit matches its label.
+fn classifier_agreement(dir: &Path, labels: &[u32]) -> f64 {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let device = candle_core::Device::Cpu;
+    let classifier =
+        flowgen_train::classifier::Classifier::load(&repo.join("models/mnist-classifier"), &device).unwrap();
+    let mut pixels = Vec::new();
+    for i in 0..labels.len() {
+        let (image, _) = Image::from_png(&std::fs::read(dir.join(format!("{i:03}.png"))).unwrap()).unwrap();
+        assert_eq!((image.width, image.height, image.channels), (28, 28, 1));
+        pixels.extend(image.pixels.iter().map(|&p| p as f32 / 127.5 - 1.0));
+    }
+    let x = candle_core::Tensor::from_vec(pixels, (labels.len(), 1, 28, 28), &device).unwrap();
+    let read: Vec<u32> = classifier.logits(&x).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+    read.iter().zip(labels).filter(|(a, b)| a == b).count() as f64 / labels.len() as f64
+}
+
+#[test]
+fn the_shipped_blockwise_model_draws_every_digit_with_euler_and_fra() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let model = repo.join("models/blockwise");
+    let tmp = tempfile::tempdir().unwrap();
+    let labels: Vec<u32> = (0..30).map(|i| i % 10).collect();
+    let mut gflops = Vec::new();
+    for sampler in ["euler", "fra"] {
+        let out_dir = tmp.path().join(sampler);
+        let args =
+            ["generate", "--model", model.to_str().unwrap(), "--label", "0-9", "--n", "30", "--sampler", sampler];
+        let out = flowgen(&[&args[..], &["--steps", "8", "--out", out_dir.to_str().unwrap()]].concat());
+        assert!(out.status.success(), "{sampler}: {}", String::from_utf8_lossy(&out.stderr));
+        let agreement = classifier_agreement(&out_dir, &labels);
+        assert!(agreement >= 0.8, "{sampler}: the classifier reads only {agreement} of the digits as their label");
+        let manifest = read_manifest(&out_dir);
+        let cost = manifest["images"][0]["gflops"].as_f64().unwrap_or_else(|| panic!("{manifest}"));
+        gflops.push(cost);
+    }
+    // FRA runs the trunk once per segment and the cheaper FRN at the other steps.
+    assert!(gflops[1] < gflops[0], "fra {} vs euler {} GFLOPs per image", gflops[1], gflops[0]);
 }
 
 #[test]
@@ -635,4 +675,87 @@ fn boss_schedules_are_searched_stored_and_used_by_name() {
     );
     let bad = flowgen(&["schedule", "boss", "--model", &model, "--nfe", "13", "--kmax", "12", "--n", "2"]);
     assert_clean_failure(&bad, "--kmax");
+}
+
+#[test]
+fn bench_frontier_runs_one_model_per_process_and_merges_the_runs_into_one_report() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let classifier = repo.join("models/mnist-classifier");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist");
+    synthetic_mnist(&data, 20);
+    let single = random_model(tmp.path());
+    let blockwise = tmp.path().join("blockwise");
+    let made = flowgen(&["model", "init-random", "--out", blockwise.to_str().unwrap(), "--seed", "3", "--blockwise"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let frontier = |model: &str, samplers: &str, n: &str, out: &str| {
+        let out_dir = tmp.path().join(out);
+        let run = flowgen(&[
+            "bench",
+            "frontier",
+            "--models",
+            model,
+            "--samplers",
+            samplers,
+            "--steps",
+            "2,8",
+            "--n",
+            n,
+            "--batch",
+            "10",
+            "--classifier",
+            classifier.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        out_dir.join("frontier.json")
+    };
+    // The single network cannot run fra: it is skipped with the reason, not an error.
+    let a = frontier(&single, "euler,fra", "10", "a");
+    let b = frontier(blockwise.to_str().unwrap(), "euler,fra", "10", "b");
+    let joined = tmp.path().join("joined");
+    let merged = flowgen(&[
+        "bench",
+        "frontier",
+        "--merge",
+        &format!("{},{}", a.display(), b.display()),
+        "--out",
+        joined.to_str().unwrap(),
+    ]);
+    assert!(merged.status.success(), "{}", String::from_utf8_lossy(&merged.stderr));
+    let points: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(joined.join("frontier.json")).unwrap()).unwrap();
+    let runs: Vec<(String, String, u64)> = points
+        .iter()
+        .map(|p| {
+            (p["model"].as_str().unwrap().into(), p["sampler"].as_str().unwrap().into(), p["steps"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(runs.len(), 6, "{runs:?}");
+    assert_eq!(runs.iter().filter(|r| r.1 == "fra").count(), 2, "{runs:?}");
+    let gflops = |sampler: &str, steps: u64| {
+        let p =
+            points.iter().find(|p| p["sampler"] == sampler && p["steps"] == steps && p["model"] != runs[0].0).unwrap();
+        p["gflops_per_image"].as_f64().unwrap()
+    };
+    // At 2 steps every step opens a segment (all full); at 8 FRA reuses the trunk through the FRN.
+    assert_eq!(gflops("fra", 2), gflops("euler", 2), "{points:?}");
+    assert!(gflops("fra", 8) < gflops("euler", 8), "{points:?}");
+    let table = std::fs::read_to_string(joined.join("frontier.md")).unwrap();
+    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| model")).count(), 6, "{table}");
+    assert!(joined.join("frontier.png").exists() && joined.join("frontier.csv").exists());
+    // Runs on other images do not share a frontier.
+    let c = frontier(&single, "euler", "12", "c");
+    let refused = flowgen(&[
+        "bench",
+        "frontier",
+        "--merge",
+        &format!("{},{}", a.display(), c.display()),
+        "--out",
+        joined.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&refused, "--merge");
 }
