@@ -688,7 +688,7 @@ fn bench_frontier_runs_one_model_per_process_and_merges_the_runs_into_one_report
     let blockwise = tmp.path().join("blockwise");
     let made = flowgen(&["model", "init-random", "--out", blockwise.to_str().unwrap(), "--seed", "3", "--blockwise"]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let frontier = |model: &str, samplers: &str, n: &str, out: &str| {
+    let frontier = |model: &str, samplers: &str, n: &str, seed: &str, out: &str| {
         let out_dir = tmp.path().join(out);
         let run = flowgen(&[
             "bench",
@@ -703,6 +703,8 @@ fn bench_frontier_runs_one_model_per_process_and_merges_the_runs_into_one_report
             n,
             "--batch",
             "10",
+            "--seed",
+            seed,
             "--classifier",
             classifier.to_str().unwrap(),
             "--data",
@@ -714,8 +716,8 @@ fn bench_frontier_runs_one_model_per_process_and_merges_the_runs_into_one_report
         out_dir.join("frontier.json")
     };
     // The single network cannot run fra: it is skipped with the reason, not an error.
-    let a = frontier(&single, "euler,fra", "10", "a");
-    let b = frontier(blockwise.to_str().unwrap(), "euler,fra", "10", "b");
+    let a = frontier(&single, "euler,fra", "10", "0", "a");
+    let b = frontier(blockwise.to_str().unwrap(), "euler,fra", "10", "0", "b");
     let joined = tmp.path().join("joined");
     let merged = flowgen(&[
         "bench",
@@ -747,15 +749,18 @@ fn bench_frontier_runs_one_model_per_process_and_merges_the_runs_into_one_report
     let table = std::fs::read_to_string(joined.join("frontier.md")).unwrap();
     assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| model")).count(), 6, "{table}");
     assert!(joined.join("frontier.png").exists() && joined.join("frontier.csv").exists());
-    // Runs on other images do not share a frontier.
-    let c = frontier(&single, "euler", "12", "c");
-    let refused = flowgen(&[
-        "bench",
-        "frontier",
-        "--merge",
-        &format!("{},{}", a.display(), c.display()),
-        "--out",
-        joined.to_str().unwrap(),
-    ]);
-    assert_clean_failure(&refused, "--merge");
+    // Runs on other images (another count, or other seeds) do not share a frontier.
+    for (n, seed, out, why) in [("12", "0", "c", "n 12"), ("10", "5", "d", "seed 5")] {
+        let other = frontier(&single, "euler", n, seed, out);
+        let refused = flowgen(&[
+            "bench",
+            "frontier",
+            "--merge",
+            &format!("{},{}", a.display(), other.display()),
+            "--out",
+            joined.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&refused, "--merge");
+        assert_clean_failure(&refused, why);
+    }
 }

@@ -196,9 +196,7 @@ impl<'a> GuidedField<'a> {
 
 impl VelocityField for GuidedField<'_> {
     fn velocity(&self, x: &Tensor, s: &[f64]) -> Result<Tensor> {
-        let labels =
-            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
-        Ok(self.guided(x, None, s, labels, false)?.0)
+        Ok(self.guided(x, None, s, self.own_labels(), false)?.0)
     }
 
     fn velocity_of_rows(&self, x: &Tensor, s: &[f64], rows: &[usize]) -> Result<Tensor> {
@@ -212,14 +210,11 @@ impl VelocityField for GuidedField<'_> {
     }
 
     fn velocity_paths(&self, x: &Tensor, x_uncond: Option<&Tensor>, s: &[f64]) -> Result<(Tensor, Option<Tensor>)> {
-        let labels =
-            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
-        self.guided(x, x_uncond, s, labels, true)
+        self.guided(x, x_uncond, s, self.own_labels(), true)
     }
 
     fn velocity_with_memo(&self, x: &Tensor, s: &[f64], memo: &mut FeatureMemo) -> Result<Tensor> {
-        let labels =
-            Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() };
+        let labels = self.own_labels();
         let mut forward = |x: &Tensor, t: &Tensor, y: &Tensor| self.model.forward_with_memo(x, t, y, memo);
         Ok(self.guided_by(&mut forward, x, None, s, labels, false)?.0)
     }
@@ -241,6 +236,11 @@ struct Labels<'t> {
 }
 
 impl GuidedField<'_> {
+    /// The labels the field was built with (conditional, null and the doubled batch).
+    fn own_labels(&self) -> Labels<'_> {
+        Labels { cond: &self.labels, null: self.null_labels.as_ref(), doubled: self.doubled_labels.as_ref() }
+    }
+
     /// The guided velocity at `x` and, when only some channels are guided, the unconditional
     /// pass's path: guided channels as guided, the others from the unconditional output (at
     /// `x_uncond` when given), as the doubled batch of SiT's `forward_with_cfg` carries it.

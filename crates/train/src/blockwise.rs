@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use flowgen_engine::config::{AutoencoderSection, Defaults, NetworkSection};
+use flowgen_engine::config::NetworkSection;
 use flowgen_engine::models::blockwise::{Blockwise, BlockwiseConfig, StepInputs};
 use flowgen_engine::weights::save_safetensors;
 use flowgen_engine::{NetworkArch, TimeConvention};
@@ -25,7 +25,7 @@ use crate::data::Digits;
 use crate::error::{Result, TrainError};
 use crate::init::{partly_trainable, trainable};
 use crate::run::{batch_indices, seeded_normal, step_rng, Run, RunPlace, StepLog, TrainOptions};
-use crate::velocity::{write_model_toml, Latents};
+use crate::velocity::{write_model_toml, Latents, ModelDirCommon};
 
 /// File name of the blockwise network in a model directory.
 pub const BLOCKWISE_WEIGHTS: &str = "velocity.safetensors";
@@ -415,13 +415,10 @@ pub fn train_frn(
 
 /// What a servable blockwise model directory is made of.
 pub struct BlockwiseModelParts<'a> {
-    pub name: &'a str,
     pub net: &'a BlockwiseConfig,
     /// Every weight of the network (stage-1 EMA, plus the FRN's when trained).
     pub weights: &'a HashMap<String, Tensor>,
-    pub autoencoder: &'a AutoencoderSection,
-    pub autoencoder_weights: &'a Path,
-    pub defaults: Defaults,
+    pub common: ModelDirCommon<'a>,
 }
 
 /// Write a servable model directory: model.toml (kind blockwise, convention lfm), the weights
@@ -435,15 +432,7 @@ pub fn write_model_dir(dir: &Path, parts: BlockwiseModelParts) -> Result<()> {
         arch: NetworkArch::Blockwise(parts.net.clone()),
     };
     let description = "class-conditional latent blockwise flow model (BFM) trained on MNIST by flowgen";
-    write_model_toml(
-        dir,
-        parts.name,
-        description,
-        network,
-        parts.autoencoder,
-        parts.autoencoder_weights,
-        parts.defaults,
-    )
+    write_model_toml(dir, description, network, parts.common)
 }
 
 #[cfg(test)]

@@ -26,6 +26,10 @@ pub struct EvalResult {
     /// Times s (0 noise, 1 data) at which guidance applies.
     pub guidance_interval: (f64, f64),
     pub n: usize,
+    /// Seed of image 0 (image i is drawn from seed + i); absent in results written before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub fd: f64,
     pub fd_floor: f64,
     pub fd_ratio: f64,
@@ -302,6 +306,7 @@ impl EvalContext {
             guidance: self.guidance.scale,
             guidance_interval: self.guidance.interval,
             n,
+            seed: self.seeds.first().copied(),
             fd,
             fd_floor: self.fd_floor,
             fd_ratio: fd / self.fd_floor.max(1e-12),

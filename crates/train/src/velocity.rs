@@ -163,15 +163,21 @@ pub fn train(
     Ok((report, run.ema.shadow.clone()))
 }
 
-/// What a servable model directory is made of, for `write_model_dir`.
-pub struct ModelDirParts<'a> {
+/// What every trained model directory holds beside its network: its name, the autoencoder it
+/// works in (copied in, so the directory is self-contained) and its sampling defaults.
+pub struct ModelDirCommon<'a> {
     pub name: &'a str,
-    pub sit: &'a SitConfig,
-    /// The EMA velocity weights.
-    pub ema: &'a std::collections::HashMap<String, Tensor>,
     pub autoencoder: &'a AutoencoderSection,
     pub autoencoder_weights: &'a Path,
     pub defaults: Defaults,
+}
+
+/// What a servable SiT model directory is made of, for `write_model_dir`.
+pub struct ModelDirParts<'a> {
+    pub sit: &'a SitConfig,
+    /// The EMA velocity weights.
+    pub ema: &'a std::collections::HashMap<String, Tensor>,
+    pub common: ModelDirCommon<'a>,
 }
 
 /// Write a servable model directory: model.toml, EMA velocity weights, and the autoencoder.
@@ -183,31 +189,23 @@ pub fn write_model_dir(dir: &Path, parts: ModelDirParts) -> Result<()> {
         convention: TimeConvention::Sit,
         arch: NetworkArch::Sit(parts.sit.clone()),
     };
-    let description = "class-conditional latent flow model trained on MNIST by flowgen";
-    write_model_toml(
-        dir,
-        parts.name,
-        description,
-        network,
-        parts.autoencoder,
-        parts.autoencoder_weights,
-        parts.defaults,
-    )
+    write_model_toml(dir, "class-conditional latent flow model trained on MNIST by flowgen", network, parts.common)
 }
 
-/// The part every trained model directory shares: the autoencoder copied in beside the network
-/// (so the directory is self-contained) and a model.toml naming both.
+/// model.toml naming `network` and the autoencoder, which is copied in beside it unless it is
+/// already there.
 pub(crate) fn write_model_toml(
     dir: &Path,
-    name: &str,
     description: &str,
     network: NetworkSection,
-    autoencoder: &AutoencoderSection,
-    autoencoder_weights: &Path,
-    defaults: Defaults,
+    common: ModelDirCommon,
 ) -> Result<()> {
+    let ModelDirCommon { name, autoencoder, autoencoder_weights, defaults } = common;
     let ae_target = dir.join("autoencoder.safetensors");
-    if autoencoder_weights != ae_target {
+    // Compared as files, not spellings: copying a file onto itself would truncate it.
+    let same_file =
+        ae_target.exists() && std::fs::canonicalize(&ae_target).ok() == std::fs::canonicalize(autoencoder_weights).ok();
+    if !same_file {
         std::fs::copy(autoencoder_weights, &ae_target).map_err(|e| TrainError::io(autoencoder_weights, e))?;
     }
     let config = ModelConfig {

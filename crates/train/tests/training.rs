@@ -353,6 +353,7 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
     use flowgen_engine::samplers::Unobserved;
     use flowgen_engine::{ImageInputs, Pipeline, ScheduleAccess, SettingsRequest};
     use flowgen_train::blockwise::{self, AlignmentTargets, BlockwiseModelParts, BlockwiseTraining, FrnTraining};
+    use flowgen_train::velocity::ModelDirCommon;
     let dev = Device::Cpu;
     let latents = tiny_latents();
     let net = BlockwiseConfig {
@@ -452,10 +453,8 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
     let (vb, created) = flowgen_engine::random_model::random_var_builder(5, &dev);
     flowgen_engine::models::blockwise::Blockwise::new(&net7, vb).unwrap();
     let weights = created.lock().unwrap().clone();
-    let parts = BlockwiseModelParts {
+    let common = ModelDirCommon {
         name: "tiny-blockwise",
-        net: &net7,
-        weights: &weights,
         autoencoder: &section,
         autoencoder_weights: &ae_dir.path().join("autoencoder.safetensors"),
         defaults: flowgen_engine::config::Defaults {
@@ -465,6 +464,7 @@ fn blockwise_stages_train_resume_exactly_and_write_a_servable_model() {
             ..Default::default()
         },
     };
+    let parts = BlockwiseModelParts { net: &net7, weights: &weights, common };
     blockwise::write_model_dir(model.path(), parts).unwrap();
     let pipeline = Pipeline::load(model.path(), &dev).unwrap();
     let settings = pipeline.config().solve_settings(&SettingsRequest::default(), ScheduleAccess::Named).unwrap();

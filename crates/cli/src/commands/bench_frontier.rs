@@ -8,11 +8,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
 use flowgen_engine::{Pipeline, ScheduleAccess, SettingsRequest};
-use flowgen_train::classifier::Classifier;
-use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{EvalContext, EvalResult, EvalSetup};
 use flowgen_train::plot::{line_plot, PlotSpec, Series};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::eval::QualityReferenceArgs;
 
 #[derive(Args)]
 pub struct FrontierBenchArgs {
@@ -34,12 +34,8 @@ pub struct FrontierBenchArgs {
     /// Images per batched solve.
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    /// Classifier directory (classifier.json + classifier.safetensors).
-    #[arg(long, default_value = "models/mnist-classifier")]
-    classifier: PathBuf,
-    /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
-    #[arg(long, default_value = "data/mnist")]
-    data: PathBuf,
+    #[command(flatten)]
+    reference: QualityReferenceArgs,
     /// Classifier-free guidance scale of every run [default: what each model is served with].
     #[arg(long)]
     guidance: Option<f64>,
@@ -67,9 +63,7 @@ pub fn run(args: FrontierBenchArgs) -> Result<()> {
     anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
     anyhow::ensure!(!args.steps.is_empty() && args.steps.iter().all(|&k| k >= 1), "--steps must all be at least 1");
     let device = parse_device(&args.device)?;
-    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
-    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
-    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    let (classifier, train, val) = args.reference.load(&device)?;
     let mut pipelines = Vec::new();
     for dir in &args.models {
         let pipeline = Pipeline::load(dir, &device).with_context(|| format!("loading {}", dir.display()))?;
@@ -159,16 +153,25 @@ fn merge(inputs: &[PathBuf], out: &std::path::Path) -> Result<()> {
         let text = std::fs::read_to_string(path).with_context(|| format!("--merge: reading {}", path.display()))?;
         let more: Vec<EvalResult> = serde_json::from_str(&text)
             .with_context(|| format!("--merge: {} is not a frontier.json", path.display()))?;
-        if let (Some(first), Some(other)) = (points.first(), more.first()) {
-            anyhow::ensure!(
-                first.n == other.n && (first.fd_floor - other.fd_floor).abs() <= 1e-9 * first.fd_floor.abs().max(1.0),
-                "--merge: {} has n {} and FD floor {:.4}, the first file n {} and floor {:.4}; only runs on the same images and data can share a frontier",
-                path.display(),
-                other.n,
-                other.fd_floor,
-                first.n,
-                first.fd_floor
-            );
+        // Every run of every file must share the first run's images: same n, seeds and data.
+        let seed = |s: Option<u64>| s.map_or_else(|| "unknown".to_string(), |v| v.to_string());
+        if let Some(first) = points.first().or(more.first()) {
+            for other in &more {
+                let seeds_differ = matches!((first.seed, other.seed), (Some(a), Some(b)) if a != b);
+                anyhow::ensure!(
+                    first.n == other.n
+                        && !seeds_differ
+                        && (first.fd_floor - other.fd_floor).abs() <= 1e-9 * first.fd_floor.abs().max(1.0),
+                    "--merge: {} has a run with n {}, seed {} and FD floor {:.4}, the first run n {}, seed {} and floor {:.4}; only runs on the same images and data can share a frontier",
+                    path.display(),
+                    other.n,
+                    seed(other.seed),
+                    other.fd_floor,
+                    first.n,
+                    seed(first.seed),
+                    first.fd_floor
+                );
+            }
         }
         // A model name already taken by another file's runs (two models of one name) gets that
         // file's folder, as a single frontier run tells such models apart by directory.

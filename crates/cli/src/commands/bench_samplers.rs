@@ -8,14 +8,14 @@ use anyhow::{Context, Result};
 use clap::Args;
 use flowgen_engine::device::parse_device;
 use flowgen_engine::{Pipeline, ScheduleAccess, SettingsRequest};
-use flowgen_train::classifier::Classifier;
-use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 use flowgen_train::sampler_bench::{
     gemm_gflops, mark_pareto, plan_runs, plot, to_csv, to_markdown, BenchRow, BenchSetup, ScheduleChoice,
     DEFAULT_BUDGETS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::eval::QualityReferenceArgs;
 
 #[derive(Args)]
 pub struct SamplersBenchArgs {
@@ -47,12 +47,8 @@ pub struct SamplersBenchArgs {
     /// Images solved one at a time for ms/image alone (after one warm-up solve).
     #[arg(long, default_value_t = 4)]
     alone: usize,
-    /// Classifier directory (classifier.json + classifier.safetensors).
-    #[arg(long, default_value = "models/mnist-classifier")]
-    classifier: PathBuf,
-    /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
-    #[arg(long, default_value = "data/mnist")]
-    data: PathBuf,
+    #[command(flatten)]
+    reference: QualityReferenceArgs,
     /// Classifier-free guidance scale [default: what the model is served with].
     #[arg(long)]
     guidance: Option<f64>,
@@ -70,9 +66,7 @@ pub fn run(args: SamplersBenchArgs) -> Result<()> {
     anyhow::ensure!(args.nfe.iter().all(|&b| b >= 1), "--nfe budgets must all be at least 1");
     let device = parse_device(&args.device)?;
     let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
-    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
-    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
-    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    let (classifier, train, val) = args.reference.load(&device)?;
     let cfg = pipeline.config();
     let names = match &args.samplers {
         Some(names) => super::rejoin_parameters(names),

@@ -2,23 +2,41 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use flowgen_engine::candle_core::Device;
 use flowgen_engine::device::parse_device;
 use flowgen_engine::{Pipeline, ScheduleAccess, ScheduleSpec, SettingsRequest};
 use flowgen_train::classifier::Classifier;
 use flowgen_train::data::{Digits, Split};
 use flowgen_train::evaluate::{reference_sampler, EvalContext, EvalSetup};
 
+/// The real digits and the classifier every quality measurement (FD, accuracy) is made against.
 #[derive(Args)]
-pub struct EvalArgs {
-    /// Model directory to evaluate.
-    #[arg(long)]
-    model: PathBuf,
+pub(super) struct QualityReferenceArgs {
     /// Classifier directory (classifier.json + classifier.safetensors).
     #[arg(long, default_value = "models/mnist-classifier")]
     classifier: PathBuf,
     /// MNIST in IDX format: the val split is the reference, train digits give the real-data floor.
     #[arg(long, default_value = "data/mnist")]
     data: PathBuf,
+}
+
+impl QualityReferenceArgs {
+    /// The classifier, the train digits (for the real-data floor) and the val digits.
+    pub(super) fn load(&self, device: &Device) -> Result<(Classifier, Digits, Digits)> {
+        let classifier = Classifier::load(&self.classifier, device).context("loading the classifier")?;
+        let train = Digits::load(&self.data, Split::Train).context("loading training digits")?;
+        let val = Digits::load(&self.data, Split::Val).context("loading validation digits")?;
+        Ok((classifier, train, val))
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directory to evaluate.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    reference: QualityReferenceArgs,
     /// Sampler, or a comma-separated list evaluated on the same noise (one JSON object each).
     #[arg(long, default_value = "dopri5")]
     sampler: String,
@@ -56,9 +74,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let pipeline = Pipeline::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
-    let classifier = Classifier::load(&args.classifier, &device).context("loading the classifier")?;
-    let train = Digits::load(&args.data, Split::Train).context("loading training digits")?;
-    let val = Digits::load(&args.data, Split::Val).context("loading validation digits")?;
+    let (classifier, train, val) = args.reference.load(&device)?;
     anyhow::ensure!(args.n >= 2, "--n must be at least 2 for an FD");
     let cfg = pipeline.config();
     // Guidance as generate and the server fill it; samplers and steps are the evaluation's own.

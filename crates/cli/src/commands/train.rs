@@ -492,14 +492,9 @@ fn train_velocity(common: CommonArgs, args: VelocityArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| format!("mnist-latent-{}", objective.name()));
     let model_dir = common.out.join("model");
     let defaults = Defaults { sampler: "heun".into(), steps: 8, guidance: 2.0, ..Defaults::default() };
-    let parts = velocity::ModelDirParts {
-        name: &name,
-        sit: &sit,
-        ema: &ema,
-        autoencoder: &section,
-        autoencoder_weights: &ae_weights,
-        defaults,
-    };
+    let shared =
+        velocity::ModelDirCommon { name: &name, autoencoder: &section, autoencoder_weights: &ae_weights, defaults };
+    let parts = velocity::ModelDirParts { sit: &sit, ema: &ema, common: shared };
     velocity::write_model_dir(&model_dir, parts)?;
     std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     println!(
@@ -725,14 +720,13 @@ fn train_blockwise(common: CommonArgs, args: BlockwiseArgs) -> Result<()> {
     bar.finish_and_clear();
     let model_dir = common.out.join("model");
     let defaults = Defaults { sampler: "euler".into(), steps: 8, guidance: 1.5, ..Defaults::default() };
-    let parts = BlockwiseModelParts {
+    let shared = velocity::ModelDirCommon {
         name: &args.name,
-        net: &net,
-        weights: &ema,
         autoencoder: &section,
         autoencoder_weights: &ae_weights,
         defaults,
     };
+    let parts = BlockwiseModelParts { net: &net, weights: &ema, common: shared };
     blockwise::write_model_dir(&model_dir, parts)?;
     std::fs::write(common.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     let flops = net.flops();

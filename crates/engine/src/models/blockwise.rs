@@ -12,8 +12,8 @@ use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::fused::{gated_residual, linear, modulate, Linear};
-use super::layer_norm_no_affine;
-use super::sit::{check_training_knobs, check_transformer_shape, Mlp, TimestepEmbedder};
+use super::sit::{Mlp, TimestepEmbedder};
+use super::{check_training_knobs, check_transformer_shape, layer_norm_no_affine};
 
 const NORM_EPS: f64 = 1e-6;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
