@@ -29,7 +29,7 @@ fn use_fused(xs: &Tensor) -> bool {
 /// e^x to 3e-7 relative error: Cody-Waite reduction to |r| <= ln2/2, a degree-6 polynomial and
 /// an exponent-bit scale. Branch-free so the loops below vectorise, unlike libm's `expf`.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without SSE4.1's roundps.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
@@ -46,7 +46,7 @@ fn fast_tanh(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_value(x: f32) -> f32 {
+pub(crate) fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_tanh(SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x)))
 }
 
@@ -116,7 +116,7 @@ struct LayerNormBackward {
     eps: f32,
 }
 
-fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -439,6 +439,13 @@ pub struct Linear(candle_nn::Linear);
 /// A linear layer with weight and bias under `vb`, as `candle_nn::linear`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
     Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+impl Linear {
+    /// (weight, bias) when the layer has a bias.
+    pub(crate) fn parts(&self) -> Option<(&Tensor, &Tensor)> {
+        Some((self.0.weight(), self.0.bias()?))
+    }
 }
 
 impl candle_core::Module for Linear {

@@ -4,6 +4,8 @@ pub mod autoencoder;
 pub mod blockwise;
 pub mod conv;
 pub mod fused;
+pub(crate) mod fused_block;
+pub mod profile;
 pub mod sit;
 
 pub use fused::{gelu_tanh, layer_norm_no_affine};

@@ -7,6 +7,8 @@ use candle_nn::{conv2d, embedding, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::fused::{gated_residual, linear, modulate, Linear};
+use super::fused_block::{self, BlockWeights, LinearRef};
+use super::profile::{self, Stage};
 use super::{check_training_knobs, check_transformer_shape, gelu_tanh, layer_norm_no_affine};
 
 const NORM_EPS: f64 = 1e-6;
@@ -261,14 +263,42 @@ impl SitBlock {
     }
 
     fn forward(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let chunks = c.silu()?.apply(&self.ada_ln_modulation)?.chunk(6, D::Minus1)?;
+        use Stage::{Attention as A, Mlp as M, NormModulate as N};
+        let chunks = profile::timed(N, || c.silu()?.apply(&self.ada_ln_modulation)?.chunk(6, D::Minus1))?;
         let (shift_msa, scale_msa, gate_msa) = (&chunks[0], &chunks[1], &chunks[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&chunks[3], &chunks[4], &chunks[5]);
-        let h = modulate(&layer_norm_no_affine(xs, NORM_EPS)?, shift_msa, scale_msa)?.apply(&self.attn)?;
-        let xs = gated_residual(xs, &h, gate_msa)?;
-        let h = modulate(&layer_norm_no_affine(&xs, NORM_EPS)?, shift_mlp, scale_mlp)?.apply(&self.mlp)?;
-        gated_residual(&xs, &h, gate_mlp)
+        let h = profile::timed(N, || modulate(&layer_norm_no_affine(xs, NORM_EPS)?, shift_msa, scale_msa))?;
+        let xs = profile::timed(A, || gated_residual(xs, &h.apply(&self.attn)?, gate_msa))?;
+        let h = profile::timed(N, || modulate(&layer_norm_no_affine(&xs, NORM_EPS)?, shift_mlp, scale_mlp))?;
+        profile::timed(M, || gated_residual(&xs, &h.apply(&self.mlp)?, gate_mlp))
     }
+
+    fn weights(&self) -> Option<BlockWeights<'_>> {
+        Some(BlockWeights {
+            ada_ln_modulation: self.ada_ln_modulation.parts()?,
+            qkv: self.attn.qkv.parts()?,
+            proj: self.attn.proj.parts()?,
+            fc1: self.mlp.fc1.parts()?,
+            fc2: self.mlp.fc2.parts()?,
+            num_heads: self.attn.num_heads,
+            eps: NORM_EPS as f32,
+        })
+    }
+
+    /// The fused CPU kernel when it applies (f32 CPU inference), else the op-by-op forward.
+    fn forward_fast(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+        match self.weights() {
+            Some(w) if fused_block::applies(&[xs, c]) && untracked(&w) => {
+                profile::region(|| fused_block::block_forward(xs, c, &w))
+            }
+            _ => self.forward(xs, c),
+        }
+    }
+}
+
+fn untracked(w: &BlockWeights) -> bool {
+    let layers = [w.ada_ln_modulation, w.qkv, w.proj, w.fc1, w.fc2];
+    fused_block::applies(&layers.iter().flat_map(|(a, b)| [*a, *b]).collect::<Vec<_>>())
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +319,17 @@ impl FinalLayer {
         let chunks = c.silu()?.apply(&self.ada_ln_modulation)?.chunk(2, D::Minus1)?;
         modulate(&layer_norm_no_affine(xs, NORM_EPS)?, &chunks[0], &chunks[1])?.apply(&self.linear)
     }
+
+    /// The fused CPU kernel when it applies (f32 CPU inference), else the op-by-op forward.
+    fn forward_fast(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let parts: Option<(LinearRef, LinearRef)> = self.ada_ln_modulation.parts().zip(self.linear.parts());
+        match parts {
+            Some((ada, lin)) if fused_block::applies(&[xs, c, ada.0, ada.1, lin.0, lin.1]) => {
+                fused_block::final_layer_forward(xs, c, ada, lin, NORM_EPS as f32)
+            }
+            _ => self.forward(xs, c),
+        }
+    }
 }
 
 /// The SiT/DiT transformer: `forward(x, t, y)` with t in the network's own time units.
@@ -301,6 +342,8 @@ pub struct Sit {
     blocks: Vec<SitBlock>,
     final_layer: FinalLayer,
     cfg: SitConfig,
+    /// Use the fused CPU inference kernels where they apply.
+    fast: bool,
 }
 
 impl Sit {
@@ -323,7 +366,7 @@ impl Sit {
         let vb_blocks = vb.pp("blocks");
         let blocks = (0..cfg.depth).map(|i| SitBlock::new(cfg, vb_blocks.pp(i))).collect::<Result<Vec<_>>>()?;
         let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
-        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone() })
+        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone(), fast: true })
     }
 
     /// The fixed sin-cos table, shape (1, T, D), as stored under `pos_embed`.
@@ -339,13 +382,25 @@ impl Sit {
     /// x: (B, C, H, W), t: (B,) network time, y: (B,) u32 labels -> (B, out_channels, H, W).
     pub fn forward_full(&self, xs: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
         let b = xs.dim(0)?;
-        let mut h = xs.apply(&self.x_embedder)?.broadcast_add(&self.pos_embed)?;
-        let c = (t.apply(&self.t_embedder)?.to_dtype(h.dtype())? + y.apply(&self.y_embedder)?)?;
+        let (mut h, c) = profile::timed(Stage::Embeddings, || -> Result<_> {
+            let h = xs.apply(&self.x_embedder)?.broadcast_add(&self.pos_embed)?;
+            let c = (t.apply(&self.t_embedder)?.to_dtype(h.dtype())? + y.apply(&self.y_embedder)?)?;
+            Ok((h, c))
+        })?;
         for block in &self.blocks {
-            h = block.forward(&h, &c)?;
+            h = if self.fast { block.forward_fast(&h, &c)? } else { block.forward(&h, &c)? };
         }
-        let h = self.final_layer.forward(&h, &c)?;
-        self.unpatchify(&h, b)
+        profile::timed(Stage::FinalLayer, || {
+            let h = if self.fast { self.final_layer.forward_fast(&h, &c)? } else { self.final_layer.forward(&h, &c)? };
+            self.unpatchify(&h, b)
+        })
+    }
+
+    /// The same network on candle's op-by-op path only (the fused CPU kernels off): the
+    /// reference the fused path is tested and benchmarked against.
+    pub fn with_fused_kernels(mut self, on: bool) -> Self {
+        self.fast = on;
+        self
     }
 
     /// Like `forward_full`, keeping only the velocity channels of a `learn_sigma` output.

@@ -1,0 +1,407 @@
+//! The SiT/DiT block and final layer as CPU f32 kernels for inference.
+//!
+//! candle runs a block as about 30 ops, each allocating its output and handing its work to the
+//! thread pool; at batch 1 those hand-offs, not arithmetic, were most of the forward. Here a block
+//! is three parallel passes: over rows (norm, modulation, qkv), over (sample, head) pairs
+//! (attention), and over rows again (projection, gated residual, norm, MLP, gated residual), each
+//! thread running single-threaded GEMMs on its own rows while they are in cache. The arithmetic is
+//! the op-by-op path's (tests hold the two to 1e-5); there is no backward, so anything under
+//! autograd keeps candle's ops.
+
+use candle_core::{bail, DType, Device, Layout, Result, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::fused::{fast_exp, gelu_value, row_stats, slice};
+use super::profile::{self, Stage};
+
+/// Rows of the token matrix one task takes at most: enough for the GEMM kernels to run at speed,
+/// few enough that a large batch still spreads over every thread.
+const MAX_ROWS_PER_TASK: usize = 128;
+
+/// Whether the fused kernels may run on these tensors: contiguous CPU f32, outside any autograd
+/// graph (the kernels have no backward).
+pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op() && t.is_contiguous())
+}
+
+/// A linear layer's torch-layout weight (out, in) and bias (out).
+pub(crate) type LinearRef<'a> = (&'a Tensor, &'a Tensor);
+
+/// The weights of one adaLN-Zero block.
+pub(crate) struct BlockWeights<'a> {
+    pub ada_ln_modulation: LinearRef<'a>,
+    pub qkv: LinearRef<'a>,
+    pub proj: LinearRef<'a>,
+    pub fc1: LinearRef<'a>,
+    pub fc2: LinearRef<'a>,
+    pub num_heads: usize,
+    pub eps: f32,
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a region no other task touches (one head's columns of one sample).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => slice(cpu, layout),
+        _ => bail!("the fused kernels run on the CPU only"),
+    }
+}
+
+/// A linear layer's (weight, bias) slices checked against (in, out).
+fn linear_slices<'a>(
+    (w, b): (&'a [f32], &'a [f32]),
+    (fan_in, fan_out): (usize, usize),
+    name: &str,
+) -> Result<(&'a [f32], &'a [f32])> {
+    if w.len() != fan_in * fan_out || b.len() != fan_out {
+        bail!("{name}: weight {} / bias {} do not fit {fan_in} -> {fan_out}", w.len(), b.len());
+    }
+    Ok((w, b))
+}
+
+/// out (rows x n, contiguous) = a (rows x k, row stride a_rs) W^T + bias, with torch's (n, k) W.
+fn linear_rows(a: &[f32], a_rs: usize, rows: usize, (w, bias): (&[f32], &[f32]), out: &mut [f32]) {
+    let n = bias.len();
+    let k = w.len() / n.max(1);
+    debug_assert!(rows == 0 || a.len() >= (rows - 1) * a_rs + k);
+    debug_assert!(out.len() >= rows * n);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the shapes were checked by the callers: `a` holds `rows` rows of `k` values at
+    // stride `a_rs`, `w` is n x k, `out` holds rows x n; gemm reads and writes only those.
+    unsafe {
+        gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    for row in out[..rows * n].chunks_mut(n) {
+        for (o, &b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+/// silu(c) W^T + b: the per-sample adaLN rows (B, chunks * D).
+fn ada_ln_rows(c: &[f32], (w, bias): (&[f32], &[f32]), batch: usize) -> Vec<f32> {
+    let act: Vec<f32> = c.iter().map(|&v| v / (1.0 + fast_exp(-v))).collect();
+    let mut out = vec![0f32; batch * bias.len()];
+    let d = c.len() / batch.max(1);
+    linear_rows(&act, d, batch, (w, bias), &mut out);
+    out
+}
+
+/// Where one sample's modulation rows live: `rows[sample * stride + chunk * d ..][..d]`.
+struct Modulation<'a> {
+    rows: &'a [f32],
+    stride: usize,
+    d: usize,
+}
+
+impl Modulation<'_> {
+    fn chunk(&self, sample: usize, chunk: usize) -> &[f32] {
+        let start = sample * self.stride + chunk * self.d;
+        &self.rows[start..start + self.d]
+    }
+}
+
+/// h = LayerNorm(x) * (1 + scale) + shift, row by row; rows start at token row `first`.
+fn norm_modulate(x: &[f32], h: &mut [f32], first: usize, tokens: usize, m: &Modulation, (shift, scale): (usize, usize), eps: f32) {
+    let d = m.d;
+    for (i, (h, x)) in h.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+        let sample = (first + i) / tokens;
+        let (mean, rstd) = row_stats(x, eps);
+        let (sh, sc) = (m.chunk(sample, shift), m.chunk(sample, scale));
+        for (((h, &x), &sh), &sc) in h.iter_mut().zip(x).zip(sh).zip(sc) {
+            *h = ((x - mean) * rstd) * (1.0 + sc) + sh;
+        }
+    }
+}
+
+/// out = x + h * gate, row by row; rows start at token row `first`.
+fn gated_add(out: &mut [f32], x: &[f32], h: &[f32], first: usize, tokens: usize, m: &Modulation, gate: usize) {
+    let d = m.d;
+    for (i, ((o, x), h)) in out.chunks_mut(d).zip(x.chunks(d)).zip(h.chunks(d)).enumerate() {
+        let g = m.chunk((first + i) / tokens, gate);
+        for (((o, &x), &h), &g) in o.iter_mut().zip(x).zip(h).zip(g) {
+            *o = x + h * g;
+        }
+    }
+}
+
+fn softmax_rows(scores: &mut [f32], n: usize) {
+    for row in scores.chunks_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = fast_exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Rows per task for a token matrix of `rows` rows.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads().max(1)).clamp(1, MAX_ROWS_PER_TASK)
+}
+
+/// One attention head of one sample: softmax(q k^T / sqrt(hd)) v into that head's columns of
+/// `out` (B*T, D). qkv rows are [q; k; v], each head-contiguous (timm's layout).
+fn attention_head(qkv: &[f32], out: SharedOut, (sample, head): (usize, usize), (t, d, hd): (usize, usize, usize)) {
+    let base = sample * t * 3 * d + head * hd;
+    let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
+    let mut scores = vec![0f32; t * t];
+    let scale = (hd as f32).powf(-0.5);
+    // SAFETY: q, k, v each reach (t - 1) rows of stride 3d plus hd values inside qkv (checked by
+    // block_forward); scores is t x t; out's region (t rows of stride d, hd columns at this head)
+    // is written by this task only.
+    unsafe {
+        gemm(
+            t,
+            t,
+            hd,
+            scores.as_mut_ptr(),
+            1,
+            t as isize,
+            false,
+            q.as_ptr(),
+            1,
+            (3 * d) as isize,
+            k.as_ptr(),
+            (3 * d) as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    softmax_rows(&mut scores, t);
+    unsafe {
+        gemm(
+            t,
+            hd,
+            t,
+            out.ptr().add(sample * t * d + head * hd),
+            1,
+            d as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            t as isize,
+            v.as_ptr(),
+            1,
+            (3 * d) as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// One adaLN-Zero block, x (B, T, D) and conditioning c (B, D) -> (B, T, D).
+pub(crate) fn block_forward(x: &Tensor, c: &Tensor, w: &BlockWeights) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let (heads, eps) = (w.num_heads, w.eps);
+    if heads == 0 || d % heads != 0 || c.dims2()? != (b, d) {
+        bail!("fused block: x {:?}, c {:?}, {heads} heads", x.shape(), c.shape());
+    }
+    let list = [
+        x,
+        c,
+        w.ada_ln_modulation.0,
+        w.ada_ln_modulation.1,
+        w.qkv.0,
+        w.qkv.1,
+        w.proj.0,
+        w.proj.1,
+        w.fc1.0,
+        w.fc1.1,
+        w.fc2.0,
+        w.fc2.1,
+    ];
+    let guards: Vec<_> = list.iter().map(|t| t.storage_and_layout()).collect();
+    let s = guards.iter().map(|(st, l)| cpu_f32(st, l)).collect::<Result<Vec<_>>>()?;
+    let (xs, cs) = (s[0], s[1]);
+    let mlp = s[9].len();
+    let ada = linear_slices((s[2], s[3]), (d, 6 * d), "adaLN_modulation")?;
+    let qkv_w = linear_slices((s[4], s[5]), (d, 3 * d), "attn.qkv")?;
+    let proj_w = linear_slices((s[6], s[7]), (d, d), "attn.proj")?;
+    let fc1_w = linear_slices((s[8], s[9]), (d, mlp), "mlp.fc1")?;
+    let fc2_w = linear_slices((s[10], s[11]), (mlp, d), "mlp.fc2")?;
+
+    let ada_rows = profile::stage(Stage::NormModulate, || ada_ln_rows(cs, ada, b));
+    let m = Modulation { rows: &ada_rows, stride: 6 * d, d };
+    let rows = b * t;
+    let chunk = rows_per_task(rows);
+
+    // Pass 1, over rows: h = modulate(norm(x)), qkv = h W^T + b.
+    let mut qkv = vec![0f32; rows * 3 * d];
+    qkv.par_chunks_mut(chunk * 3 * d).enumerate().for_each(|(i, out)| {
+        let (first, n) = (i * chunk, out.len() / (3 * d));
+        let mut h = vec![0f32; n * d];
+        let x = &xs[first * d..(first + n) * d];
+        profile::stage(Stage::NormModulate, || norm_modulate(x, &mut h, first, t, &m, (0, 1), eps));
+        profile::stage(Stage::Attention, || linear_rows(&h, d, n, qkv_w, out));
+    });
+
+    // Pass 2, over (sample, head): attention into each head's columns.
+    let hd = d / heads;
+    let mut attn = vec![0f32; rows * d];
+    let out = SharedOut(attn.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each(|task| {
+        profile::stage(Stage::Attention, || attention_head(&qkv, out, (task / heads, task % heads), (t, d, hd)));
+    });
+
+    // Pass 3, over rows: x1 = x + gate * proj(attn); out = x1 + gate * mlp(modulate(norm(x1))).
+    let mut y = vec![0f32; rows * d];
+    y.par_chunks_mut(chunk * d).enumerate().for_each(|(i, y)| {
+        let (first, n) = (i * chunk, y.len() / d);
+        let x = &xs[first * d..(first + n) * d];
+        let mut a = vec![0f32; n * d];
+        profile::stage(Stage::Attention, || {
+            linear_rows(&attn[first * d..], d, n, proj_w, &mut a);
+            gated_add(y, x, &a, first, t, &m, 2);
+        });
+        let mut h = vec![0f32; n * d];
+        profile::stage(Stage::NormModulate, || norm_modulate(y, &mut h, first, t, &m, (3, 4), eps));
+        profile::stage(Stage::Mlp, || {
+            let mut f = vec![0f32; n * mlp];
+            linear_rows(&h, d, n, fc1_w, &mut f);
+            f.iter_mut().for_each(|v| *v = gelu_value(*v));
+            linear_rows(&f, mlp, n, fc2_w, &mut a);
+            gated_add_in_place(y, &a, first, t, &m, 5);
+        });
+    });
+    drop(guards);
+    Tensor::from_vec(y, (b, t, d), &Device::Cpu)
+}
+
+/// y += h * gate, row by row; rows start at token row `first`.
+fn gated_add_in_place(y: &mut [f32], h: &[f32], first: usize, tokens: usize, m: &Modulation, gate: usize) {
+    let d = m.d;
+    for (i, (y, h)) in y.chunks_mut(d).zip(h.chunks(d)).enumerate() {
+        let g = m.chunk((first + i) / tokens, gate);
+        for ((y, &h), &g) in y.iter_mut().zip(h).zip(g) {
+            *y += h * g;
+        }
+    }
+}
+
+/// The final layer: modulate(norm(x)) W^T + b with its own adaLN rows, x (B, T, D) -> (B, T, out).
+pub(crate) fn final_layer_forward(
+    x: &Tensor,
+    c: &Tensor,
+    ada_ln_modulation: LinearRef,
+    linear: LinearRef,
+    eps: f32,
+) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    if c.dims2()? != (b, d) {
+        bail!("fused final layer: x {:?}, c {:?}", x.shape(), c.shape());
+    }
+    let list = [x, c, ada_ln_modulation.0, ada_ln_modulation.1, linear.0, linear.1];
+    let guards: Vec<_> = list.iter().map(|t| t.storage_and_layout()).collect();
+    let s = guards.iter().map(|(st, l)| cpu_f32(st, l)).collect::<Result<Vec<_>>>()?;
+    let out_dim = s[5].len();
+    let ada = linear_slices((s[2], s[3]), (d, 2 * d), "final_layer.adaLN_modulation")?;
+    let lin = linear_slices((s[4], s[5]), (d, out_dim), "final_layer.linear")?;
+    let ada_rows = ada_ln_rows(s[1], ada, b);
+    let m = Modulation { rows: &ada_rows, stride: 2 * d, d };
+    let rows = b * t;
+    let chunk = rows_per_task(rows);
+    let xs = s[0];
+    let mut y = vec![0f32; rows * out_dim];
+    y.par_chunks_mut(chunk * out_dim.max(1)).enumerate().for_each(|(i, y)| {
+        let (first, n) = (i * chunk, y.len() / out_dim.max(1));
+        let mut h = vec![0f32; n * d];
+        norm_modulate(&xs[first * d..(first + n) * d], &mut h, first, t, &m, (0, 1), eps);
+        linear_rows(&h, d, n, lin, y);
+    });
+    drop(guards);
+    Tensor::from_vec(y, (b, t, out_dim), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::models::sit::{Sit, SitConfig};
+    use crate::random_model::random_var_builder;
+    use candle_core::{DType, Device, Tensor};
+
+    fn config(input_size: usize, patch_size: usize, hidden_size: usize, num_heads: usize, learn_sigma: bool) -> SitConfig {
+        SitConfig {
+            input_size,
+            in_channels: 4,
+            patch_size,
+            hidden_size,
+            depth: 2,
+            num_heads,
+            mlp_ratio: 4.0,
+            num_classes: 10,
+            class_dropout_prob: 0.1,
+            learn_sigma,
+            in_channels_scale: 1,
+        }
+    }
+
+    /// The fused kernels against candle's op-by-op path on random weights (none zero, unlike
+    /// adaLN-Zero's init, so every term counts), over batch sizes that split rows unevenly.
+    #[test]
+    fn fused_sit_forward_equals_the_op_by_op_path() {
+        let dev = Device::Cpu;
+        for cfg in [config(7, 1, 32, 2, false), config(8, 2, 48, 3, true), config(4, 1, 16, 1, false)] {
+            let (vb, _) = random_var_builder(7, &dev);
+            let fused = Sit::new(&cfg, vb).unwrap();
+            let plain = fused.clone().with_fused_kernels(false);
+            for batch in [1, 3, 70] {
+                let x = Tensor::randn(0f32, 1.0, (batch, 4, cfg.input_size, cfg.input_size), &dev).unwrap();
+                let t = Tensor::rand(0f32, 1.0, batch, &dev).unwrap();
+                let y = Tensor::new((0..batch as u32).map(|i| i % 11).collect::<Vec<_>>(), &dev).unwrap();
+                let a = fused.forward_full(&x, &t, &y).unwrap();
+                let b = plain.forward_full(&x, &t, &y).unwrap();
+                assert_eq!(a.dims(), b.dims());
+                let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+                let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(scale > 0.1, "the output should not be trivially small ({scale})");
+                assert!(diff < 1e-5 * scale.max(1.0), "{cfg:?} batch {batch}: fused differs by {diff}");
+            }
+        }
+    }
+}
