@@ -27,3 +27,21 @@ pub fn parse_device(name: &str) -> Result<Device> {
         },
     }
 }
+
+/// Run the CPU kernels on `threads` threads: candle's GEMMs read `RAYON_NUM_THREADS` on every call
+/// and the fused kernels use rayon's global pool, so both are set. Call before any tensor work:
+/// the global pool can be sized only once per process.
+pub fn set_cpu_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Err(Error::invalid("threads", "must be at least 1"));
+    }
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| {
+        Error::invalid("threads", format!("the thread pool was already started ({e}); set it before any work"))
+    })
+}
+
+/// Threads the CPU kernels run on (rayon's global pool).
+pub fn cpu_threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Frontier(super::bench_frontier::FrontierBenchArgs),
     /// Per-step cost of each sampler beyond its network forwards (guidance mix, update, set-up).
     Steps(super::bench_steps::StepsBenchArgs),
+    /// Where the engine's time goes: forward by stage, decode, generation, a training step, GEMM rate.
+    Engine(super::bench_engine::EngineBenchArgs),
 }
 
 #[derive(Args)]
@@ -104,6 +106,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Samplers(args) => super::bench_samplers::run(args),
         BenchCommand::Frontier(args) => super::bench_frontier::run(args),
         BenchCommand::Steps(args) => super::bench_steps::run(args),
+        BenchCommand::Engine(args) => super::bench_engine::run(args),
     }
 }
 

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_engine;
 pub mod bench_frontier;
 pub mod bench_samplers;
 pub mod bench_scale;

@@ -27,6 +27,20 @@ pub enum ModelCommand {
         #[arg(long)]
         blockwise: bool,
     },
+    /// Run the model's velocity network once on given inputs: x (B, C, H, W) f32, t (B,) f32 in
+    /// the network's own time, y (B,) u32 labels, read from a safetensors file; writes `velocity`
+    /// (for parity checks against another implementation, e.g. tests/reference/torch_reference.py).
+    Forward {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors file holding x, t and y.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// safetensors file to write `velocity` to.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Load a model directory, check its weights, and print its configuration.
     Check {
         /// Model directory (model.toml and its weights).
@@ -51,6 +65,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             println!("wrote random-weights model {name:?} to {}", out.display());
             Ok(())
         }
+        ModelCommand::Forward { model, inputs, out } => forward(&model, &inputs, &out),
         ModelCommand::Check { model } => {
             let pipeline =
                 Pipeline::load(&model, &Device::Cpu).with_context(|| format!("loading {}", model.display()))?;
@@ -61,4 +76,21 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn forward(model: &std::path::Path, inputs: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use flowgen_engine::candle_core::{safetensors, DType};
+    let config = flowgen_engine::ModelConfig::load(model).with_context(|| format!("loading {}", model.display()))?;
+    let device = Device::Cpu;
+    let net = config.network.load(model, config.null_label(), DType::F32, &device)?;
+    let tensors = safetensors::load(inputs, &device).with_context(|| format!("reading {}", inputs.display()))?;
+    let get = |name: &str| {
+        tensors.get(name).with_context(|| format!("{}: no tensor {name:?} (expected x, t and y)", inputs.display()))
+    };
+    let (x, t, y) = (get("x")?.to_dtype(DType::F32)?, get("t")?.to_dtype(DType::F32)?, get("y")?.to_dtype(DType::U32)?);
+    let velocity = net.forward(&x, &t, &y).context("running the velocity network")?;
+    safetensors::save(&std::collections::HashMap::from([("velocity".to_string(), velocity)]), out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote the velocity of {} inputs to {}", x.dim(0)?, out.display());
+    Ok(())
 }

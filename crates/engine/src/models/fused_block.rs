@@ -25,7 +25,7 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
     tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op() && t.is_contiguous())
 }
 
-/// A linear layer's torch-layout weight (out, in) and bias (out).
+/// A linear layer's transposed weight (in, out), row-major, and bias (out).
 pub(crate) type LinearRef<'a> = (&'a Tensor, &'a Tensor);
 
 /// The weights of one adaLN-Zero block.
@@ -71,7 +71,7 @@ fn linear_slices<'a>(
     Ok((w, b))
 }
 
-/// out (rows x n, contiguous) = a (rows x k, row stride a_rs) W^T + bias, with torch's (n, k) W.
+/// out (rows x n, contiguous) = a (rows x k, row stride a_rs) W + bias, with W (k, n) row-major.
 fn linear_rows(a: &[f32], a_rs: usize, rows: usize, (w, bias): (&[f32], &[f32]), out: &mut [f32]) {
     let n = bias.len();
     let k = w.len() / n.max(1);
@@ -81,7 +81,7 @@ fn linear_rows(a: &[f32], a_rs: usize, rows: usize, (w, bias): (&[f32], &[f32]),
         return;
     }
     // SAFETY: the shapes were checked by the callers: `a` holds `rows` rows of `k` values at
-    // stride `a_rs`, `w` is n x k, `out` holds rows x n; gemm reads and writes only those.
+    // stride `a_rs`, `w` is k x n, `out` holds rows x n; gemm reads and writes only those.
     unsafe {
         gemm(
             rows,
@@ -95,8 +95,8 @@ fn linear_rows(a: &[f32], a_rs: usize, rows: usize, (w, bias): (&[f32], &[f32]),
             1,
             a_rs as isize,
             w.as_ptr(),
-            k as isize,
             1,
+            n as isize,
             0.0,
             1.0,
             false,
@@ -172,9 +172,12 @@ fn softmax_rows(scores: &mut [f32], n: usize) {
     }
 }
 
-/// Rows per task for a token matrix of `rows` rows.
+/// Rows per task for a token matrix of `rows` rows: equal chunks of at most MAX_ROWS_PER_TASK,
+/// as many as a multiple of the threads, so no thread waits on a short last chunk.
 fn rows_per_task(rows: usize) -> usize {
-    rows.div_ceil(rayon::current_num_threads().max(1)).clamp(1, MAX_ROWS_PER_TASK)
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = rows.div_ceil(MAX_ROWS_PER_TASK).next_multiple_of(threads);
+    rows.div_ceil(tasks).max(1)
 }
 
 /// One attention head of one sample: softmax(q k^T / sqrt(hd)) v into that head's columns of

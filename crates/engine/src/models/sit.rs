@@ -381,6 +381,15 @@ impl Sit {
 
     /// x: (B, C, H, W), t: (B,) network time, y: (B,) u32 labels -> (B, out_channels, H, W).
     pub fn forward_full(&self, xs: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if self.fast && xs.device().is_cpu() {
+            // Run the whole forward on a pool thread: each parallel pass of the fused kernels is
+            // then shared with the other threads in place, not handed over and waited for.
+            return rayon::scope(|_| self.forward_layers(xs, t, y));
+        }
+        self.forward_layers(xs, t, y)
+    }
+
+    fn forward_layers(&self, xs: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
         let b = xs.dim(0)?;
         let (mut h, c) = profile::timed(Stage::Embeddings, || -> Result<_> {
             let h = xs.apply(&self.x_embedder)?.broadcast_add(&self.pos_embed)?;
