@@ -256,8 +256,8 @@ impl RecipeStep {
         Ok(Self { sit, cfg: cfg.clone(), vars, opt, ema, batch, step: 0, device: device.clone() })
     }
 
-    /// One step; returns the loss.
-    pub fn run(&mut self) -> Result<f64> {
+    /// One step: its loss and how long each phase took.
+    pub fn run(&mut self) -> Result<StepTimes> {
         let (b, c) = (self.batch, &self.cfg);
         let shape = [b, c.in_channels, c.input_size, c.input_size];
         let x1 = seeded_normal(1, self.step, 2, &shape, &self.device)?;
@@ -270,13 +270,26 @@ impl RecipeStep {
             .collect();
         let s = Tensor::from_vec(s, b, &self.device)?;
         let labels = Tensor::from_vec(labels, b, &self.device)?;
+        let started = std::time::Instant::now();
         let (loss, _) = flow_matching_loss(&self.sit, &x0, &x1, &s, &labels, None)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let forward = started.elapsed().as_secs_f64();
         let mut grads = loss.backward()?;
+        let backward = started.elapsed().as_secs_f64() - forward;
         crate::optim::clip_grad_norm(&mut grads, &self.vars, 1.0)?;
         self.opt.step(&grads, 1e-3)?;
         self.ema.update(&self.vars, self.step)?;
         self.step += 1;
-        Ok(value)
+        let optimizer = started.elapsed().as_secs_f64() - forward - backward;
+        Ok(StepTimes { loss: value, forward_s: forward, backward_s: backward, optimizer_s: optimizer })
     }
+}
+
+/// What one `RecipeStep::run` took, by phase (the optimizer phase is clip, AdamW and EMA).
+#[derive(Debug, Clone, Copy)]
+pub struct StepTimes {
+    pub loss: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
 }

@@ -109,6 +109,10 @@ struct TrainRow {
     batch: usize,
     step: Stats,
     samples_per_s: f64,
+    /// Median ms of each phase: forward (with the loss), backward, optimizer (clip, AdamW, EMA).
+    forward_ms: f64,
+    backward_ms: f64,
+    optimizer_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -298,12 +302,22 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
     let train = if train {
         progress.set_message(format!("training step, batch {}", args.train_batch));
         let mut step = flowgen_train::velocity::RecipeStep::new(&cfg, args.train_batch, &device)?;
+        let mut phases = Vec::new();
         let stats = time(args.warmup.min(3), args.repeats.min(20), || {
-            step.run()?;
+            phases.push(step.run()?);
             Ok(())
         })?;
+        let timed = &phases[phases.len().saturating_sub(stats.repeats)..];
+        let phase = |f: fn(&flowgen_train::velocity::StepTimes) -> f64| Stats::of(timed.iter().map(f).collect()).median_ms;
         progress.inc(1);
-        Some(TrainRow { batch: args.train_batch, step: stats, samples_per_s: args.train_batch as f64 / (stats.median_ms * 1e-3) })
+        Some(TrainRow {
+            batch: args.train_batch,
+            step: stats,
+            samples_per_s: args.train_batch as f64 / (stats.median_ms * 1e-3),
+            forward_ms: phase(|p| p.forward_s),
+            backward_ms: phase(|p| p.backward_s),
+            optimizer_ms: phase(|p| p.optimizer_s),
+        })
     } else {
         None
     };
@@ -385,8 +399,9 @@ fn to_markdown(r: &Report) -> String {
     if let Some(t) = &r.train {
         let _ = writeln!(
             s,
-            "\nTraining step (forward, backward, clip, AdamW, EMA), batch {}: {:.1} ms ({:.1}-{:.1}), {:.0} samples/s",
-            t.batch, t.step.median_ms, t.step.p10_ms, t.step.p90_ms, t.samples_per_s
+            "\nTraining step, batch {}: {:.1} ms ({:.1}-{:.1}), {:.0} samples/s; forward {:.1} ms, backward {:.1} ms, \
+             clip + AdamW + EMA {:.1} ms (medians)",
+            t.batch, t.step.median_ms, t.step.p10_ms, t.step.p90_ms, t.samples_per_s, t.forward_ms, t.backward_ms, t.optimizer_ms
         );
     }
     s

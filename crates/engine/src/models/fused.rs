@@ -372,46 +372,6 @@ impl CustomOp3 for GatedResidual {
     }
 }
 
-/// x + bias over the last dimension, x of any rank.
-struct AddBias;
-
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "fused-add-bias"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = l2.shape().dims1()?;
-        if l1.dims().last() != Some(&d) {
-            candle_core::bail!("bias {:?} does not match {:?}", l2.shape(), l1.shape());
-        }
-        let (x, bias) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).for_each(|(o, x)| {
-            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                for ((o, &x), &b) in o.iter_mut().zip(x).zip(bias) {
-                    *o = x + b;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = bias.dim(0)?;
-        let rows = grad.elem_count() / d;
-        // Summed as one sample of `rows` tokens: a single pass over contiguous rows.
-        let dbias = grad.contiguous()?.reshape((1, rows, d))?.apply_op1_no_bwd(&TokenSum)?.reshape(d)?;
-        Ok((Some(grad.clone()), Some(dbias)))
-    }
-}
-
 fn use_fused_all(xs: &[&Tensor]) -> bool {
     xs.iter().all(|x| use_fused(x))
 }
@@ -422,6 +382,71 @@ pub fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
         return xs.contiguous()?.apply_op3(&shift.contiguous()?, &scale.contiguous()?, Modulate);
     }
     xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// LayerNorm (no affine) then x * (1 + scale) + shift with (B, D) rows over (B, T, D) tokens, as
+/// one node of the autograd graph: candle accumulates every graph edge's gradient through a
+/// zeroed buffer and an add, so an op less is two passes over the activations less.
+struct NormModulate {
+    eps: f32,
+}
+
+impl CustomOp3 for NormModulate {
+    fn name(&self) -> &'static str {
+        "fused-norm-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, t, d) = token_dims(l1, l2)?;
+        token_dims(l1, l3)?;
+        let (x, shift, scale) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        let rows = shift.par_chunks(d).zip(scale.par_chunks(d));
+        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).zip(rows).for_each(|((o, x), (shift, scale))| {
+            for (o, row) in o.chunks_mut(d).zip(x.chunks(d)) {
+                let (mean, rstd) = row_stats(row, eps);
+                for (((o, &v), &sh), &sc) in o.iter_mut().zip(row).zip(shift).zip(scale) {
+                    *o = ((v - mean) * rstd) * (1.0 + sc) + sh;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _shift: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let normed = x.apply_op1_no_bwd(&LayerNorm { eps: self.eps })?;
+        let dnormed = grad.apply_op2_no_bwd(&scale.contiguous()?, &ScaleTokens { offset: 1.0 })?;
+        let dx = x.apply_op2_no_bwd(&dnormed, &LayerNormBackward { eps: self.eps })?;
+        let dshift = grad.apply_op1_no_bwd(&TokenSum)?;
+        let dscale = grad.apply_op2_no_bwd(&normed, &TokenSum)?;
+        Ok((Some(dx), Some(dshift), Some(dscale)))
+    }
+}
+
+/// modulate(layer_norm_no_affine(x), shift, scale), fused on the CPU in f32.
+pub fn norm_modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused_all(&[xs, shift, scale]) {
+        let op = NormModulate { eps: eps as f32 };
+        return xs.contiguous()?.apply_op3(&shift.contiguous()?, &scale.contiguous()?, op);
+    }
+    modulate(&layer_norm_no_affine(xs, eps)?, shift, scale)
 }
 
 /// x + h * gate with a per-sample (B, D) gate over (B, T, D) tokens.
@@ -471,22 +496,115 @@ impl candle_core::Module for Linear {
     }
 }
 
-/// A linear layer as one (rows, in) x (in, out) product plus a fused bias; same weights and
-/// result as `candle_nn::Linear`.
+/// Products this large (multiply-adds) split over the thread pool; smaller ones stay on one
+/// thread, where handing them over would cost more than it saves.
+const PARALLEL_GEMM_MACS: usize = 1 << 20;
+
+/// x W^T + b over the last dimension of x (any rank), as one op and one autograd node. W may be
+/// any 2-D layout, (out, in) or the transposed view of an (in, out) matrix.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1)?;
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let bias = slice(s3, l3)?;
+        let rows = x.len() / in_dim.max(1);
+        if l1.dims().last() != Some(&in_dim) || bias.len() != out_dim {
+            candle_core::bail!("linear of {:?} with weight {:?} and bias {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        let w = s2.as_slice::<f32>()?;
+        let (w_rs, w_cs) = (l2.stride()[0], l2.stride()[1]);
+        let last = l2.start_offset() + (out_dim.max(1) - 1) * w_rs + (in_dim.max(1) - 1) * w_cs;
+        if out_dim > 0 && in_dim > 0 && last >= w.len() {
+            candle_core::bail!("linear weight layout {l2:?} exceeds its storage");
+        }
+        let mut out = vec![0f32; rows * out_dim];
+        if rows > 0 && out_dim > 0 && in_dim > 0 {
+            let parallelism = if rows * out_dim * in_dim >= PARALLEL_GEMM_MACS {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: x holds rows x in contiguous values, the weight's last element was checked
+            // to lie in its storage, out holds rows x out; rhs(i, o) = W[o, i].
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    out.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    in_dim as isize,
+                    w.as_ptr().add(l2.start_offset()),
+                    w_rs as isize,
+                    w_cs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            out.par_chunks_mut(out_dim * ROWS_PER_TASK).for_each(|o| {
+                for row in o.chunks_mut(out_dim) {
+                    row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                }
+            });
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = grad.elem_count() / out_dim.max(1);
+        let grad = grad.contiguous()?.reshape((rows, out_dim))?;
+        let dx = grad.matmul(w)?.reshape(x.dims())?;
+        let dw = grad.t()?.matmul(&x.contiguous()?.reshape((rows, in_dim))?)?;
+        // Summed as one sample of `rows` tokens: a single pass over contiguous rows.
+        let dbias = grad.reshape((1, rows, out_dim))?.apply_op1_no_bwd(&TokenSum)?.reshape(bias.dims())?;
+        Ok((Some(dx), Some(dw), Some(dbias)))
+    }
+}
+
+/// A linear layer (x W^T + b over the last dimension): one fused op on the CPU in f32, candle's
+/// own forward elsewhere or without a bias. Same weights and result as `candle_nn::Linear`.
 pub fn linear_forward(layer: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
-    let bias = match layer.bias() {
-        Some(bias) if use_fused_all(&[xs, bias, layer.weight()]) => bias,
-        _ => return layer.forward(xs),
-    };
-    let dims = xs.dims().to_vec();
-    let (&features, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear of a scalar".into()))?;
-    let rows: usize = lead.iter().product();
-    let ys = xs.contiguous()?.reshape((rows, features))?.matmul(&layer.weight().t()?)?;
-    let ys = ys.apply_op2(&bias.contiguous()?, AddBias)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(ys.dim(1)?);
-    ys.reshape(out_dims)
+    match layer.bias() {
+        Some(bias) if use_fused_all(&[xs, bias, layer.weight()]) => {
+            xs.contiguous()?.apply_op3(layer.weight(), bias, LinearOp)
+        }
+        _ => layer.forward(xs),
+    }
 }
 
 #[cfg(test)]
@@ -538,7 +656,18 @@ mod tests {
             |x| gated_residual(&x[0], &x[1], &x[2]),
             |x| &x[0] + x[1].broadcast_mul(&x[2].unsqueeze(1)?)?,
         );
-        for input in [vec![b, t, d], vec![b, d]] {
+        check_against_reference(
+            "norm_modulate",
+            &[randn(&[b, t, d]), randn(&[b, d]), randn(&[b, d])],
+            |x| norm_modulate(&x[0], &x[1], &x[2], 1e-6),
+            |x| {
+                let mean = x[0].mean_keepdim(D::Minus1)?;
+                let c = x[0].broadcast_sub(&mean)?;
+                let n = c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?;
+                n.broadcast_mul(&(x[2].unsqueeze(1)? + 1.0)?)?.broadcast_add(&x[1].unsqueeze(1)?)
+            },
+        );
+        for input in [vec![b, t, d], vec![b, d], vec![300, d]] {
             check_against_reference(
                 "linear",
                 &[randn(&input), randn(&[6, d]), randn(&[6])],
@@ -546,6 +675,12 @@ mod tests {
                 |x| x[0].broadcast_matmul(&x[1].t()?)?.broadcast_add(&x[2]),
             );
         }
+        // An inference layer keeps its weight as the transposed view of an (in, out) matrix.
+        let (x, w, bias) = (randn(&[b, t, d]), randn(&[6, d]), randn(&[6]));
+        let stored = Linear::from_layer(candle_nn::Linear::new(w.clone(), Some(bias.clone()))).unwrap();
+        assert!(stored.parts().is_some(), "an untracked CPU f32 layer keeps its weight transposed");
+        let reference = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        assert!(max_diff(&candle_core::Module::forward(&stored, &x).unwrap(), &reference) < 1e-5, "transposed layout");
     }
 
     #[test]

@@ -180,63 +180,218 @@ fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(tasks).max(1)
 }
 
+/// Per-head geometry of a (B*T, 3D) qkv matrix: tokens, width, head width.
+#[derive(Clone, Copy)]
+struct Heads {
+    t: usize,
+    d: usize,
+    hd: usize,
+}
+
+impl Heads {
+    /// Offset of (sample, head)'s q in qkv; k and v follow at +d and +2d. Rows have stride 3d.
+    fn qkv_base(self, sample: usize, head: usize) -> usize {
+        sample * self.t * 3 * self.d + head * self.hd
+    }
+
+    /// Offset of (sample, head)'s columns in a (B*T, D) matrix. Rows have stride d.
+    fn out_base(self, sample: usize, head: usize) -> usize {
+        sample * self.t * self.d + head * self.hd
+    }
+}
+
+/// dst (m x n, rows of stride dst_rs) = scale * lhs (m x k) rhs (k x n); lhs and rhs given by
+/// (row stride, column stride).
+///
+/// SAFETY: the caller guarantees every addressed element lies inside its buffer, and that no
+/// other thread writes dst's elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// softmax(q k^T / sqrt(hd)) of one (sample, head): a t x t matrix.
+fn attention_probs(qkv: &[f32], g: Heads, (sample, head): (usize, usize)) -> Vec<f32> {
+    let base = g.qkv_base(sample, head);
+    let (q, k) = (&qkv[base..], &qkv[base + g.d..]);
+    let mut probs = vec![0f32; g.t * g.t];
+    // SAFETY: q and k reach (t - 1) rows of stride 3d plus hd values inside qkv (the callers
+    // check qkv's length); probs is t x t and local.
+    unsafe {
+        strided_gemm(
+            (g.t, g.t, g.hd),
+            probs.as_mut_ptr(),
+            g.t,
+            q.as_ptr(),
+            (3 * g.d, 1),
+            k.as_ptr(),
+            (1, 3 * g.d),
+            (g.hd as f32).powf(-0.5),
+        );
+    }
+    softmax_rows(&mut probs, g.t);
+    probs
+}
+
 /// One attention head of one sample: softmax(q k^T / sqrt(hd)) v into that head's columns of
 /// `out` (B*T, D). qkv rows are [q; k; v], each head-contiguous (timm's layout).
-fn attention_head(qkv: &[f32], out: SharedOut, (sample, head): (usize, usize), (t, d, hd): (usize, usize, usize)) {
-    let base = sample * t * 3 * d + head * hd;
-    let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
-    let mut scores = vec![0f32; t * t];
-    let scale = (hd as f32).powf(-0.5);
-    // SAFETY: q, k, v each reach (t - 1) rows of stride 3d plus hd values inside qkv (checked by
-    // block_forward); scores is t x t; out's region (t rows of stride d, hd columns at this head)
-    // is written by this task only.
+fn attention_head(qkv: &[f32], out: SharedOut, task: (usize, usize), g: Heads) {
+    let probs = attention_probs(qkv, g, task);
+    let v = &qkv[g.qkv_base(task.0, task.1) + 2 * g.d..];
+    // SAFETY: v reaches (t - 1) rows of stride 3d plus hd values inside qkv; out's region (t rows
+    // of stride d, hd columns at this head) is written by this task only.
     unsafe {
-        gemm(
-            t,
-            t,
-            hd,
-            scores.as_mut_ptr(),
-            1,
-            t as isize,
-            false,
-            q.as_ptr(),
-            1,
-            (3 * d) as isize,
-            k.as_ptr(),
-            (3 * d) as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-    softmax_rows(&mut scores, t);
-    unsafe {
-        gemm(
-            t,
-            hd,
-            t,
-            out.ptr().add(sample * t * d + head * hd),
-            1,
-            d as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            t as isize,
+        strided_gemm(
+            (g.t, g.hd, g.t),
+            out.ptr().add(g.out_base(task.0, task.1)),
+            g.d,
+            probs.as_ptr(),
+            (g.t, 1),
             v.as_ptr(),
-            1,
-            (3 * d) as isize,
-            0.0,
+            (3 * g.d, 1),
             1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
         );
     }
+}
+
+/// The backward of one (sample, head), recomputing its probabilities: writes dq, dk, dv into
+/// that head's columns of `dqkv` (B*T, 3D) from the output gradient `dout` (B*T, D).
+fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (usize, usize), g: Heads) {
+    let (t, d, hd) = (g.t, g.d, g.hd);
+    let probs = attention_probs(qkv, g, task);
+    let base = g.qkv_base(task.0, task.1);
+    let (q, k, v) = (&qkv[base..], &qkv[base + d..], &qkv[base + 2 * d..]);
+    let dout = &dout[g.out_base(task.0, task.1)..];
+    let mut dprobs = vec![0f32; t * t];
+    // SAFETY: every operand is addressed inside its buffer (rows of stride 3d or d, hd columns at
+    // this head, t x t locals); this task alone writes this head's columns of dqkv.
+    unsafe {
+        // dv = P^T dout
+        strided_gemm((t, hd, t), dqkv.ptr().add(base + 2 * d), 3 * d, probs.as_ptr(), (1, t), dout.as_ptr(), (d, 1), 1.0);
+        // dP = dout v^T
+        strided_gemm((t, t, hd), dprobs.as_mut_ptr(), t, dout.as_ptr(), (d, 1), v.as_ptr(), (1, 3 * d), 1.0);
+    }
+    // dS = P * (dP - rowsum(dP * P)), and the score scale folded into dq and dk below.
+    for (dp, p) in dprobs.chunks_mut(t).zip(probs.chunks(t)) {
+        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+        dp.iter_mut().zip(p).for_each(|(dp, &p)| *dp = p * (*dp - dot));
+    }
+    let scale = (hd as f32).powf(-0.5);
+    unsafe {
+        // dq = scale dS k, dk = scale dS^T q
+        strided_gemm((t, hd, t), dqkv.ptr().add(base), 3 * d, dprobs.as_ptr(), (t, 1), k.as_ptr(), (3 * d, 1), scale);
+        strided_gemm((t, hd, t), dqkv.ptr().add(base + d), 3 * d, dprobs.as_ptr(), (1, t), q.as_ptr(), (3 * d, 1), scale);
+    }
+}
+
+/// Multi-head self-attention of a (B, T, 3D) qkv tensor as one op: (B, T, D), with a backward
+/// that recomputes each head's probabilities (no T x T matrix is kept between the passes).
+struct Attention {
+    num_heads: usize,
+}
+
+impl Attention {
+    fn geometry(&self, layout: &Layout) -> Result<(usize, Heads)> {
+        let (b, t, d3) = layout.shape().dims3()?;
+        let heads = self.num_heads;
+        if d3 % 3 != 0 || heads == 0 || (d3 / 3) % heads != 0 {
+            bail!("attention over qkv {:?} with {heads} heads", layout.shape());
+        }
+        let d = d3 / 3;
+        Ok((b, Heads { t, d, hd: d / heads }))
+    }
+}
+
+impl candle_core::CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (b, g) = self.geometry(layout)?;
+        let qkv = slice(storage, layout)?;
+        let mut out = vec![0f32; b * g.t * g.d];
+        let ptr = SharedOut(out.as_mut_ptr());
+        let heads = self.num_heads;
+        (0..b * heads).into_par_iter().for_each(|task| attention_head(qkv, ptr, (task / heads, task % heads), g));
+        Ok((candle_core::CpuStorage::F32(out), (b, g.t, g.d).into()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let op = AttentionBackward { num_heads: self.num_heads };
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &op)?))
+    }
+}
+
+struct AttentionBackward {
+    num_heads: usize,
+}
+
+impl candle_core::CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (b, g) = Attention { num_heads: self.num_heads }.geometry(l1)?;
+        if l2.shape().dims3()? != (b, g.t, g.d) {
+            bail!("attention gradient {:?} for qkv {:?}", l2.shape(), l1.shape());
+        }
+        let (qkv, dout) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut dqkv = vec![0f32; qkv.len()];
+        let ptr = SharedOut(dqkv.as_mut_ptr());
+        let heads = self.num_heads;
+        (0..b * heads)
+            .into_par_iter()
+            .for_each(|task| attention_head_backward(qkv, dout, ptr, (task / heads, task % heads), g));
+        Ok((candle_core::CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+/// softmax(q k^T / sqrt(hd)) v over heads of a (B, T, 3D) qkv tensor (timm's row layout
+/// [q; k; v], each head-contiguous) -> (B, T, D), differentiable; CPU f32 only (see `applies_op`).
+pub(crate) fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention { num_heads })
+}
+
+/// Whether `attention` runs on this tensor (any autograd state: it has a backward).
+pub(crate) fn applies_op(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// One adaLN-Zero block, x (B, T, D) and conditioning c (B, D) -> (B, T, D).
@@ -286,11 +441,11 @@ pub(crate) fn block_forward(x: &Tensor, c: &Tensor, w: &BlockWeights) -> Result<
     });
 
     // Pass 2, over (sample, head): attention into each head's columns.
-    let hd = d / heads;
+    let geometry = Heads { t, d, hd: d / heads };
     let mut attn = vec![0f32; rows * d];
     let out = SharedOut(attn.as_mut_ptr());
     (0..b * heads).into_par_iter().for_each(|task| {
-        profile::stage(Stage::Attention, || attention_head(&qkv, out, (task / heads, task % heads), (t, d, hd)));
+        profile::stage(Stage::Attention, || attention_head(&qkv, out, (task / heads, task % heads), geometry));
     });
 
     // Pass 3, over rows: x1 = x + gate * proj(attn); out = x1 + gate * mlp(modulate(norm(x1))).
@@ -366,7 +521,7 @@ pub(crate) fn final_layer_forward(
 mod tests {
     use crate::models::sit::{Sit, SitConfig};
     use crate::random_model::random_var_builder;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device, Tensor, D};
 
     fn config(input_size: usize, patch_size: usize, hidden_size: usize, num_heads: usize, learn_sigma: bool) -> SitConfig {
         SitConfig {
@@ -381,6 +536,43 @@ mod tests {
             class_dropout_prob: 0.1,
             learn_sigma,
             in_channels_scale: 1,
+        }
+    }
+
+    /// timm's attention composed of candle ops, with a differentiable softmax.
+    fn attention_reference(qkv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let (b, t, d3) = qkv.dims3()?;
+        let (d, hd) = (d3 / 3, d3 / 3 / heads);
+        let qkv = qkv.reshape((b, t, 3, heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
+        let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+        let scores = q.matmul(&k.t()?)?;
+        let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
+    }
+
+    #[test]
+    fn fused_attention_matches_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (b, t, heads, hd) in [(2, 5, 2, 4), (3, 49, 4, 8), (1, 7, 1, 3)] {
+            let d = heads * hd;
+            let qkv = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.5, (b, t, 3 * d), &dev).unwrap()).unwrap();
+            let reference = candle_core::Var::from_tensor(qkv.as_tensor()).unwrap();
+            let ya = super::attention(qkv.as_tensor(), heads).unwrap();
+            let yb = attention_reference(reference.as_tensor(), heads).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff(&ya, &yb) < 1e-5, "forward differs by {}", diff(&ya, &yb));
+            let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
+            let ga = (ya * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (yb * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (ga, gb) = (ga.get(qkv.as_tensor()).unwrap(), gb.get(reference.as_tensor()).unwrap());
+            // q, k and v all receive gradients (candle's softmax_last_dim has no backward).
+            for part in 0..3 {
+                let norm = gb.narrow(2, part * d, d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 1e-3, "part {part} of the reference gradient is zero");
+            }
+            assert!(diff(ga, gb) < 1e-4, "gradient differs by {}", diff(ga, gb));
         }
     }
 

@@ -6,10 +6,10 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, embedding, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::fused::{gated_residual, linear, modulate, Linear};
+use super::fused::{gated_residual, linear, norm_modulate, Linear};
 use super::fused_block::{self, BlockWeights, LinearRef};
 use super::profile::{self, Stage};
-use super::{check_training_knobs, check_transformer_shape, gelu_tanh, layer_norm_no_affine};
+use super::{check_training_knobs, check_transformer_shape, gelu_tanh};
 
 const NORM_EPS: f64 = 1e-6;
 const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -215,6 +215,9 @@ impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let head_dim = d / self.num_heads;
+        if fused_block::applies_op(xs) {
+            return fused_block::attention(&xs.apply(&self.qkv)?, self.num_heads)?.apply(&self.proj);
+        }
         // qkv rows are [q; k; v], each head-contiguous (timm Attention).
         let qkv = xs.apply(&self.qkv)?.reshape((b, t, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)?.contiguous()? * (head_dim as f64).powf(-0.5))?;
@@ -267,9 +270,9 @@ impl SitBlock {
         let chunks = profile::timed(N, || c.silu()?.apply(&self.ada_ln_modulation)?.chunk(6, D::Minus1))?;
         let (shift_msa, scale_msa, gate_msa) = (&chunks[0], &chunks[1], &chunks[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&chunks[3], &chunks[4], &chunks[5]);
-        let h = profile::timed(N, || modulate(&layer_norm_no_affine(xs, NORM_EPS)?, shift_msa, scale_msa))?;
+        let h = profile::timed(N, || norm_modulate(xs, shift_msa, scale_msa, NORM_EPS))?;
         let xs = profile::timed(A, || gated_residual(xs, &h.apply(&self.attn)?, gate_msa))?;
-        let h = profile::timed(N, || modulate(&layer_norm_no_affine(&xs, NORM_EPS)?, shift_mlp, scale_mlp))?;
+        let h = profile::timed(N, || norm_modulate(&xs, shift_mlp, scale_mlp, NORM_EPS))?;
         profile::timed(M, || gated_residual(&xs, &h.apply(&self.mlp)?, gate_mlp))
     }
 
@@ -317,7 +320,7 @@ impl FinalLayer {
 
     fn forward(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
         let chunks = c.silu()?.apply(&self.ada_ln_modulation)?.chunk(2, D::Minus1)?;
-        modulate(&layer_norm_no_affine(xs, NORM_EPS)?, &chunks[0], &chunks[1])?.apply(&self.linear)
+        norm_modulate(xs, &chunks[0], &chunks[1], NORM_EPS)?.apply(&self.linear)
     }
 
     /// The fused CPU kernel when it applies (f32 CPU inference), else the op-by-op forward.
