@@ -121,6 +121,7 @@ pub fn train(
     })?;
     let refiner_cfg = cfg.refiner.clone();
     let (refiner, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(&refiner_cfg, vb), sit_adaln_zero)?;
+    let refiner = refiner.with_fused_training();
     let run_id = format!("refiner {}", serde_json::to_string(cfg).unwrap_or_default());
     let mut run =
         Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "reuse_loss", "grad_norm", "lr"])?;
@@ -149,7 +150,7 @@ pub fn train(
         let labels = Tensor::from_vec(labels, idx.len(), device)?;
         let dropped = Tensor::from_vec(dropped, idx.len(), device)?;
         let (loss, reuse) = refiner_loss(&refiner, teacher, &xs, &s, dt, &labels, &dropped)?;
-        let outcome = run.optimise(step, &loss)?;
+        let outcome = run.optimise_with(step, &loss, |grads| refiner.take_weight_grads(grads))?;
         let mut reuse_now = None;
         run.end_step(
             step,

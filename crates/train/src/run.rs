@@ -176,11 +176,23 @@ impl Run {
 
     /// Backward, clip, AdamW, EMA; returns the loss value.
     pub fn optimise(&mut self, step: usize, loss: &Tensor) -> Result<(f64, f64)> {
+        self.optimise_with(step, loss, |_| Ok(()))
+    }
+
+    /// `optimise` for a network whose backward leaves some gradients outside the GradStore
+    /// (`Sit::with_fused_training`): `merge` puts them in before clipping.
+    pub fn optimise_with(
+        &mut self,
+        step: usize,
+        loss: &Tensor,
+        merge: impl FnOnce(&mut candle_core::backprop::GradStore) -> candle_core::Result<()>,
+    ) -> Result<(f64, f64)> {
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(TrainError::Diverged { step, loss: value });
         }
         let mut grads = loss.backward()?;
+        merge(&mut grads)?;
         let norm = clip_grad_norm(&mut grads, &self.vars, self.opts.grad_clip)?;
         self.opt.step(&grads, self.lr(step))?;
         self.ema.update(&self.vars, step)?;

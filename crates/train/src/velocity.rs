@@ -117,6 +117,7 @@ pub fn train(
     })?;
     let sit_cfg = cfg.sit.clone();
     let (sit, varmap) = trainable(cfg.opts.seed, device, |vb| Sit::new(&sit_cfg, vb), sit_adaln_zero)?;
+    let sit = sit.with_fused_training();
     let run_id = format!("velocity {}", serde_json::to_string(cfg).unwrap_or_default());
     let mut run =
         Run::start(out, cfg.opts.clone(), &varmap, run_id, resume, &["loss", "plain_loss", "grad_norm", "lr"])?;
@@ -148,7 +149,7 @@ pub fn train(
         let s = Tensor::from_vec(s, idx.len(), device)?;
         let labels = Tensor::from_vec(labels, idx.len(), device)?;
         let (loss, plain) = flow_matching_loss(&sit, &x0, &x1, &s, &labels, weights.as_ref())?;
-        let outcome = run.optimise(step, &loss)?;
+        let outcome = run.optimise_with(step, &loss, |grads| sit.take_weight_grads(grads))?;
         run.end_step(step, outcome, || Ok(vec![plain.to_dtype(DType::F64)?.to_scalar::<f64>()?]), progress)?;
     }
     run.plot_loss("velocity training loss");
@@ -250,6 +251,7 @@ impl RecipeStep {
         }
         let sit_cfg = cfg.clone();
         let (sit, varmap) = trainable(0, device, |vb| Sit::new(&sit_cfg, vb), sit_adaln_zero)?;
+        let sit = sit.with_fused_training();
         let vars = crate::init::named_vars(&varmap)?;
         let opt = crate::optim::AdamW::new(vars.clone(), crate::optim::AdamWConfig::default())?;
         let ema = crate::optim::Ema::new(&vars, 0.999)?;
@@ -275,6 +277,7 @@ impl RecipeStep {
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let forward = started.elapsed().as_secs_f64();
         let mut grads = loss.backward()?;
+        self.sit.take_weight_grads(&mut grads)?;
         let backward = started.elapsed().as_secs_f64() - forward;
         crate::optim::clip_grad_norm(&mut grads, &self.vars, 1.0)?;
         self.opt.step(&grads, 1e-3)?;

@@ -51,7 +51,7 @@ pub(crate) fn gelu_value(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_derivative(x: f32) -> f32 {
+pub(crate) fn gelu_derivative(x: f32) -> f32 {
     let inner = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x);
     let t = fast_tanh(inner);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x)
@@ -482,6 +482,11 @@ impl Linear {
         let weight_in_out = weight.t()?.contiguous()?;
         let layer = candle_nn::Linear::new(weight_in_out.t()?, layer.bias().cloned());
         Ok(Self { layer, weight_in_out: Some(weight_in_out) })
+    }
+
+    /// The weight as stored (torch's (out, in), the Var itself in training) and the bias.
+    pub(crate) fn weight_and_bias(&self) -> Option<(Tensor, Tensor)> {
+        Some((self.layer.weight().clone(), self.layer.bias()?.clone()))
     }
 
     /// The (in, out) weight and the bias, when the layer keeps its weight transposed and has a bias.

@@ -162,12 +162,9 @@ fn gated_add(out: &mut [f32], x: &[f32], h: &[f32], first: usize, tokens: usize,
 fn softmax_rows(scores: &mut [f32], n: usize) {
     for row in scores.chunks_mut(n) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = fast_exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        // Exponentials in their own loop, so it vectorises; the sum is a separate reduction.
+        row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+        let inv = 1.0 / row.iter().sum::<f32>();
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }

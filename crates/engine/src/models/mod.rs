@@ -5,6 +5,7 @@ pub mod blockwise;
 pub mod conv;
 pub mod fused;
 pub(crate) mod fused_block;
+pub mod fused_block_train;
 pub mod profile;
 pub mod sit;
 

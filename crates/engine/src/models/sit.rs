@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fused::{gated_residual, linear, norm_modulate, Linear};
 use super::fused_block::{self, BlockWeights, LinearRef};
+use super::fused_block_train::{self, TrainBlockWeights, WeightGrads};
 use super::profile::{self, Stage};
 use super::{check_training_knobs, check_transformer_shape, gelu_tanh};
 
@@ -288,6 +289,29 @@ impl SitBlock {
         })
     }
 
+    fn train_weights(&self) -> Option<TrainBlockWeights> {
+        Some(TrainBlockWeights {
+            ada_ln_modulation: self.ada_ln_modulation.weight_and_bias()?,
+            qkv: self.attn.qkv.weight_and_bias()?,
+            proj: self.attn.proj.weight_and_bias()?,
+            fc1: self.mlp.fc1.weight_and_bias()?,
+            fc2: self.mlp.fc2.weight_and_bias()?,
+            num_heads: self.attn.num_heads,
+            eps: NORM_EPS as f32,
+        })
+    }
+
+    /// Under autograd on the CPU in f32: the block as one node whose weight gradients go to
+    /// `grads`; elsewhere the op-by-op forward.
+    fn forward_train(&self, xs: &Tensor, c: &Tensor, grads: &WeightGrads) -> Result<Tensor> {
+        match self.train_weights() {
+            Some(w) if fused_block::applies_op(xs) && fused_block::applies_op(c) => {
+                fused_block_train::block_forward_train(xs, c, w, grads)
+            }
+            _ => self.forward(xs, c),
+        }
+    }
+
     /// The fused CPU kernel when it applies (f32 CPU inference), else the op-by-op forward.
     fn forward_fast(&self, xs: &Tensor, c: &Tensor) -> Result<Tensor> {
         match self.weights() {
@@ -347,6 +371,8 @@ pub struct Sit {
     cfg: SitConfig,
     /// Use the fused CPU inference kernels where they apply.
     fast: bool,
+    /// Set by `with_fused_training`: where the block weights' gradients wait for `take_weight_grads`.
+    weight_grads: Option<WeightGrads>,
 }
 
 impl Sit {
@@ -369,7 +395,7 @@ impl Sit {
         let vb_blocks = vb.pp("blocks");
         let blocks = (0..cfg.depth).map(|i| SitBlock::new(cfg, vb_blocks.pp(i))).collect::<Result<Vec<_>>>()?;
         let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
-        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone(), fast: true })
+        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone(), fast: true, weight_grads: None })
     }
 
     /// The fixed sin-cos table, shape (1, T, D), as stored under `pos_embed`.
@@ -399,13 +425,35 @@ impl Sit {
             let c = (t.apply(&self.t_embedder)?.to_dtype(h.dtype())? + y.apply(&self.y_embedder)?)?;
             Ok((h, c))
         })?;
+        let training = h.track_op() || c.track_op();
         for block in &self.blocks {
-            h = if self.fast { block.forward_fast(&h, &c)? } else { block.forward(&h, &c)? };
+            h = match &self.weight_grads {
+                Some(grads) if training => block.forward_train(&h, &c, grads)?,
+                _ if self.fast => block.forward_fast(&h, &c)?,
+                _ => block.forward(&h, &c)?,
+            };
         }
         profile::timed(Stage::FinalLayer, || {
             let h = if self.fast { self.final_layer.forward_fast(&h, &c)? } else { self.final_layer.forward(&h, &c)? };
             self.unpatchify(&h, b)
         })
+    }
+
+    /// Train with each block as one autograd node on the CPU in f32 (a hand-written backward,
+    /// far fewer passes over memory). The blocks' weight gradients are then not in the
+    /// `GradStore` that `backward()` returns: the caller must call `take_weight_grads` after it.
+    pub fn with_fused_training(mut self) -> Self {
+        self.weight_grads = Some(Default::default());
+        self
+    }
+
+    /// Move the block weights' gradients of the last backward into `store` (a no-op without
+    /// `with_fused_training`).
+    pub fn take_weight_grads(&self, store: &mut candle_core::backprop::GradStore) -> Result<()> {
+        match &self.weight_grads {
+            Some(grads) => fused_block_train::merge_weight_grads(grads, store),
+            None => Ok(()),
+        }
     }
 
     /// The same network on candle's op-by-op path only (the fused CPU kernels off): the
