@@ -15,6 +15,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::fused::{fast_exp, gelu_derivative, gelu_value, row_stats, slice};
+use super::fused_block::{attention_rows, attention_rows_backward};
 
 /// Weight gradients computed inside backward passes, waiting to join the GradStore.
 pub type WeightGrads = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
@@ -140,117 +141,6 @@ fn linear_backward(a: &[f32], d: &[f32], rows: usize, w: &[f32], out: usize) -> 
 /// Per-sample chunk `k` (of `d` values) of the (B, chunks*D) adaLN rows.
 fn chunk(rows: &[f32], sample: usize, k: usize, chunks: usize, d: usize) -> &[f32] {
     &rows[(sample * chunks + k) * d..][..d]
-}
-
-/// softmax(q k^T / sqrt(hd)) of one head: t x t.
-fn probs(qkv: &[f32], base: usize, (t, d, hd): (usize, usize, usize)) -> Vec<f32> {
-    let mut p = vec![0f32; t * t];
-    let (q, k) = (&qkv[base..], &qkv[base + d..]);
-    // scores = q k^T; the slices start at this head's first element and reach (t - 1) rows of 3d.
-    let mut_scores = &mut p;
-    matmul_local(mut_scores, (t, t, hd), (q, 3 * d, 1), (k, 1, 3 * d));
-    let scale = (hd as f32).powf(-0.5);
-    for row in p.chunks_mut(t) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-        // Exponentials in their own loop, so it vectorises; the sum is a separate reduction.
-        row.iter_mut().for_each(|v| *v = fast_exp(*v * scale - max));
-        let inv = 1.0 / row.iter().sum::<f32>();
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-    p
-}
-
-/// `matmul` on one thread (called from tasks already spread over the pool).
-fn matmul_local(dst: &mut [f32], (m, n, k): (usize, usize, usize), lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize)) {
-    let reach = |(s, rs, cs): (&[f32], usize, usize), r: usize, c: usize| {
-        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < s.len()
-    };
-    assert!(dst.len() >= m * n && reach(lhs, m, k) && reach(rhs, k, n), "fused attention GEMM shapes");
-    // SAFETY: bounded by the assert above; dst is exclusively borrowed.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
-/// Multi-head attention of qkv (B*T, 3D) -> (B*T, D), one task per (sample, head), each writing
-/// its own head block into a per-task buffer that is scattered after.
-fn attention(qkv: &[f32], b: usize, heads: usize, (t, d): (usize, usize)) -> Vec<f32> {
-    let hd = d / heads;
-    let blocks: Vec<Vec<f32>> = (0..b * heads)
-        .into_par_iter()
-        .map(|task| {
-            let (s, h) = (task / heads, task % heads);
-            let base = s * t * 3 * d + h * hd;
-            let p = probs(qkv, base, (t, d, hd));
-            let mut o = vec![0f32; t * hd];
-            matmul_local(&mut o, (t, hd, t), (&p, t, 1), (&qkv[base + 2 * d..], 3 * d, 1));
-            o
-        })
-        .collect();
-    let mut out = vec![0f32; b * t * d];
-    for (task, o) in blocks.iter().enumerate() {
-        let (s, h) = (task / heads, task % heads);
-        for (i, row) in o.chunks(hd).enumerate() {
-            out[(s * t + i) * d + h * hd..][..hd].copy_from_slice(row);
-        }
-    }
-    out
-}
-
-/// The backward of `attention`: d qkv (B*T, 3D) from d out (B*T, D).
-fn attention_backward(qkv: &[f32], dout: &[f32], b: usize, heads: usize, (t, d): (usize, usize)) -> Vec<f32> {
-    let hd = d / heads;
-    let scale = (hd as f32).powf(-0.5);
-    let blocks: Vec<[Vec<f32>; 3]> = (0..b * heads)
-        .into_par_iter()
-        .map(|task| {
-            let (s, h) = (task / heads, task % heads);
-            let base = s * t * 3 * d + h * hd;
-            let p = probs(qkv, base, (t, d, hd));
-            let g = &dout[s * t * d + h * hd..];
-            let (mut dq, mut dk, mut dv, mut dp) =
-                (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * t]);
-            matmul_local(&mut dv, (t, hd, t), (&p, 1, t), (g, d, 1));
-            matmul_local(&mut dp, (t, t, hd), (g, d, 1), (&qkv[base + 2 * d..], 1, 3 * d));
-            for (dp, p) in dp.chunks_mut(t).zip(p.chunks(t)) {
-                let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                dp.iter_mut().zip(p).for_each(|(dp, &p)| *dp = scale * p * (*dp - dot));
-            }
-            matmul_local(&mut dq, (t, hd, t), (&dp, t, 1), (&qkv[base + d..], 3 * d, 1));
-            matmul_local(&mut dk, (t, hd, t), (&dp, 1, t), (&qkv[base..], 3 * d, 1));
-            [dq, dk, dv]
-        })
-        .collect();
-    let mut dqkv = vec![0f32; b * t * 3 * d];
-    for (task, parts) in blocks.iter().enumerate() {
-        let (s, h) = (task / heads, task % heads);
-        for (part, grad) in parts.iter().enumerate() {
-            for (i, row) in grad.chunks(hd).enumerate() {
-                dqkv[(s * t + i) * 3 * d + part * d + h * hd..][..hd].copy_from_slice(row);
-            }
-        }
-    }
-    dqkv
 }
 
 /// f(x) element by element, in chunks a vectorised loop runs over.
@@ -398,7 +288,7 @@ impl CustomOp2 for TrainBlockOp {
         let ada = linear(&act, b, (&w[0].0, &w[0].1));
         let h1 = norm_modulate(x, &ada, geo, (0, 1), eps);
         let qkv = linear(&h1, rows, (&w[1].0, &w[1].1));
-        let attn = attention(&qkv, b, self.weights.num_heads, (t, d));
+        let attn = attention_rows(&qkv, b, self.weights.num_heads, (t, d));
         let a1 = linear(&attn, rows, (&w[2].0, &w[2].1));
         let x1 = gated(x, &a1, &ada, geo, 2);
         let h2 = norm_modulate(&x1, &ada, geo, (3, 4), eps);
@@ -437,7 +327,7 @@ impl CustomOp2 for TrainBlockOp {
         let dx1 = norm_modulate_backward(&x1, &dh2, &g, &ada, &mut dada, geo, (3, 4), eps);
         let da1 = gated_backward(&dx1, &a1, &ada, &mut dada, geo, 2);
         let (dattn, dwp, dbp) = linear_backward(&attn, &da1, rows, &w[2].0, d);
-        let dqkv = attention_backward(&qkv, &dattn, b, self.weights.num_heads, (t, d));
+        let dqkv = attention_rows_backward(&qkv, &dattn, b, self.weights.num_heads, (t, d));
         let (dh1, dwqkv, dbqkv) = linear_backward(&h1, &dqkv, rows, &w[1].0, 3 * d);
         let dx = norm_modulate_backward(&xs, &dh1, &dx1, &ada, &mut dada, geo, (0, 1), eps);
         let act: Vec<f32> = cs.iter().map(|&v| v / (1.0 + fast_exp(-v))).collect();
