@@ -41,7 +41,8 @@ pub struct EngineBenchArgs {
     /// Untimed runs before each figure.
     #[arg(long, default_value_t = 5)]
     warmup: usize,
-    /// Also time (and break down) candle's op-by-op forward, the path the fused kernels replace.
+    /// Also time (and break down) the op-by-op forward (one candle op or fused op per layer), the
+    /// path the fused block kernels replace.
     #[arg(long)]
     op_by_op: bool,
     /// Time the network only: no decode, generation or GEMM-rate figures.
@@ -228,17 +229,21 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
     } else {
         Some(Pipeline::load(&dir, &device)?)
     };
-    let steps = paths.len() * batches.len() + if pipeline.is_some() { 1 + 2 * batches.len() } else { 0 } + usize::from(train);
+    let measures_gemm = !(args.network_only || args.train_only);
+    let steps = paths.len() * batches.len()
+        + usize::from(measures_gemm)
+        + if pipeline.is_some() { 2 * batches.len() } else { 0 }
+        + usize::from(train);
     let progress = bar(steps as u64);
 
-    let gemm = match &pipeline {
-        Some(_) => {
+    let gemm = match measures_gemm {
+        true => {
             progress.set_message("GEMM rate");
             let rate = gemm_rate(&device, args.repeats)?;
             progress.inc(1);
             Some(rate)
         }
-        None => None,
+        false => None,
     };
     let flops = cfg.forward_flops();
     let (c, h, w) = (cfg.in_channels * cfg.in_channels_scale, cfg.input_size, cfg.input_size);

@@ -148,7 +148,7 @@ impl Module for AttentionBlock {
         let k = tokens.apply(&self.to_k)?;
         let v = tokens.apply(&self.to_v)?;
         let scores = (q.matmul(&k.t()?)? * (c as f64).powf(-0.5))?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = super::fused::softmax_last_dim(&scores)?;
         let out = attn.matmul(&v)?.apply(&self.to_out)?;
         xs + out.transpose(1, 2)?.reshape((b, c, h, w))?
     }

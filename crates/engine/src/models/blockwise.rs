@@ -300,7 +300,7 @@ impl Attention {
         let k = rope_interleaved(&qkv.i(1)?.contiguous()?.apply(&self.k_norm)?, &rope.cos, &rope.sin)?;
         let v = qkv.i(2)?.contiguous()?;
         let q = (q * (head_dim as f64).powf(-0.5))?;
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let attn = super::fused::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?.apply(&self.proj)
     }
 }

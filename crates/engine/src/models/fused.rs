@@ -107,6 +107,72 @@ pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+// ---- Softmax over the last dimension, with a backward ----
+
+/// candle_nn's `softmax_last_dim` has no backward: under autograd the gradient stopped at every
+/// attention's scores, so query and key projections never trained.
+struct SoftmaxLastDim;
+struct SoftmaxBackward;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout)?;
+        let d = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(d * ROWS_PER_TASK).for_each(|rows| {
+            for row in rows.chunks_mut(d) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+                let inv = 1.0 / row.iter().sum::<f32>();
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxBackward)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    /// dx = y * (g - sum(g * y)) per row, with y the softmax output.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; y.len()];
+        let chunk = d * ROWS_PER_TASK;
+        out.par_chunks_mut(chunk).zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(o, (y, g))| {
+            for ((o, y), g) in o.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                o.iter_mut().zip(y).zip(g).for_each(|((o, y), g)| *o = y * (g - dot));
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension that gradients pass through: a fused op on the CPU in f32,
+/// composed ops under autograd elsewhere, candle's kernel for inference elsewhere.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if use_fused(xs) {
+        return xs.contiguous()?.apply_op1(SoftmaxLastDim);
+    }
+    if xs.track_op() {
+        let e = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?)?.exp()?;
+        return e.broadcast_div(&e.sum_keepdim(D::Minus1)?);
+    }
+    candle_nn::ops::softmax_last_dim(xs)
+}
+
 // ---- LayerNorm over the last dimension, no affine parameters ----
 
 struct LayerNorm {
@@ -686,6 +752,20 @@ mod tests {
         assert!(stored.parts().is_some(), "an untracked CPU f32 layer keeps its weight transposed");
         let reference = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
         assert!(max_diff(&candle_core::Module::forward(&stored, &x).unwrap(), &reference) < 1e-5, "transposed layout");
+    }
+
+    #[test]
+    fn fused_softmax_passes_gradients_like_the_composed_softmax() {
+        let x = Tensor::randn(0f32, 2.0, (3, 4, 9), &Device::Cpu).unwrap();
+        check_against_reference(
+            "softmax",
+            &[x],
+            |x| softmax_last_dim(&x[0]),
+            |x| {
+                let e = x[0].broadcast_sub(&x[0].max_keepdim(D::Minus1)?)?.exp()?;
+                e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+            },
+        );
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl Module for Attention {
         let q = (qkv.get(0)?.contiguous()? * (head_dim as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let attn = super::fused::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?.apply(&self.proj)
     }
 }
