@@ -299,7 +299,12 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
                 pipeline.generate(&settings, &inputs, &mut Unobserved)?;
                 Ok(())
             })?;
-            generate_rows.push(BatchRow { batch, what: what.clone(), time: stats, ms_per_image: stats.median_ms / batch as f64 });
+            generate_rows.push(BatchRow {
+                batch,
+                what: what.clone(),
+                time: stats,
+                ms_per_image: stats.median_ms / batch as f64,
+            });
             progress.inc(1);
         }
     }
@@ -313,7 +318,8 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
             Ok(())
         })?;
         let timed = &phases[phases.len().saturating_sub(stats.repeats)..];
-        let phase = |f: fn(&flowgen_train::velocity::StepTimes) -> f64| Stats::of(timed.iter().map(f).collect()).median_ms;
+        let phase =
+            |f: fn(&flowgen_train::velocity::StepTimes) -> f64| Stats::of(timed.iter().map(f).collect()).median_ms;
         progress.inc(1);
         Some(TrainRow {
             batch: args.train_batch,
@@ -342,7 +348,8 @@ pub fn run(args: EngineBenchArgs) -> Result<()> {
     let markdown = to_markdown(&report);
     print!("{markdown}");
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.markdown {
         std::fs::write(path, &markdown).with_context(|| format!("writing {}", path.display()))?;
@@ -383,7 +390,8 @@ fn to_markdown(r: &Report) -> String {
         );
     }
     let _ = writeln!(s, "\nForward by stage, ms per forward (share):\n");
-    let stage_names: Vec<&str> = r.forward.first().map(|f| f.stages.iter().map(|x| x.stage).collect()).unwrap_or_default();
+    let stage_names: Vec<&str> =
+        r.forward.first().map(|f| f.stages.iter().map(|x| x.stage).collect()).unwrap_or_default();
     let _ = writeln!(s, "| forward | batch | {} |", stage_names.join(" | "));
     let _ = writeln!(s, "|---|---|{}", "---|".repeat(stage_names.len()));
     for f in &r.forward {
@@ -406,7 +414,14 @@ fn to_markdown(r: &Report) -> String {
             s,
             "\nTraining step, batch {}: {:.1} ms ({:.1}-{:.1}), {:.0} samples/s; forward {:.1} ms, backward {:.1} ms, \
              clip + AdamW + EMA {:.1} ms (medians)",
-            t.batch, t.step.median_ms, t.step.p10_ms, t.step.p90_ms, t.samples_per_s, t.forward_ms, t.backward_ms, t.optimizer_ms
+            t.batch,
+            t.step.median_ms,
+            t.step.p10_ms,
+            t.step.p90_ms,
+            t.samples_per_s,
+            t.forward_ms,
+            t.backward_ms,
+            t.optimizer_ms
         );
     }
     s

@@ -137,7 +137,15 @@ impl Modulation<'_> {
 }
 
 /// h = LayerNorm(x) * (1 + scale) + shift, row by row; rows start at token row `first`.
-fn norm_modulate(x: &[f32], h: &mut [f32], first: usize, tokens: usize, m: &Modulation, (shift, scale): (usize, usize), eps: f32) {
+fn norm_modulate(
+    x: &[f32],
+    h: &mut [f32],
+    first: usize,
+    tokens: usize,
+    m: &Modulation,
+    (shift, scale): (usize, usize),
+    eps: f32,
+) {
     let d = m.d;
     for (i, (h, x)) in h.chunks_mut(d).zip(x.chunks(d)).enumerate() {
         let sample = (first + i) / tokens;
@@ -294,7 +302,16 @@ fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (us
     // this head, t x t locals); this task alone writes this head's columns of dqkv.
     unsafe {
         // dv = P^T dout
-        strided_gemm((t, hd, t), dqkv.ptr().add(base + 2 * d), 3 * d, probs.as_ptr(), (1, t), dout.as_ptr(), (d, 1), 1.0);
+        strided_gemm(
+            (t, hd, t),
+            dqkv.ptr().add(base + 2 * d),
+            3 * d,
+            probs.as_ptr(),
+            (1, t),
+            dout.as_ptr(),
+            (d, 1),
+            1.0,
+        );
         // dP = dout v^T
         strided_gemm((t, t, hd), dprobs.as_mut_ptr(), t, dout.as_ptr(), (d, 1), v.as_ptr(), (1, 3 * d), 1.0);
     }
@@ -307,7 +324,16 @@ fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (us
     unsafe {
         // dq = scale dS k, dk = scale dS^T q
         strided_gemm((t, hd, t), dqkv.ptr().add(base), 3 * d, dprobs.as_ptr(), (t, 1), k.as_ptr(), (3 * d, 1), scale);
-        strided_gemm((t, hd, t), dqkv.ptr().add(base + d), 3 * d, dprobs.as_ptr(), (1, t), q.as_ptr(), (3 * d, 1), scale);
+        strided_gemm(
+            (t, hd, t),
+            dqkv.ptr().add(base + d),
+            3 * d,
+            dprobs.as_ptr(),
+            (1, t),
+            q.as_ptr(),
+            (3 * d, 1),
+            scale,
+        );
     }
 }
 
@@ -362,7 +388,11 @@ impl candle_core::CustomOp1 for Attention {
         "fused-attention"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (b, g) = self.geometry(layout)?;
         let out = attention_rows(slice(storage, layout)?, b, self.num_heads, (g.t, g.d));
         Ok((candle_core::CpuStorage::F32(out), (b, g.t, g.d).into()))
@@ -534,7 +564,13 @@ mod tests {
     use crate::random_model::random_var_builder;
     use candle_core::{DType, Device, Tensor, D};
 
-    fn config(input_size: usize, patch_size: usize, hidden_size: usize, num_heads: usize, learn_sigma: bool) -> SitConfig {
+    fn config(
+        input_size: usize,
+        patch_size: usize,
+        hidden_size: usize,
+        num_heads: usize,
+        learn_sigma: bool,
+    ) -> SitConfig {
         SitConfig {
             input_size,
             in_channels: 4,
@@ -572,7 +608,8 @@ mod tests {
             let reference = candle_core::Var::from_tensor(qkv.as_tensor()).unwrap();
             let ya = super::attention(qkv.as_tensor(), heads).unwrap();
             let yb = attention_reference(reference.as_tensor(), heads).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff =
+                |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff(&ya, &yb) < 1e-5, "forward differs by {}", diff(&ya, &yb));
             let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
             let ga = (ya * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -580,7 +617,8 @@ mod tests {
             let (ga, gb) = (ga.get(qkv.as_tensor()).unwrap(), gb.get(reference.as_tensor()).unwrap());
             // q, k and v all receive gradients (candle's softmax_last_dim has no backward).
             for part in 0..3 {
-                let norm = gb.narrow(2, part * d, d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let norm =
+                    gb.narrow(2, part * d, d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(norm > 1e-3, "part {part} of the reference gradient is zero");
             }
             assert!(diff(ga, gb) < 1e-4, "gradient differs by {}", diff(ga, gb));
@@ -603,7 +641,8 @@ mod tests {
                 let a = fused.forward_full(&x, &t, &y).unwrap();
                 let b = plain.forward_full(&x, &t, &y).unwrap();
                 assert_eq!(a.dims(), b.dims());
-                let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+                let scale =
+                    b.abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
                 let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(scale > 0.1, "the output should not be trivially small ({scale})");
                 assert!(diff < 1e-5 * scale.max(1.0), "{cfg:?} batch {batch}: fused differs by {diff}");

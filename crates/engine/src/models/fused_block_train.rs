@@ -119,7 +119,8 @@ fn linear(a: &[f32], rows: usize, (w, b): (&[f32], &[f32])) -> Vec<f32> {
     let (out, inn) = (b.len(), w.len() / b.len().max(1));
     let mut y = vec![0f32; rows * out];
     matmul(&mut y, (rows, out, inn), (a, inn, 1), (w, 1, inn));
-    y.par_chunks_mut(out.max(1) * 64).for_each(|y| y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b)));
+    y.par_chunks_mut(out.max(1) * 64)
+        .for_each(|y| y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b)));
     y
 }
 
@@ -153,7 +154,13 @@ fn map_elements(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 }
 
 /// Per sample: n = LayerNorm(x) and h = n (1 + scale) + shift, for chunks (shift, scale) of `ada`.
-fn norm_modulate(x: &[f32], ada: &[f32], (t, d, chunks): (usize, usize, usize), (sh, sc): (usize, usize), eps: f32) -> Vec<f32> {
+fn norm_modulate(
+    x: &[f32],
+    ada: &[f32],
+    (t, d, chunks): (usize, usize, usize),
+    (sh, sc): (usize, usize),
+    eps: f32,
+) -> Vec<f32> {
     let mut h = vec![0f32; x.len()];
     h.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(s, (h, x))| {
         let (shift, scale) = (chunk(ada, s, sh, chunks, d), chunk(ada, s, sc, chunks, d));
@@ -220,20 +227,29 @@ fn norm_modulate_backward(
 /// out = x + a * gate per sample (chunk `gate` of `ada`).
 fn gated(x: &[f32], a: &[f32], ada: &[f32], (t, d, chunks): (usize, usize, usize), gate: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(t * d).zip(x.par_chunks(t * d).zip(a.par_chunks(t * d))).enumerate().for_each(|(s, (o, (x, a)))| {
-        let g = chunk(ada, s, gate, chunks, d);
-        for ((o, x), a) in o.chunks_mut(d).zip(x.chunks(d)).zip(a.chunks(d)) {
-            for (((o, &x), &a), &g) in o.iter_mut().zip(x).zip(a).zip(g) {
-                *o = x + a * g;
+    out.par_chunks_mut(t * d).zip(x.par_chunks(t * d).zip(a.par_chunks(t * d))).enumerate().for_each(
+        |(s, (o, (x, a)))| {
+            let g = chunk(ada, s, gate, chunks, d);
+            for ((o, x), a) in o.chunks_mut(d).zip(x.chunks(d)).zip(a.chunks(d)) {
+                for (((o, &x), &a), &g) in o.iter_mut().zip(x).zip(a).zip(g) {
+                    *o = x + a * g;
+                }
             }
-        }
-    });
+        },
+    );
     out
 }
 
 /// The backward of `gated` for its branch: d a = dy * gate, and d gate (summed over tokens)
 /// written into its chunk of `dada`.
-fn gated_backward(dy: &[f32], a: &[f32], ada: &[f32], dada: &mut [f32], (t, d, chunks): (usize, usize, usize), gate: usize) -> Vec<f32> {
+fn gated_backward(
+    dy: &[f32],
+    a: &[f32],
+    ada: &[f32],
+    dada: &mut [f32],
+    (t, d, chunks): (usize, usize, usize),
+    gate: usize,
+) -> Vec<f32> {
     let mut da = vec![0f32; dy.len()];
     let dgates: Vec<Vec<f32>> = da
         .par_chunks_mut(t * d)
@@ -355,14 +371,20 @@ impl CustomOp2 for TrainBlockOp {
 }
 
 /// One block as a single autograd node; weight gradients land in `grads` during backward.
-pub(crate) fn block_forward_train(x: &Tensor, c: &Tensor, weights: TrainBlockWeights, grads: &WeightGrads) -> Result<Tensor> {
+pub(crate) fn block_forward_train(
+    x: &Tensor,
+    c: &Tensor,
+    weights: TrainBlockWeights,
+    grads: &WeightGrads,
+) -> Result<Tensor> {
     let op = TrainBlockOp { weights, saved: Mutex::new(None), grads: grads.clone() };
     x.contiguous()?.apply_op2(&c.contiguous()?, op)
 }
 
 /// Add the pending weight gradients into `store` (summing with what is there already).
 pub(crate) fn merge_weight_grads(grads: &WeightGrads, store: &mut candle_core::backprop::GradStore) -> Result<()> {
-    let pending = std::mem::take(&mut *grads.lock().map_err(|_| candle_core::Error::Msg("weight gradients poisoned".into()))?);
+    let pending =
+        std::mem::take(&mut *grads.lock().map_err(|_| candle_core::Error::Msg("weight gradients poisoned".into()))?);
     for (weight, grad) in pending {
         let total = match store.get(&weight) {
             Some(existing) => (existing + grad)?,
@@ -410,10 +432,16 @@ mod tests {
             let t = Tensor::rand(0f32, 1.0, batch, &dev).unwrap();
             let y = Tensor::new((0..batch as u32).collect::<Vec<_>>(), &dev).unwrap();
             let target = Tensor::randn(0f32, 1.0, (batch, 4, input, input), &dev).unwrap();
-            let loss = |net: &Sit| (net.forward(&x, &t, &y).unwrap() - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+            let loss =
+                |net: &Sit| (net.forward(&x, &t, &y).unwrap() - &target).unwrap().sqr().unwrap().mean_all().unwrap();
             let (la, lb) = (loss(&fused), loss(&plain));
             let scalar = |l: &Tensor| l.to_scalar::<f32>().unwrap();
-            assert!((scalar(&la) - scalar(&lb)).abs() < 1e-5 * scalar(&lb).abs().max(1.0), "loss {} vs {}", scalar(&la), scalar(&lb));
+            assert!(
+                (scalar(&la) - scalar(&lb)).abs() < 1e-5 * scalar(&lb).abs().max(1.0),
+                "loss {} vs {}",
+                scalar(&la),
+                scalar(&lb)
+            );
             let mut ga = la.backward().unwrap();
             let data = varmap.data().lock().unwrap();
             let qkv = data.get("blocks.0.attn.qkv.weight").unwrap();
@@ -422,7 +450,9 @@ mod tests {
             let gb = lb.backward().unwrap();
             for (name, var) in data.iter() {
                 let (a, b) = (ga.get(var.as_tensor()), gb.get(var.as_tensor()));
-                let (Some(a), Some(b)) = (a, b) else { panic!("{name}: gradient missing ({} / {})", a.is_some(), b.is_some()) };
+                let (Some(a), Some(b)) = (a, b) else {
+                    panic!("{name}: gradient missing ({} / {})", a.is_some(), b.is_some())
+                };
                 let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
                 let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(diff < 1e-4 * scale.max(1.0), "{name}: gradient differs by {diff} (scale {scale})");

@@ -24,7 +24,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [Stage::Embeddings, Stage::Attention, Stage::Mlp, Stage::NormModulate, Stage::FinalLayer];
+    pub const ALL: [Stage; 5] =
+        [Stage::Embeddings, Stage::Attention, Stage::Mlp, Stage::NormModulate, Stage::FinalLayer];
 
     pub fn name(self) -> &'static str {
         match self {

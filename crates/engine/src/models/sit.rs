@@ -395,7 +395,17 @@ impl Sit {
         let vb_blocks = vb.pp("blocks");
         let blocks = (0..cfg.depth).map(|i| SitBlock::new(cfg, vb_blocks.pp(i))).collect::<Result<Vec<_>>>()?;
         let final_layer = FinalLayer::new(cfg, vb.pp("final_layer"))?;
-        Ok(Self { x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer, cfg: cfg.clone(), fast: true, weight_grads: None })
+        Ok(Self {
+            x_embedder,
+            t_embedder,
+            y_embedder,
+            pos_embed,
+            blocks,
+            final_layer,
+            cfg: cfg.clone(),
+            fast: true,
+            weight_grads: None,
+        })
     }
 
     /// The fixed sin-cos table, shape (1, T, D), as stored under `pos_embed`.
@@ -434,7 +444,8 @@ impl Sit {
             };
         }
         profile::timed(Stage::FinalLayer, || {
-            let h = if self.fast { self.final_layer.forward_fast(&h, &c)? } else { self.final_layer.forward(&h, &c)? };
+            let h =
+                if self.fast { self.final_layer.forward_fast(&h, &c)? } else { self.final_layer.forward(&h, &c)? };
             self.unpatchify(&h, b)
         })
     }
