@@ -107,6 +107,107 @@ pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+// ---- GEMM and softmax building blocks shared by the fused kernels ----
+
+/// Products this large (multiply-adds) split over the thread pool; smaller ones stay on one
+/// thread, where handing them over would cost more than it saves.
+const PARALLEL_GEMM_MACS: usize = 1 << 20;
+
+/// The pool for products of this size, or none (see PARALLEL_GEMM_MACS).
+pub(crate) fn parallelism_for(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k >= PARALLEL_GEMM_MACS {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// dst (m x n, rows of stride dst_rs) = scale * lhs (m x k) rhs (k x n); lhs and rhs given by
+/// (row stride, column stride).
+///
+/// # Safety
+/// Every addressed element must lie inside its buffer, and no other thread may touch dst's
+/// elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn strided_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// dst (m x n, contiguous) = lhs (m x k) rhs (k x n), each operand a slice with its (row stride,
+/// column stride); the bounds are checked, so this one is safe to call.
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    let reach =
+        |len: usize, rs: usize, cs: usize, r: usize, c: usize| r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < len;
+    assert!(
+        dst.len() >= m * n && reach(lhs.len(), lhs_rs, lhs_cs, m, k) && reach(rhs.len(), rhs_rs, rhs_cs, k, n),
+        "fused GEMM operands do not hold a {m}x{k} by {k}x{n} product"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert above bounds every element gemm addresses; dst is exclusively borrowed.
+    unsafe {
+        strided_gemm(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            n,
+            lhs.as_ptr(),
+            (lhs_rs, lhs_cs),
+            rhs.as_ptr(),
+            (rhs_rs, rhs_cs),
+            1.0,
+            parallelism,
+        )
+    }
+}
+
+/// Softmax of each row of `n` values, in place.
+pub(crate) fn softmax_rows(scores: &mut [f32], n: usize) {
+    for row in scores.chunks_mut(n.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Exponentials in their own loop, so it vectorises; the sum is a separate reduction.
+        row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+        let inv = 1.0 / row.iter().sum::<f32>();
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
 // ---- Softmax over the last dimension, with a backward ----
 
 /// candle_nn's `softmax_last_dim` has no backward: under autograd the gradient stopped at every
@@ -123,14 +224,7 @@ impl CustomOp1 for SoftmaxLastDim {
         let x = slice(storage, layout)?;
         let d = layout.dims().last().copied().unwrap_or(1).max(1);
         let mut out = x.to_vec();
-        out.par_chunks_mut(d * ROWS_PER_TASK).for_each(|rows| {
-            for row in rows.chunks_mut(d) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
-                let inv = 1.0 / row.iter().sum::<f32>();
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
-        });
+        out.par_chunks_mut(d * ROWS_PER_TASK).for_each(|rows| softmax_rows(rows, d));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -567,10 +661,6 @@ impl candle_core::Module for Linear {
     }
 }
 
-/// Products this large (multiply-adds) split over the thread pool; smaller ones stay on one
-/// thread, where handing them over would cost more than it saves.
-const PARALLEL_GEMM_MACS: usize = 1 << 20;
-
 /// x W^T + b over the last dimension of x (any rank), as one op and one autograd node. W may be
 /// any 2-D layout, (out, in) or the transposed view of an (in, out) matrix.
 struct LinearOp;
@@ -604,36 +694,15 @@ impl CustomOp3 for LinearOp {
         }
         let mut out = vec![0f32; rows * out_dim];
         if rows > 0 && out_dim > 0 && in_dim > 0 {
-            let parallelism = if rows * out_dim * in_dim >= PARALLEL_GEMM_MACS {
-                gemm::Parallelism::Rayon(rayon::current_num_threads())
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: x holds rows x in contiguous values, the weight's last element was checked
-            // to lie in its storage, out holds rows x out; rhs(i, o) = W[o, i].
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    out_dim,
-                    in_dim,
-                    out.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    in_dim as isize,
-                    w.as_ptr().add(l2.start_offset()),
-                    w_rs as isize,
-                    w_cs as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
+            let parallelism = parallelism_for(rows, out_dim, in_dim);
+            // rhs(i, o) = W[o, i]: the weight read through its own strides.
+            matmul(
+                &mut out,
+                (rows, out_dim, in_dim),
+                (x, in_dim, 1),
+                (&w[l2.start_offset()..], w_cs, w_rs),
+                parallelism,
+            );
             out.par_chunks_mut(out_dim * ROWS_PER_TASK).for_each(|o| {
                 for row in o.chunks_mut(out_dim) {
                     row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);

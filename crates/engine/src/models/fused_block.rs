@@ -9,10 +9,10 @@
 //! autograd keeps candle's ops.
 
 use candle_core::{bail, DType, Device, Layout, Result, Storage, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::fused::{fast_exp, gelu_value, row_stats, slice};
+use super::fused::{fast_exp, gelu_value, matmul, row_stats, slice, softmax_rows, strided_gemm};
 use super::profile::{self, Stage};
 
 /// Rows of the token matrix one task takes at most: enough for the GEMM kernels to run at speed
@@ -76,36 +76,10 @@ fn linear_slices<'a>(
 fn linear_rows(a: &[f32], a_rs: usize, rows: usize, (w, bias): (&[f32], &[f32]), out: &mut [f32]) {
     let n = bias.len();
     let k = w.len() / n.max(1);
-    debug_assert!(rows == 0 || a.len() >= (rows - 1) * a_rs + k);
-    debug_assert!(out.len() >= rows * n);
     if rows == 0 || n == 0 {
         return;
     }
-    // SAFETY: the shapes were checked by the callers: `a` holds `rows` rows of `k` values at
-    // stride `a_rs`, `w` is k x n, `out` holds rows x n; gemm reads and writes only those.
-    unsafe {
-        gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            a_rs as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    matmul(out, (rows, n, k), (a, a_rs, 1), (w, n, 1), Parallelism::None);
     for row in out[..rows * n].chunks_mut(n) {
         for (o, &b) in row.iter_mut().zip(bias) {
             *o += b;
@@ -123,10 +97,10 @@ fn ada_ln_rows(c: &[f32], (w, bias): (&[f32], &[f32]), batch: usize) -> Vec<f32>
 }
 
 /// Where one sample's modulation rows live: `rows[sample * stride + chunk * d ..][..d]`.
-struct Modulation<'a> {
-    rows: &'a [f32],
-    stride: usize,
-    d: usize,
+pub(crate) struct Modulation<'a> {
+    pub rows: &'a [f32],
+    pub stride: usize,
+    pub d: usize,
 }
 
 impl Modulation<'_> {
@@ -137,7 +111,7 @@ impl Modulation<'_> {
 }
 
 /// h = LayerNorm(x) * (1 + scale) + shift, row by row; rows start at token row `first`.
-fn norm_modulate(
+pub(crate) fn norm_modulate(
     x: &[f32],
     h: &mut [f32],
     first: usize,
@@ -158,23 +132,21 @@ fn norm_modulate(
 }
 
 /// out = x + h * gate, row by row; rows start at token row `first`.
-fn gated_add(out: &mut [f32], x: &[f32], h: &[f32], first: usize, tokens: usize, m: &Modulation, gate: usize) {
+pub(crate) fn gated_add(
+    out: &mut [f32],
+    x: &[f32],
+    h: &[f32],
+    first: usize,
+    tokens: usize,
+    m: &Modulation,
+    gate: usize,
+) {
     let d = m.d;
     for (i, ((o, x), h)) in out.chunks_mut(d).zip(x.chunks(d)).zip(h.chunks(d)).enumerate() {
         let g = m.chunk((first + i) / tokens, gate);
         for (((o, &x), &h), &g) in o.iter_mut().zip(x).zip(h).zip(g) {
             *o = x + h * g;
         }
-    }
-}
-
-fn softmax_rows(scores: &mut [f32], n: usize) {
-    for row in scores.chunks_mut(n) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Exponentials in their own loop, so it vectorises; the sum is a separate reduction.
-        row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
-        let inv = 1.0 / row.iter().sum::<f32>();
-        row.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
@@ -206,45 +178,6 @@ impl Heads {
     }
 }
 
-/// dst (m x n, rows of stride dst_rs) = scale * lhs (m x k) rhs (k x n); lhs and rhs given by
-/// (row stride, column stride).
-///
-/// SAFETY: the caller guarantees every addressed element lies inside its buffer, and that no
-/// other thread writes dst's elements meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn strided_gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    scale: f32,
-) {
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0.0,
-        scale,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
-
 /// softmax(q k^T / sqrt(hd)) of one (sample, head): a t x t matrix.
 fn attention_probs(qkv: &[f32], g: Heads, (sample, head): (usize, usize)) -> Vec<f32> {
     let base = g.qkv_base(sample, head);
@@ -262,6 +195,7 @@ fn attention_probs(qkv: &[f32], g: Heads, (sample, head): (usize, usize)) -> Vec
             k.as_ptr(),
             (1, 3 * g.d),
             (g.hd as f32).powf(-0.5),
+            Parallelism::None,
         );
     }
     softmax_rows(&mut probs, g.t);
@@ -285,6 +219,7 @@ fn attention_head(qkv: &[f32], out: SharedOut, task: (usize, usize), g: Heads) {
             v.as_ptr(),
             (3 * g.d, 1),
             1.0,
+            Parallelism::None,
         );
     }
 }
@@ -311,9 +246,20 @@ fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (us
             dout.as_ptr(),
             (d, 1),
             1.0,
+            Parallelism::None,
         );
         // dP = dout v^T
-        strided_gemm((t, t, hd), dprobs.as_mut_ptr(), t, dout.as_ptr(), (d, 1), v.as_ptr(), (1, 3 * d), 1.0);
+        strided_gemm(
+            (t, t, hd),
+            dprobs.as_mut_ptr(),
+            t,
+            dout.as_ptr(),
+            (d, 1),
+            v.as_ptr(),
+            (1, 3 * d),
+            1.0,
+            Parallelism::None,
+        );
     }
     // dS = P * (dP - rowsum(dP * P)), and the score scale folded into dq and dk below.
     for (dp, p) in dprobs.chunks_mut(t).zip(probs.chunks(t)) {
@@ -323,7 +269,17 @@ fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (us
     let scale = (hd as f32).powf(-0.5);
     unsafe {
         // dq = scale dS k, dk = scale dS^T q
-        strided_gemm((t, hd, t), dqkv.ptr().add(base), 3 * d, dprobs.as_ptr(), (t, 1), k.as_ptr(), (3 * d, 1), scale);
+        strided_gemm(
+            (t, hd, t),
+            dqkv.ptr().add(base),
+            3 * d,
+            dprobs.as_ptr(),
+            (t, 1),
+            k.as_ptr(),
+            (3 * d, 1),
+            scale,
+            Parallelism::None,
+        );
         strided_gemm(
             (t, hd, t),
             dqkv.ptr().add(base + d),
@@ -333,6 +289,7 @@ fn attention_head_backward(qkv: &[f32], dout: &[f32], dqkv: SharedOut, task: (us
             q.as_ptr(),
             (3 * d, 1),
             scale,
+            Parallelism::None,
         );
     }
 }

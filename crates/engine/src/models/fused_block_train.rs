@@ -11,11 +11,10 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::fused::{fast_exp, gelu_derivative, gelu_value, row_stats, slice};
-use super::fused_block::{attention_rows, attention_rows_backward};
+use super::fused::{fast_exp, gelu_derivative, gelu_value, matmul, parallelism_for, row_stats, slice};
+use super::fused_block::{self, attention_rows, attention_rows_backward, Modulation};
 
 /// Weight gradients computed inside backward passes, waiting to join the GradStore.
 pub type WeightGrads = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
@@ -70,55 +69,11 @@ fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
-    if m * n * k >= 1 << 18 {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
-    }
-}
-
-/// dst (m x n, contiguous) = lhs (m x k) rhs (k x n), each operand as (pointer, row stride,
-/// column stride) over a slice that holds every element it addresses.
-fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize)) {
-    let reach = |(s, rs, cs): (&[f32], usize, usize), r: usize, c: usize| {
-        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < s.len()
-    };
-    assert!(dst.len() >= m * n && reach(lhs, m, k) && reach(rhs, k, n), "fused training GEMM shapes");
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the assert above bounds every element gemm addresses; dst is exclusively borrowed.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        );
-    }
-}
-
 /// a (rows x in) W^T + b with torch's (out, in) W.
 fn linear(a: &[f32], rows: usize, (w, b): (&[f32], &[f32])) -> Vec<f32> {
     let (out, inn) = (b.len(), w.len() / b.len().max(1));
     let mut y = vec![0f32; rows * out];
-    matmul(&mut y, (rows, out, inn), (a, inn, 1), (w, 1, inn));
+    matmul(&mut y, (rows, out, inn), (a, inn, 1), (w, 1, inn), parallelism_for(rows, out, inn));
     y.par_chunks_mut(out.max(1) * 64)
         .for_each(|y| y.chunks_mut(out).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b)));
     y
@@ -129,9 +84,9 @@ fn linear(a: &[f32], rows: usize, (w, b): (&[f32], &[f32])) -> Vec<f32> {
 fn linear_backward(a: &[f32], d: &[f32], rows: usize, w: &[f32], out: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let inn = w.len() / out.max(1);
     let mut da = vec![0f32; rows * inn];
-    matmul(&mut da, (rows, inn, out), (d, out, 1), (w, inn, 1));
+    matmul(&mut da, (rows, inn, out), (d, out, 1), (w, inn, 1), parallelism_for(rows, inn, out));
     let mut dw = vec![0f32; out * inn];
-    matmul(&mut dw, (out, inn, rows), (d, 1, out), (a, inn, 1));
+    matmul(&mut dw, (out, inn, rows), (d, 1, out), (a, inn, 1), parallelism_for(out, inn, rows));
     let db = d.chunks(out.max(1)).fold(vec![0f32; out], |mut acc, r| {
         acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
         acc
@@ -153,23 +108,19 @@ fn map_elements(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
-/// Per sample: n = LayerNorm(x) and h = n (1 + scale) + shift, for chunks (shift, scale) of `ada`.
+/// Per sample: h = LayerNorm(x) (1 + scale) + shift for chunks (shift, scale) of `ada`; the
+/// inference kernel's row loop, one task per sample.
 fn norm_modulate(
     x: &[f32],
     ada: &[f32],
     (t, d, chunks): (usize, usize, usize),
-    (sh, sc): (usize, usize),
+    pair: (usize, usize),
     eps: f32,
 ) -> Vec<f32> {
+    let m = Modulation { rows: ada, stride: chunks * d, d };
     let mut h = vec![0f32; x.len()];
     h.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(s, (h, x))| {
-        let (shift, scale) = (chunk(ada, s, sh, chunks, d), chunk(ada, s, sc, chunks, d));
-        for (h, x) in h.chunks_mut(d).zip(x.chunks(d)) {
-            let (mean, rstd) = row_stats(x, eps);
-            for (((h, &x), &a), &b) in h.iter_mut().zip(x).zip(shift).zip(scale) {
-                *h = (x - mean) * rstd * (1.0 + b) + a;
-            }
-        }
+        fused_block::norm_modulate(x, h, s * t, t, &m, pair, eps);
     });
     h
 }
@@ -224,17 +175,13 @@ fn norm_modulate_backward(
     dx
 }
 
-/// out = x + a * gate per sample (chunk `gate` of `ada`).
+/// out = x + a * gate per sample (chunk `gate` of `ada`); the inference kernel's row loop.
 fn gated(x: &[f32], a: &[f32], ada: &[f32], (t, d, chunks): (usize, usize, usize), gate: usize) -> Vec<f32> {
+    let m = Modulation { rows: ada, stride: chunks * d, d };
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(t * d).zip(x.par_chunks(t * d).zip(a.par_chunks(t * d))).enumerate().for_each(
         |(s, (o, (x, a)))| {
-            let g = chunk(ada, s, gate, chunks, d);
-            for ((o, x), a) in o.chunks_mut(d).zip(x.chunks(d)).zip(a.chunks(d)) {
-                for (((o, &x), &a), &g) in o.iter_mut().zip(x).zip(a).zip(g) {
-                    *o = x + a * g;
-                }
-            }
+            fused_block::gated_add(o, x, a, s * t, t, &m, gate);
         },
     );
     out

@@ -324,8 +324,8 @@ impl SitBlock {
 }
 
 fn untracked(w: &BlockWeights) -> bool {
-    let layers = [w.ada_ln_modulation, w.qkv, w.proj, w.fc1, w.fc2];
-    fused_block::applies(&layers.iter().flat_map(|(a, b)| [*a, *b]).collect::<Vec<_>>())
+    let [a, q, p, f1, f2] = [w.ada_ln_modulation, w.qkv, w.proj, w.fc1, w.fc2];
+    fused_block::applies(&[a.0, a.1, q.0, q.1, p.0, p.1, f1.0, f1.1, f2.0, f2.1])
 }
 
 #[derive(Debug, Clone)]
